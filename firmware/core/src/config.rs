@@ -1,0 +1,837 @@
+//! Configuration: the embedded default, the user's TOML merged over it, and validation
+//! into types that cannot hold an invalid value.
+//!
+//! Parsing happens in two steps, as in ripgrep: the merged TOML is deserialised into a
+//! raw mirror of the file (collecting every unknown key on the way), then validated
+//! into [`Config`], collecting every error with its key. A config is either fully valid
+//! or rejected with the whole list, never half-applied.
+
+use std::fmt;
+use std::path::PathBuf;
+
+use serde::Deserialize;
+
+use crate::duration::{parse_span, Span};
+
+/// The default configuration, shipped inside the binary (`deskcam config default`).
+pub const DEFAULT_TOML: &str = include_str!("../default.toml");
+
+/// Retention can be shortened but never stretched beyond this (privacy invariant 5).
+pub const MAX_RETENTION: Span = Span(20 * 86_400_000);
+
+/// One problem in a config file: the dotted key and why it is wrong.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ConfigError {
+    pub key: String,
+    pub reason: String,
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.key.is_empty() {
+            write!(f, "{}", self.reason)
+        } else {
+            write!(f, "{}: {}", self.key, self.reason)
+        }
+    }
+}
+
+/// Every problem found in a config file.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub struct ConfigErrors(pub Vec<ConfigError>);
+
+impl fmt::Display for ConfigErrors {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let n = self.0.len();
+        writeln!(f, "{n} error{} in config:", if n == 1 { "" } else { "s" })?;
+        for e in &self.0 {
+            writeln!(f, "  {e}")?;
+        }
+        Ok(())
+    }
+}
+
+impl ConfigErrors {
+    fn one(key: &str, reason: impl Into<String>) -> Self {
+        ConfigErrors(vec![ConfigError { key: key.into(), reason: reason.into() }])
+    }
+}
+
+// ---------------------------------------------------------------------------------
+// Raw mirror of the file. Field names are the config keys.
+
+#[derive(Deserialize)]
+struct Raw {
+    device_id: String,
+    board: String,
+    camera: RawCamera,
+    detector: RawDetector,
+    mqtt: RawMqtt,
+    scan: RawScan,
+    rules: RawRules,
+    evidence: RawEvidence,
+}
+
+#[derive(Deserialize)]
+struct RawCamera {
+    source: String,
+    width: i64,
+    height: i64,
+    timeout: String,
+    #[serde(rename = "loop")]
+    looped: bool,
+}
+
+#[derive(Deserialize)]
+struct RawDetector {
+    model: String,
+    min_score: f64,
+    nms_iou: f64,
+}
+
+#[derive(Deserialize)]
+struct RawMqtt {
+    url: String,
+    base_topic: String,
+    keep_alive: String,
+}
+
+#[derive(Deserialize)]
+struct RawScan {
+    mode: String,
+    fps: f64,
+    per_hour: f64,
+    min_gap: String,
+}
+
+#[derive(Deserialize)]
+struct RawRules {
+    phone: RawObjectRule,
+    paper: RawObjectRule,
+    extra_person: RawExtraPerson,
+    absent: RawAbsent,
+    covered: RawCovered,
+}
+
+#[derive(Deserialize)]
+struct RawObjectRule {
+    enabled: bool,
+    min_score: f64,
+    frames: i64,
+    cooldown: String,
+    region: Vec<Vec<f64>>,
+}
+
+#[derive(Deserialize)]
+struct RawExtraPerson {
+    enabled: bool,
+    min_score: f64,
+    min_count: i64,
+    frames: i64,
+    cooldown: String,
+}
+
+#[derive(Deserialize)]
+struct RawAbsent {
+    enabled: bool,
+    min_score: f64,
+    grace: String,
+    cooldown: String,
+}
+
+#[derive(Deserialize)]
+struct RawCovered {
+    enabled: bool,
+    max_stddev: f64,
+    frames: i64,
+    cooldown: String,
+}
+
+#[derive(Deserialize)]
+struct RawEvidence {
+    redaction: String,
+    person_min_score: f64,
+    max_age: String,
+    jpeg_quality: i64,
+}
+
+// ---------------------------------------------------------------------------------
+// Validated configuration.
+
+/// A device id: safe as one MQTT topic level and as a file name.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DeviceId(String);
+
+impl DeviceId {
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Display for DeviceId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// Where frames come from.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum SourceSpec {
+    /// A V4L2 capture device such as `/dev/video0`.
+    V4l2(PathBuf),
+    /// JPEG/PNG photos in a directory, in name order (demo and tests).
+    Dir(PathBuf),
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct CameraConfig {
+    pub source: SourceSpec,
+    pub width: u32,
+    pub height: u32,
+    pub timeout: Span,
+    pub looped: bool,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct DetectorConfig {
+    /// `None` means "auto": the daemon looks in the install and source locations.
+    pub model: Option<PathBuf>,
+    pub min_score: f32,
+    pub nms_iou: f32,
+}
+
+/// A broker address from `mqtt://host:port` or `mqtts://host:port`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct BrokerUrl {
+    pub tls: bool,
+    pub host: String,
+    pub port: u16,
+}
+
+impl BrokerUrl {
+    pub fn parse(url: &str) -> Result<Self, String> {
+        let (tls, rest) = if let Some(r) = url.strip_prefix("mqtt://") {
+            (false, r)
+        } else if let Some(r) = url.strip_prefix("mqtts://") {
+            (true, r)
+        } else {
+            return Err(format!("'{url}' must start with mqtt:// or mqtts://"));
+        };
+        let rest = rest.trim_end_matches('/');
+        let default_port = if tls { 8883 } else { 1883 };
+        let (host, port) = if let Some(v6) = rest.strip_prefix('[') {
+            // [::1]:1883
+            let (h, p) = v6.split_once(']').ok_or_else(|| format!("'{url}': unclosed '['"))?;
+            (h.to_string(), p.strip_prefix(':'))
+        } else {
+            match rest.rsplit_once(':') {
+                Some((h, p)) => (h.to_string(), Some(p)),
+                None => (rest.to_string(), None),
+            }
+        };
+        if host.is_empty() || host.contains('/') {
+            return Err(format!("'{url}': expected mqtt://host:port"));
+        }
+        let port = match port {
+            None | Some("") => default_port,
+            Some(p) => p
+                .parse::<u16>()
+                .ok()
+                .filter(|p| *p != 0)
+                .ok_or_else(|| format!("'{url}': port '{p}' is not a number in 1..65535"))?,
+        };
+        Ok(BrokerUrl { tls, host, port })
+    }
+}
+
+impl fmt::Display for BrokerUrl {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let scheme = if self.tls { "mqtts" } else { "mqtt" };
+        if self.host.contains(':') {
+            write!(f, "{scheme}://[{}]:{}", self.host, self.port)
+        } else {
+            write!(f, "{scheme}://{}:{}", self.host, self.port)
+        }
+    }
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct MqttConfig {
+    pub url: BrokerUrl,
+    pub base_topic: String,
+    pub keep_alive: Span,
+}
+
+/// When the camera may look.
+#[derive(Clone, Debug, PartialEq)]
+pub enum ScanMode {
+    /// Analyse `fps` frames per second.
+    Continuous { fps: f32 },
+    /// Random spot checks, `per_hour` on average, never closer than `min_gap`.
+    Spot { per_hour: f32, min_gap: Span },
+    /// The camera is never opened.
+    Off,
+}
+
+impl ScanMode {
+    pub fn name(&self) -> &'static str {
+        match self {
+            ScanMode::Continuous { .. } => "continuous",
+            ScanMode::Spot { .. } => "spot",
+            ScanMode::Off => "off",
+        }
+    }
+}
+
+/// A polygon in frame-relative coordinates (0..1); empty means the whole frame.
+#[derive(Clone, Debug, PartialEq, Default)]
+pub struct Region(pub Vec<(f32, f32)>);
+
+impl Region {
+    /// Whether a point, in frame-relative coordinates, lies inside the region
+    /// (even-odd rule).
+    pub fn contains(&self, x: f32, y: f32) -> bool {
+        let pts = &self.0;
+        if pts.is_empty() {
+            return true;
+        }
+        let mut inside = false;
+        let mut j = pts.len() - 1;
+        for i in 0..pts.len() {
+            let (xi, yi) = pts[i];
+            let (xj, yj) = pts[j];
+            if (yi > y) != (yj > y) && x < (xj - xi) * (y - yi) / (yj - yi) + xi {
+                inside = !inside;
+            }
+            j = i;
+        }
+        inside
+    }
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct ObjectRule {
+    pub enabled: bool,
+    pub min_score: f32,
+    pub frames: u32,
+    pub cooldown: Span,
+    pub region: Region,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct ExtraPersonRule {
+    pub enabled: bool,
+    pub min_score: f32,
+    pub min_count: u32,
+    pub frames: u32,
+    pub cooldown: Span,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct AbsentRule {
+    pub enabled: bool,
+    pub min_score: f32,
+    pub grace: Span,
+    pub cooldown: Span,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct CoveredRule {
+    pub enabled: bool,
+    pub max_stddev: f32,
+    pub frames: u32,
+    pub cooldown: Span,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct RulesConfig {
+    pub phone: ObjectRule,
+    pub paper: ObjectRule,
+    pub extra_person: ExtraPersonRule,
+    pub absent: AbsentRule,
+    pub covered: CoveredRule,
+}
+
+/// What a violation's still may show.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Redaction {
+    /// No still at all: the event carries metadata only.
+    MetadataOnly,
+    /// The whole frame with every person pixelated.
+    BlurPeople,
+    /// Only the offending object's box with a margin, people in it pixelated.
+    CropToObject,
+    /// The frame as captured. Allowed by the design, never the default.
+    None,
+}
+
+impl Redaction {
+    pub fn name(self) -> &'static str {
+        match self {
+            Redaction::MetadataOnly => "metadata-only",
+            Redaction::BlurPeople => "blur-people",
+            Redaction::CropToObject => "crop-to-object",
+            Redaction::None => "none",
+        }
+    }
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct EvidenceConfig {
+    pub redaction: Redaction,
+    pub person_min_score: f32,
+    pub max_age: Span,
+    pub jpeg_quality: u8,
+}
+
+/// A validated configuration. Only [`Config::from_toml`] and [`Config::default`] make one.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Config {
+    pub device_id: DeviceId,
+    pub board: String,
+    pub camera: CameraConfig,
+    pub detector: DetectorConfig,
+    pub mqtt: MqttConfig,
+    pub scan: ScanMode,
+    pub rules: RulesConfig,
+    pub evidence: EvidenceConfig,
+    /// The merged TOML this config was validated from (for `config` reporting).
+    effective: toml::Table,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        // The embedded default is validated by a unit test, so this cannot fail in a
+        // released binary.
+        Config::from_toml("").expect("embedded default config is valid")
+    }
+}
+
+impl Config {
+    /// Parses `text` as TOML, merges it over the embedded default and validates the
+    /// result. Reports every problem found, each with its key.
+    pub fn from_toml(text: &str) -> Result<Config, ConfigErrors> {
+        let user: toml::Table = text.parse().map_err(|e: toml::de::Error| {
+            ConfigErrors::one("", format!("not valid TOML: {}", e.message()))
+        })?;
+        Self::from_table(user)
+    }
+
+    /// Like [`Config::from_toml`] for an already parsed table.
+    pub fn from_table(user: toml::Table) -> Result<Config, ConfigErrors> {
+        let mut merged: toml::Table = DEFAULT_TOML.parse().expect("embedded default is TOML");
+        let mut errors = Vec::new();
+        merge(&mut merged, user, "", &mut errors);
+        let mut unknown = Vec::new();
+        let raw: Result<Raw, _> = serde_ignored::deserialize(toml::Value::Table(merged.clone()), |path| {
+            unknown.push(path.to_string())
+        });
+        for key in unknown {
+            errors.push(ConfigError { key, reason: "unknown key".into() });
+        }
+        let raw = match raw {
+            Ok(raw) => raw,
+            Err(e) => {
+                errors.push(ConfigError { key: String::new(), reason: e.to_string() });
+                return Err(ConfigErrors(errors));
+            }
+        };
+        let mut v = Validator { errors };
+        let config = v.validate(raw, merged);
+        if v.errors.is_empty() {
+            Ok(config)
+        } else {
+            Err(ConfigErrors(v.errors))
+        }
+    }
+
+    /// The effective configuration as TOML, with secrets removed.
+    pub fn effective_toml(&self) -> String {
+        toml::to_string(&self.effective).unwrap_or_default()
+    }
+
+    /// The effective configuration as JSON, with secrets removed.
+    pub fn effective_json(&self) -> serde_json::Value {
+        serde_json::to_value(&self.effective).unwrap_or(serde_json::Value::Null)
+    }
+}
+
+/// Deep-merges `user` into `base`. A key the default does not have is kept so that the
+/// deserialiser reports it as unknown; a table given where a value is expected (or the
+/// reverse) is an error here because serde's message would lack the key.
+fn merge(base: &mut toml::Table, user: toml::Table, prefix: &str, errors: &mut Vec<ConfigError>) {
+    for (k, v) in user {
+        let key = if prefix.is_empty() { k.clone() } else { format!("{prefix}.{k}") };
+        match (base.get_mut(&k), v) {
+            (Some(toml::Value::Table(b)), toml::Value::Table(u)) => merge(b, u, &key, errors),
+            (Some(toml::Value::Table(_)), _) => {
+                errors.push(ConfigError { key, reason: "expected a table ([section])".into() })
+            }
+            (Some(old), v) => {
+                if old.type_str() != v.type_str() && !(old.is_float() && v.is_integer()) {
+                    errors.push(ConfigError {
+                        key,
+                        reason: format!(
+                            "expected {}, found {}",
+                            article(old.type_str()),
+                            article(v.type_str())
+                        ),
+                    });
+                } else if old.is_float() && v.is_integer() {
+                    *old = toml::Value::Float(v.as_integer().unwrap_or_default() as f64);
+                } else {
+                    *old = v;
+                }
+            }
+            (None, v) => {
+                base.insert(k, v);
+            }
+        }
+    }
+}
+
+fn article(t: &str) -> String {
+    match t {
+        "integer" | "array" => format!("an {t}"),
+        _ => format!("a {t}"),
+    }
+}
+
+struct Validator {
+    errors: Vec<ConfigError>,
+}
+
+impl Validator {
+    fn err(&mut self, key: &str, reason: impl Into<String>) {
+        self.errors.push(ConfigError { key: key.into(), reason: reason.into() });
+    }
+
+    fn span(&mut self, key: &str, text: &str) -> Span {
+        parse_span(text).unwrap_or_else(|e| {
+            self.err(key, e);
+            Span(0)
+        })
+    }
+
+    fn fraction(&mut self, key: &str, v: f64) -> f32 {
+        if !(0.0..=1.0).contains(&v) {
+            self.err(key, format!("{v} is outside 0..1"));
+        }
+        v as f32
+    }
+
+    fn int_in(&mut self, key: &str, v: i64, lo: i64, hi: i64) -> u32 {
+        if v < lo || v > hi {
+            self.err(key, format!("{v} is outside {lo}..{hi}"));
+            return lo as u32;
+        }
+        v as u32
+    }
+
+    fn region(&mut self, key: &str, pts: &[Vec<f64>]) -> Region {
+        if pts.is_empty() {
+            return Region::default();
+        }
+        if pts.len() < 3 {
+            self.err(key, "a region needs at least 3 points, or [] for the whole frame");
+        }
+        let mut out = Vec::with_capacity(pts.len());
+        for (i, p) in pts.iter().enumerate() {
+            if p.len() != 2 || p.iter().any(|c| !(0.0..=1.0).contains(c)) {
+                self.err(key, format!("point {i} must be [x, y] with both in 0..1"));
+                continue;
+            }
+            out.push((p[0] as f32, p[1] as f32));
+        }
+        Region(out)
+    }
+
+    fn object_rule(&mut self, key: &str, r: RawObjectRule) -> ObjectRule {
+        ObjectRule {
+            enabled: r.enabled,
+            min_score: self.fraction(&format!("{key}.min_score"), r.min_score),
+            frames: self.int_in(&format!("{key}.frames"), r.frames, 1, 100),
+            cooldown: self.span(&format!("{key}.cooldown"), &r.cooldown),
+            region: self.region(&format!("{key}.region"), &r.region),
+        }
+    }
+
+    fn validate(&mut self, raw: Raw, effective: toml::Table) -> Config {
+        let id_ok = !raw.device_id.is_empty()
+            && raw.device_id.len() <= 64
+            && raw.device_id.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_');
+        if !id_ok {
+            self.err("device_id", format!("'{}' must be 1-64 letters, digits, '-' or '_'", raw.device_id));
+        }
+        if raw.board.is_empty()
+            || !raw.board.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+        {
+            self.err("board", format!("'{}' is not a board name (see board-configs/)", raw.board));
+        }
+
+        let source = if let Some(p) = raw.camera.source.strip_prefix("v4l2:") {
+            SourceSpec::V4l2(PathBuf::from(p))
+        } else if let Some(p) = raw.camera.source.strip_prefix("dir:") {
+            SourceSpec::Dir(PathBuf::from(p))
+        } else {
+            self.err(
+                "camera.source",
+                format!("'{}' must be \"v4l2:/dev/videoN\" or \"dir:/path/to/photos\"", raw.camera.source),
+            );
+            SourceSpec::Dir(PathBuf::new())
+        };
+        if matches!(&source, SourceSpec::V4l2(p) | SourceSpec::Dir(p) if p.as_os_str().is_empty())
+            && (raw.camera.source.starts_with("v4l2:") || raw.camera.source.starts_with("dir:"))
+        {
+            self.err("camera.source", "the path after the prefix is empty");
+        }
+        let width = self.int_in("camera.width", raw.camera.width, 16, 4096);
+        let height = self.int_in("camera.height", raw.camera.height, 16, 4096);
+        if !width.is_multiple_of(2) {
+            self.err("camera.width", "must be even (YUYV packs two pixels)");
+        }
+        let timeout = self.span("camera.timeout", &raw.camera.timeout);
+        if timeout.0 < 100 {
+            self.err("camera.timeout", "must be at least 100ms");
+        }
+
+        let model = match raw.detector.model.as_str() {
+            "auto" => None,
+            "" => {
+                self.err("detector.model", "empty path (use \"auto\" to search the usual places)");
+                None
+            }
+            p => Some(PathBuf::from(p)),
+        };
+        let detector = DetectorConfig {
+            model,
+            min_score: self.fraction("detector.min_score", raw.detector.min_score),
+            nms_iou: self.fraction("detector.nms_iou", raw.detector.nms_iou),
+        };
+
+        let url = BrokerUrl::parse(&raw.mqtt.url).unwrap_or_else(|e| {
+            self.err("mqtt.url", e);
+            BrokerUrl { tls: false, host: String::new(), port: 1883 }
+        });
+        let bt = &raw.mqtt.base_topic;
+        if bt.is_empty() || bt.contains(['+', '#', '\0']) || bt.starts_with('/') || bt.ends_with('/') {
+            self.err(
+                "mqtt.base_topic",
+                format!("'{bt}' must be a non-empty topic without wildcards or leading/trailing '/'"),
+            );
+        }
+        let keep_alive = self.span("mqtt.keep_alive", &raw.mqtt.keep_alive);
+        if !(5_000..=3_600_000).contains(&keep_alive.0) {
+            self.err("mqtt.keep_alive", "must be between 5s and 1h");
+        }
+
+        let scan = match raw.scan.mode.as_str() {
+            "continuous" => {
+                if !(raw.scan.fps > 0.0 && raw.scan.fps <= 30.0) {
+                    self.err("scan.fps", format!("{} is outside (0, 30]", raw.scan.fps));
+                }
+                ScanMode::Continuous { fps: raw.scan.fps as f32 }
+            }
+            "spot" => {
+                if !(raw.scan.per_hour > 0.0 && raw.scan.per_hour <= 60.0) {
+                    self.err("scan.per_hour", format!("{} is outside (0, 60]", raw.scan.per_hour));
+                }
+                let min_gap = self.span("scan.min_gap", &raw.scan.min_gap);
+                ScanMode::Spot { per_hour: raw.scan.per_hour as f32, min_gap }
+            }
+            "off" => ScanMode::Off,
+            "scheduled" => {
+                self.err(
+                    "scan.mode",
+                    "'scheduled' is not supported by this firmware yet; use continuous, spot or off",
+                );
+                ScanMode::Off
+            }
+            other => {
+                self.err("scan.mode", format!("'{other}' is not one of continuous, spot, scheduled, off"));
+                ScanMode::Off
+            }
+        };
+
+        let r = raw.rules;
+        let rules = RulesConfig {
+            phone: self.object_rule("rules.phone", r.phone),
+            paper: self.object_rule("rules.paper", r.paper),
+            extra_person: ExtraPersonRule {
+                enabled: r.extra_person.enabled,
+                min_score: self.fraction("rules.extra_person.min_score", r.extra_person.min_score),
+                min_count: self.int_in("rules.extra_person.min_count", r.extra_person.min_count, 2, 50),
+                frames: self.int_in("rules.extra_person.frames", r.extra_person.frames, 1, 100),
+                cooldown: self.span("rules.extra_person.cooldown", &r.extra_person.cooldown),
+            },
+            absent: AbsentRule {
+                enabled: r.absent.enabled,
+                min_score: self.fraction("rules.absent.min_score", r.absent.min_score),
+                grace: self.span("rules.absent.grace", &r.absent.grace),
+                cooldown: self.span("rules.absent.cooldown", &r.absent.cooldown),
+            },
+            covered: CoveredRule {
+                enabled: r.covered.enabled,
+                max_stddev: {
+                    if !(0.0..=128.0).contains(&r.covered.max_stddev) {
+                        self.err(
+                            "rules.covered.max_stddev",
+                            format!("{} is outside 0..128", r.covered.max_stddev),
+                        );
+                    }
+                    r.covered.max_stddev as f32
+                },
+                frames: self.int_in("rules.covered.frames", r.covered.frames, 1, 100),
+                cooldown: self.span("rules.covered.cooldown", &r.covered.cooldown),
+            },
+        };
+
+        let redaction = match raw.evidence.redaction.as_str() {
+            "metadata-only" => Redaction::MetadataOnly,
+            "blur-people" => Redaction::BlurPeople,
+            "crop-to-object" => Redaction::CropToObject,
+            "none" => Redaction::None,
+            other => {
+                self.err(
+                    "evidence.redaction",
+                    format!("'{other}' is not one of metadata-only, blur-people, crop-to-object, none"),
+                );
+                Redaction::BlurPeople
+            }
+        };
+        let max_age = self.span("evidence.max_age", &raw.evidence.max_age);
+        if max_age > MAX_RETENTION {
+            self.err("evidence.max_age", format!("{max_age} is longer than the limit of {MAX_RETENTION}"));
+        } else if max_age.0 == 0 {
+            self.err("evidence.max_age", "must be longer than 0");
+        }
+        let evidence = EvidenceConfig {
+            redaction,
+            person_min_score: self.fraction("evidence.person_min_score", raw.evidence.person_min_score),
+            max_age,
+            jpeg_quality: self.int_in("evidence.jpeg_quality", raw.evidence.jpeg_quality, 1, 100) as u8,
+        };
+
+        Config {
+            device_id: DeviceId(raw.device_id),
+            board: raw.board,
+            camera: CameraConfig { source, width, height, timeout, looped: raw.camera.looped },
+            detector,
+            mqtt: MqttConfig { url, base_topic: raw.mqtt.base_topic, keep_alive },
+            scan,
+            rules,
+            evidence,
+            effective,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn keys(e: &ConfigErrors) -> Vec<&str> {
+        e.0.iter().map(|e| e.key.as_str()).collect()
+    }
+
+    #[test]
+    fn embedded_default_is_valid_and_matches_design() {
+        let c = Config::default();
+        assert_eq!(c.device_id.as_str(), "desk-0001");
+        assert_eq!(c.camera.source, SourceSpec::V4l2("/dev/video0".into()));
+        assert_eq!(c.scan.name(), "spot");
+        assert_eq!(c.evidence.redaction, Redaction::BlurPeople);
+        assert_eq!(c.evidence.max_age, Span(7 * 86_400_000));
+        assert_eq!(c.mqtt.url, BrokerUrl { tls: false, host: "127.0.0.1".into(), port: 1883 });
+    }
+
+    #[test]
+    fn user_values_override_defaults() {
+        let c = Config::from_toml(
+            "device_id = \"desk-7\"\n[camera]\nsource = \"dir:/tmp/x\"\n[scan]\nmode = \"continuous\"\nfps = 2\n",
+        )
+        .unwrap();
+        assert_eq!(c.device_id.as_str(), "desk-7");
+        assert_eq!(c.camera.source, SourceSpec::Dir("/tmp/x".into()));
+        assert_eq!(c.scan, ScanMode::Continuous { fps: 2.0 });
+        assert_eq!(c.camera.width, 640, "unchanged keys keep the default");
+    }
+
+    #[test]
+    fn every_error_is_reported_with_its_key() {
+        let e = Config::from_toml(
+            r#"
+device_id = "bad id!"
+colour = "blue"
+[camera]
+sourc = "v4l2:/dev/video0"
+width = 7
+[scan]
+mode = "sometimes"
+[rules.phone]
+min_score = 1.5
+[evidence]
+max_age = "30d"
+redaction = "pixelate"
+"#,
+        )
+        .unwrap_err();
+        let k = keys(&e);
+        for want in [
+            "device_id",
+            "colour",
+            "camera.sourc",
+            "camera.width",
+            "scan.mode",
+            "rules.phone.min_score",
+            "evidence.max_age",
+            "evidence.redaction",
+        ] {
+            assert!(k.contains(&want), "missing error for {want}: {e}");
+        }
+        assert!(e.to_string().contains("unknown key"));
+    }
+
+    #[test]
+    fn wrong_types_and_bad_toml_are_errors() {
+        let e = Config::from_toml("[camera]\nwidth = \"wide\"\n").unwrap_err();
+        assert_eq!(keys(&e), vec!["camera.width"]);
+        assert!(e.0[0].reason.contains("expected an integer, found a string"), "{e}");
+        let e = Config::from_toml("camera = 3").unwrap_err();
+        assert_eq!(keys(&e), vec!["camera"]);
+        let e = Config::from_toml("[camera\n").unwrap_err();
+        assert!(e.to_string().contains("not valid TOML"));
+    }
+
+    #[test]
+    fn retention_is_capped_at_twenty_days() {
+        assert!(Config::from_toml("[evidence]\nmax_age = \"20d\"").is_ok());
+        assert!(Config::from_toml("[evidence]\nmax_age = \"21d\"").is_err());
+        assert!(Config::from_toml("[evidence]\nmax_age = \"0s\"").is_err());
+    }
+
+    #[test]
+    fn broker_urls() {
+        assert_eq!(
+            BrokerUrl::parse("mqtts://broker.example:8884").unwrap(),
+            BrokerUrl { tls: true, host: "broker.example".into(), port: 8884 }
+        );
+        assert_eq!(BrokerUrl::parse("mqtt://[::1]:1999").unwrap().host, "::1");
+        assert_eq!(BrokerUrl::parse("mqtt://h").unwrap().port, 1883);
+        assert!(BrokerUrl::parse("http://h:1").is_err());
+        assert!(BrokerUrl::parse("mqtt://h:0").is_err());
+        assert!(BrokerUrl::parse("mqtt://h:99999").is_err());
+        assert_eq!(BrokerUrl::parse("mqtt://[::1]:1999").unwrap().to_string(), "mqtt://[::1]:1999");
+    }
+
+    #[test]
+    fn region_polygon() {
+        let c = Config::from_toml("[rules.phone]\nregion = [[0.0, 0.5], [1.0, 0.5], [1.0, 1.0], [0.0, 1.0]]")
+            .unwrap();
+        assert!(c.rules.phone.region.contains(0.5, 0.75));
+        assert!(!c.rules.phone.region.contains(0.5, 0.25));
+        assert!(Region::default().contains(0.1, 0.1));
+        let e = Config::from_toml("[rules.phone]\nregion = [[0.0, 0.5], [2.0, 0.5]]").unwrap_err();
+        assert_eq!(keys(&e), vec!["rules.phone.region", "rules.phone.region"]);
+    }
+}

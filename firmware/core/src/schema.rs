@@ -1,0 +1,151 @@
+//! The MQTT topic tree and the JSON payloads of everything the device publishes.
+//! Every payload carries `v`, the schema version, so consumers can evolve with us.
+
+use serde::{Deserialize, Serialize};
+
+use crate::detection::{BBox, Detection};
+use crate::rules::RuleKind;
+
+/// Schema version of every JSON payload.
+pub const SCHEMA_VERSION: u32 = 1;
+
+/// The topics of one device: `<base>/<device-id>/...`. The only way to build a topic,
+/// so nothing can be published outside the device's subtree.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Topics {
+    root: String,
+}
+
+impl Topics {
+    pub fn new(base_topic: &str, device_id: &str) -> Self {
+        Topics { root: format!("{base_topic}/{device_id}") }
+    }
+
+    pub fn root(&self) -> &str {
+        &self.root
+    }
+
+    pub fn status(&self) -> String {
+        format!("{}/status", self.root)
+    }
+
+    pub fn state(&self) -> String {
+        format!("{}/state", self.root)
+    }
+
+    pub fn violation(&self) -> String {
+        format!("{}/event/violation", self.root)
+    }
+
+    pub fn still(&self, event_id: &str) -> String {
+        format!("{}/event/violation/{event_id}/still", self.root)
+    }
+}
+
+/// Payloads of the retained `status` topic (the last will says `offline`).
+pub const STATUS_ONLINE: &str = "online";
+pub const STATUS_OFFLINE: &str = "offline";
+
+/// The retained `state` message.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct State {
+    pub v: u32,
+    pub device_id: String,
+    pub mode: String,
+    pub shutter: String,
+    #[serde(rename = "break")]
+    pub on_break: bool,
+    pub firmware: String,
+    pub model: ModelInfo,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ModelInfo {
+    pub name: String,
+    pub sha256: String,
+}
+
+/// One object box in an event, in pixels of the analysed frame.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct EventBox {
+    pub class: String,
+    pub score: f32,
+    pub bbox: BBox,
+}
+
+impl From<&Detection> for EventBox {
+    fn from(d: &Detection) -> Self {
+        EventBox { class: d.label().to_string(), score: d.score, bbox: d.bbox }
+    }
+}
+
+/// Describes the still published separately on `event/violation/<id>/still`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct StillInfo {
+    pub sha256: String,
+    pub size: usize,
+    pub content_type: String,
+    pub width: u32,
+    pub height: u32,
+    pub redaction: String,
+    /// Regions pixelated in the still (people), in pixels of the still.
+    pub redacted: Vec<BBox>,
+}
+
+/// The `event/violation` message.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ViolationEvent {
+    pub v: u32,
+    pub id: String,
+    pub device_id: String,
+    /// RFC 3339 UTC.
+    pub time: String,
+    pub rule: RuleKind,
+    pub score: f32,
+    pub boxes: Vec<EventBox>,
+    pub frame: FrameSize,
+    /// `None` when the redaction level is `metadata-only`.
+    pub still: Option<StillInfo>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FrameSize {
+    pub width: u32,
+    pub height: u32,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn topics_stay_in_the_device_subtree() {
+        let t = Topics::new("deskcam", "desk-1");
+        assert_eq!(t.status(), "deskcam/desk-1/status");
+        assert_eq!(t.still("e1"), "deskcam/desk-1/event/violation/e1/still");
+        for topic in [t.status(), t.state(), t.violation(), t.still("x")] {
+            assert!(topic.starts_with("deskcam/desk-1/"));
+        }
+    }
+
+    #[test]
+    fn event_json_has_version_and_rule_name() {
+        let e = ViolationEvent {
+            v: SCHEMA_VERSION,
+            id: "e1".into(),
+            device_id: "d".into(),
+            time: "1970-01-01T00:00:00.000Z".into(),
+            rule: RuleKind::ExtraPerson,
+            score: 0.5,
+            boxes: vec![],
+            frame: FrameSize { width: 640, height: 480 },
+            still: None,
+        };
+        let j = serde_json::to_value(&e).unwrap();
+        assert_eq!(j["v"], 1);
+        assert_eq!(j["rule"], "extra_person");
+        assert!(j["still"].is_null());
+        let back: ViolationEvent = serde_json::from_value(j).unwrap();
+        assert_eq!(back, e);
+    }
+}

@@ -1,0 +1,90 @@
+//! The simulated GPIO backend: pins that record every transition with a timestamp and
+//! optionally print it. Used by the demo and the tests in place of board GPIO.
+
+use std::convert::Infallible;
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use embedded_hal::digital::{ErrorType, OutputPin};
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Level {
+    Low,
+    High,
+}
+
+/// One recorded level change.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Transition {
+    pub pin: &'static str,
+    pub level: Level,
+    pub at_ms: u128,
+}
+
+/// Shared log of all simulated pins' transitions.
+#[derive(Clone)]
+pub struct Recorder {
+    start: Instant,
+    log: Arc<Mutex<Vec<Transition>>>,
+    echo: bool,
+}
+
+impl Default for Recorder {
+    fn default() -> Self {
+        Recorder { start: Instant::now(), log: Arc::default(), echo: false }
+    }
+}
+
+impl Recorder {
+    /// A recorder that also prints each transition to stdout (the demo).
+    pub fn printing() -> Self {
+        Recorder { echo: true, ..Recorder::default() }
+    }
+
+    pub fn transitions(&self) -> Vec<Transition> {
+        self.log.lock().map(|l| l.clone()).unwrap_or_default()
+    }
+
+    /// The last level a pin was driven to.
+    pub fn level(&self, pin: &str) -> Option<Level> {
+        self.transitions().iter().rev().find(|t| t.pin == pin).map(|t| t.level)
+    }
+}
+
+/// A simulated output pin.
+pub struct SimPin {
+    name: &'static str,
+    rec: Recorder,
+}
+
+impl SimPin {
+    pub fn new(name: &'static str, rec: Recorder) -> Self {
+        SimPin { name, rec }
+    }
+
+    fn record(&mut self, level: Level) {
+        let t = Transition { pin: self.name, level, at_ms: self.rec.start.elapsed().as_millis() };
+        if self.rec.echo {
+            println!("  gpio {:<8} -> {:?}", self.name, level);
+        }
+        if let Ok(mut log) = self.rec.log.lock() {
+            log.push(t);
+        }
+    }
+}
+
+impl ErrorType for SimPin {
+    type Error = Infallible;
+}
+
+impl OutputPin for SimPin {
+    fn set_low(&mut self) -> Result<(), Infallible> {
+        self.record(Level::Low);
+        Ok(())
+    }
+
+    fn set_high(&mut self) -> Result<(), Infallible> {
+        self.record(Level::High);
+        Ok(())
+    }
+}

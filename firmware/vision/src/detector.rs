@@ -1,0 +1,356 @@
+//! The NanoDet COCO detector on tract: letterbox and normalise, run, decode the
+//! distribution-focal box regression, non-maximum suppression.
+//!
+//! The model is loaded, typed and optimised once in [`Detector::load`]; a frame only
+//! runs the prepared plan.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use deskcam_core::{BBox, Detection, COCO_CLASSES};
+use sha2::{Digest, Sha256};
+use tract_onnx::prelude::*;
+
+use crate::Frame;
+
+/// Per-channel mean and standard deviation NanoDet was trained with, in the model's
+/// B, G, R input channel order.
+const MEAN_BGR: [f32; 3] = [103.53, 116.28, 123.675];
+const STD_BGR: [f32; 3] = [57.375, 57.12, 58.395];
+/// Bins of the box-side distribution per side (`reg_max + 1`).
+const REG_BINS: usize = 11;
+/// At most this many boxes leave NMS.
+const MAX_DETECTIONS: usize = 100;
+
+#[derive(Debug, thiserror::Error)]
+pub enum DetectorError {
+    #[error("model {path}: cannot read: {source}")]
+    Read { path: PathBuf, source: std::io::Error },
+    #[error("model {path}: {reason}")]
+    Load { path: PathBuf, reason: String },
+    #[error("inference failed: {0}")]
+    Run(String),
+}
+
+/// How the letterboxed input maps back to frame pixels.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Letterbox {
+    pub scale: f32,
+    pub pad_x: f32,
+    pub pad_y: f32,
+}
+
+impl Letterbox {
+    fn unmap(&self, b: BBox, w: u32, h: u32) -> BBox {
+        let f = |v: f32, pad: f32, max: u32| ((v - pad) / self.scale).clamp(0.0, max as f32);
+        BBox::new(
+            f(b.x0, self.pad_x, w),
+            f(b.y0, self.pad_y, h),
+            f(b.x1, self.pad_x, w),
+            f(b.y1, self.pad_y, h),
+        )
+    }
+}
+
+/// One output level of the head: `cells` grid cells at `stride` pixels, class scores
+/// (`cells × 80`, already sigmoid) and box distributions (`cells × 44`).
+pub struct HeadLevel<'a> {
+    pub stride: usize,
+    pub scores: &'a [f32],
+    pub boxes: &'a [f32],
+}
+
+pub struct Detector {
+    plan: Arc<TypedRunnableModel>,
+    input_size: usize,
+    min_score: f32,
+    nms_iou: f32,
+    sha256: String,
+    path: PathBuf,
+}
+
+impl Detector {
+    /// Loads and optimises the model. `min_score` and `nms_iou` filter the output.
+    pub fn load(path: &Path, min_score: f32, nms_iou: f32) -> Result<Self, DetectorError> {
+        let bytes =
+            std::fs::read(path).map_err(|source| DetectorError::Read { path: path.into(), source })?;
+        let sha256 = hex(&Sha256::digest(&bytes));
+        let load_err = |e: TractError| DetectorError::Load { path: path.into(), reason: format!("{e:#}") };
+        let model = tract_onnx::onnx().model_for_read(&mut bytes.as_slice()).map_err(load_err)?;
+        let input_size = model
+            .input_fact(0)
+            .ok()
+            .and_then(|f| f.shape.as_concrete_finite().ok().flatten().map(|s| s.to_vec()))
+            .and_then(|s| (s.len() == 4 && s[1] == 3 && s[2] == s[3]).then_some(s[2]))
+            .ok_or_else(|| DetectorError::Load {
+                path: path.into(),
+                reason: "input is not 1×3×N×N".into(),
+            })?;
+        let plan = model
+            .with_input_fact(0, f32::fact([1, 3, input_size, input_size]).into())
+            .and_then(|m| m.into_optimized())
+            .and_then(|m| m.into_runnable())
+            .map_err(load_err)?;
+        Ok(Detector { plan, input_size, min_score, nms_iou, sha256, path: path.into() })
+    }
+
+    pub fn input_size(&self) -> usize {
+        self.input_size
+    }
+
+    /// Hex sha256 of the model file, reported in `state` so a fleet knows what runs.
+    pub fn sha256(&self) -> &str {
+        &self.sha256
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Detects objects in a frame; boxes are in frame pixels.
+    pub fn detect(&self, frame: &Frame) -> Result<Vec<Detection>, DetectorError> {
+        self.detections(&self.run_head(frame)?)
+    }
+
+    /// Runs the network on a frame and returns its raw head outputs.
+    pub fn run_head(&self, frame: &Frame) -> Result<HeadOutputs, DetectorError> {
+        let (input, letterbox) = preprocess(frame.image(), self.input_size);
+        let outputs = self.plan.run(tvec!(input.into())).map_err(|e| DetectorError::Run(format!("{e:#}")))?;
+        Ok(HeadOutputs {
+            outputs,
+            letterbox,
+            width: frame.width(),
+            height: frame.height(),
+            input_size: self.input_size,
+        })
+    }
+
+    /// Decodes head outputs into boxes in frame pixels, after NMS.
+    pub fn detections(&self, head: &HeadOutputs) -> Result<Vec<Detection>, DetectorError> {
+        let levels = head.levels()?;
+        let mut dets = nms(decode(&levels, self.min_score), self.nms_iou);
+        for d in &mut dets {
+            d.bbox = head.letterbox.unmap(d.bbox, head.width, head.height);
+        }
+        dets.retain(|d| d.bbox.area() > 0.0);
+        Ok(dets)
+    }
+}
+
+/// The raw outputs of one run of the network.
+pub struct HeadOutputs {
+    outputs: TVec<TValue>,
+    letterbox: Letterbox,
+    width: u32,
+    height: u32,
+    input_size: usize,
+}
+
+impl HeadOutputs {
+    /// The outputs paired per level (strides 8, 16, 32).
+    pub fn levels(&self) -> Result<Vec<HeadLevel<'_>>, DetectorError> {
+        let views: Vec<(Vec<usize>, &[f32])> = self
+            .outputs
+            .iter()
+            .map(|t| {
+                let view = t.to_plain_array_view::<f32>()?;
+                let slice = view.to_slice().ok_or_else(|| TractError::msg("output is not contiguous"))?;
+                Ok((t.shape().to_vec(), slice))
+            })
+            .collect::<TractResult<_>>()
+            .map_err(|e| DetectorError::Run(format!("{e:#}")))?;
+        pair_levels(&views, self.input_size).map_err(DetectorError::Run)
+    }
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// Resizes keeping the aspect ratio into a `size`×`size` square (centred; the padding
+/// is the training mean, so it normalises to 0) and normalises into an NCHW BGR tensor.
+///
+/// The resize is plain bilinear with half-pixel centres, written out here (and in
+/// `models/make_reference.py`) so the reference outputs of onnxruntime can be
+/// reproduced to float precision.
+pub fn preprocess(img: &image::RgbImage, size: usize) -> (Tensor, Letterbox) {
+    let (w, h) = (img.width().max(1) as usize, img.height().max(1) as usize);
+    let scale = (size as f32 / w as f32).min(size as f32 / h as f32);
+    let nw = ((w as f32 * scale).round() as usize).clamp(1, size);
+    let nh = ((h as f32 * scale).round() as usize).clamp(1, size);
+    let pad_x = (size - nw) / 2;
+    let pad_y = (size - nh) / 2;
+    let plane = size * size;
+    let mut data = vec![0f32; 3 * plane];
+    let src = img.as_raw();
+    let taps = |out: usize, n_out: usize, n_in: usize| {
+        let s = ((out as f32 + 0.5) * n_in as f32 / n_out as f32 - 0.5).clamp(0.0, (n_in - 1) as f32);
+        let i0 = s.floor() as usize;
+        (i0, (i0 + 1).min(n_in - 1), s - i0 as f32)
+    };
+    let xtaps: Vec<(usize, usize, f32)> = (0..nw).map(|x| taps(x, nw, w)).collect();
+    for oy in 0..nh {
+        let (y0, y1, fy) = taps(oy, nh, h);
+        for (ox, &(x0, x1, fx)) in xtaps.iter().enumerate() {
+            let px = |x: usize, y: usize, c: usize| src[(y * w + x) * 3 + c] as f32;
+            let idx = (oy + pad_y) * size + ox + pad_x;
+            // Model channel c takes B, G, R for c = 0, 1, 2.
+            for c in 0..3 {
+                let rgb = 2 - c;
+                let top = px(x0, y0, rgb) * (1.0 - fx) + px(x1, y0, rgb) * fx;
+                let bottom = px(x0, y1, rgb) * (1.0 - fx) + px(x1, y1, rgb) * fx;
+                let v = top * (1.0 - fy) + bottom * fy;
+                data[c * plane + idx] = (v - MEAN_BGR[c]) / STD_BGR[c];
+            }
+        }
+    }
+    let tensor = Tensor::from_shape(&[1, 3, size, size], &data).expect("shape matches data length");
+    (tensor, Letterbox { scale, pad_x: pad_x as f32, pad_y: pad_y as f32 })
+}
+
+/// Pairs the six outputs into levels by their shapes: `[1, n, 80]` scores and
+/// `[1, n, 44]` boxes for n = (size/stride)² — robust to the output order of a conversion.
+pub fn pair_levels<'a>(
+    outputs: &[(Vec<usize>, &'a [f32])],
+    input_size: usize,
+) -> Result<Vec<HeadLevel<'a>>, String> {
+    let mut levels = Vec::new();
+    for stride in [8usize, 16, 32] {
+        let cells = (input_size / stride).pow(2);
+        let find = |ch: usize| {
+            outputs
+                .iter()
+                .find(|(s, _)| s.len() == 3 && s[1] == cells && s[2] == ch)
+                .map(|(_, d)| *d)
+                .ok_or_else(|| format!("model has no output of shape [1, {cells}, {ch}] (stride {stride})"))
+        };
+        levels.push(HeadLevel { stride, scores: find(COCO_CLASSES.len())?, boxes: find(4 * REG_BINS)? });
+    }
+    Ok(levels)
+}
+
+/// Turns head outputs into boxes in input-image pixels, every class above `min_score`.
+///
+/// Each cell predicts, per side (left, top, right, bottom), a distribution over
+/// `REG_BINS` distances; the distance is its expectation times the stride, measured
+/// from the cell centre.
+pub fn decode(levels: &[HeadLevel<'_>], min_score: f32) -> Vec<Detection> {
+    let nc = COCO_CLASSES.len();
+    let mut out = Vec::new();
+    for lv in levels {
+        let cells = lv.scores.len() / nc;
+        let side = (cells as f64).sqrt() as usize;
+        for i in 0..cells {
+            let scores = &lv.scores[i * nc..(i + 1) * nc];
+            if !scores.iter().any(|s| *s >= min_score) {
+                continue;
+            }
+            let cx = ((i % side) as f32 + 0.5) * lv.stride as f32;
+            let cy = ((i / side) as f32 + 0.5) * lv.stride as f32;
+            let reg = &lv.boxes[i * 4 * REG_BINS..(i + 1) * 4 * REG_BINS];
+            let d: Vec<f32> =
+                reg.chunks_exact(REG_BINS).map(|bins| expectation(bins) * lv.stride as f32).collect();
+            let bbox = BBox::new(cx - d[0], cy - d[1], cx + d[2], cy + d[3]);
+            for (class_id, &score) in scores.iter().enumerate() {
+                if score >= min_score {
+                    out.push(Detection { class_id, score, bbox });
+                }
+            }
+        }
+    }
+    out
+}
+
+/// Softmax over the bins, then the expected bin index.
+fn expectation(logits: &[f32]) -> f32 {
+    let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let (mut sum, mut acc) = (0f32, 0f32);
+    for (k, l) in logits.iter().enumerate() {
+        let e = (l - max).exp();
+        sum += e;
+        acc += e * k as f32;
+    }
+    acc / sum
+}
+
+/// Greedy per-class non-maximum suppression: highest score first, dropping boxes of
+/// the same class that overlap a kept one by more than `iou`. Output sorted by score.
+pub fn nms(mut dets: Vec<Detection>, iou: f32) -> Vec<Detection> {
+    dets.sort_by(|a, b| b.score.total_cmp(&a.score).then(a.class_id.cmp(&b.class_id)));
+    let mut kept: Vec<Detection> = Vec::new();
+    for d in dets {
+        if kept.len() >= MAX_DETECTIONS {
+            break;
+        }
+        if kept.iter().all(|k| k.class_id != d.class_id || k.bbox.iou(&d.bbox) <= iou) {
+            kept.push(d);
+        }
+    }
+    kept
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use deskcam_core::detection::{CELL_PHONE, PERSON};
+
+    fn det(class_id: usize, score: f32, x0: f32) -> Detection {
+        Detection { class_id, score, bbox: BBox::new(x0, 0.0, x0 + 10.0, 10.0) }
+    }
+
+    #[test]
+    fn nms_keeps_best_of_overlapping_same_class_only() {
+        let out = nms(
+            vec![
+                det(PERSON, 0.6, 1.0),
+                det(PERSON, 0.9, 0.0),
+                det(CELL_PHONE, 0.5, 0.0),
+                det(PERSON, 0.4, 50.0),
+            ],
+            0.5,
+        );
+        let got: Vec<(usize, f32)> = out.iter().map(|d| (d.class_id, d.score)).collect();
+        assert_eq!(got, vec![(PERSON, 0.9), (CELL_PHONE, 0.5), (PERSON, 0.4)]);
+    }
+
+    #[test]
+    fn decode_places_boxes_around_cell_centres() {
+        // One 2×2 level at stride 8: cell 3 (x=1, y=1) is a person; distances peak at
+        // bin 2 on every side, so the box is centre ± 2 * stride.
+        let nc = COCO_CLASSES.len();
+        let mut scores = vec![0f32; 4 * nc];
+        scores[3 * nc + PERSON] = 0.8;
+        let mut boxes = vec![-20f32; 4 * 4 * REG_BINS];
+        for side in 0..4 {
+            boxes[3 * 4 * REG_BINS + side * REG_BINS + 2] = 20.0;
+        }
+        let out = decode(&[HeadLevel { stride: 8, scores: &scores, boxes: &boxes }], 0.3);
+        assert_eq!(out.len(), 1);
+        let b = out[0].bbox;
+        assert_eq!((out[0].class_id, out[0].score), (PERSON, 0.8));
+        for (got, want) in [(b.x0, 12.0 - 16.0), (b.y0, -4.0), (b.x1, 28.0), (b.y1, 28.0)] {
+            assert!((got - want).abs() < 1e-3, "{b:?}");
+        }
+    }
+
+    #[test]
+    fn expectation_of_uniform_bins_is_the_middle() {
+        assert!((expectation(&[0.0; REG_BINS]) - 5.0).abs() < 1e-5);
+    }
+
+    #[test]
+    fn letterbox_maps_back_to_frame_pixels() {
+        let img = image::RgbImage::new(640, 320);
+        let (t, lb) = preprocess(&img, 416);
+        assert_eq!(t.shape(), &[1, 3, 416, 416]);
+        assert!((lb.scale - 0.65).abs() < 1e-6);
+        assert_eq!((lb.pad_x, lb.pad_y), (0.0, 104.0));
+        let b = lb.unmap(BBox::new(0.0, 104.0, 416.0, 312.0), 640, 320);
+        assert!((b.x1 - 640.0).abs() < 0.01 && b.y0.abs() < 0.01 && (b.y1 - 320.0).abs() < 0.01, "{b:?}");
+        // Padding normalises to zero; black pixels to -mean/std.
+        let view = t.to_plain_array_view::<f32>().unwrap();
+        let data = view.as_slice().unwrap();
+        assert_eq!(data[0], 0.0);
+        assert!((data[200 * 416 + 10] - (-MEAN_BGR[0] / STD_BGR[0])).abs() < 1e-5);
+    }
+}

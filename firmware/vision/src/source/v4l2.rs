@@ -1,0 +1,188 @@
+//! A V4L2 capture device: negotiates MJPEG or YUYV at the configured size, reads with
+//! a timeout through mmap buffers and converts to RGB.
+
+use std::io;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use deskcam_core::ShutterOpen;
+use image::RgbImage;
+use v4l::buffer::Type;
+use v4l::io::mmap::Stream;
+use v4l::io::traits::CaptureStream;
+use v4l::video::Capture;
+use v4l::{Device, FourCC};
+
+use super::{CaptureError, FrameSource};
+use crate::Frame;
+
+/// Formats we can convert, in order of preference: MJPEG keeps USB bandwidth low.
+const PREFERRED: [&[u8; 4]; 2] = [b"MJPG", b"YUYV"];
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Pixel {
+    Mjpeg,
+    Yuyv,
+}
+
+pub struct V4l2Source {
+    path: PathBuf,
+    // Field order matters: the stream (which unmaps its buffers) drops before the device.
+    stream: Stream<'static>,
+    _device: Device,
+    pixel: Pixel,
+    width: u32,
+    height: u32,
+    timeout_ms: u64,
+}
+
+fn map_open_err(path: &Path, what: &'static str, e: io::Error) -> CaptureError {
+    let path = path.to_path_buf();
+    match e.raw_os_error() {
+        Some(libc_enoent) if libc_enoent == 2 || libc_enoent == 19 || libc_enoent == 6 => {
+            CaptureError::Missing { path }
+        }
+        Some(16) => CaptureError::Busy { path },
+        Some(13) | Some(1) => CaptureError::Denied { path },
+        _ => CaptureError::Io { path, what, source: e },
+    }
+}
+
+impl V4l2Source {
+    pub fn open(path: &Path, width: u32, height: u32, timeout_ms: u64) -> Result<Self, CaptureError> {
+        if !path.exists() {
+            return Err(CaptureError::Missing { path: path.to_path_buf() });
+        }
+        let dev = Device::with_path(path).map_err(|e| map_open_err(path, "open", e))?;
+        let caps = dev.query_caps().map_err(|e| map_open_err(path, "query capabilities", e))?;
+        if !caps.capabilities.contains(v4l::capability::Flags::VIDEO_CAPTURE) {
+            return Err(CaptureError::Unsupported {
+                path: path.to_path_buf(),
+                tried: "a video capture device".into(),
+                offered: format!("'{}' which cannot capture video", caps.card),
+            });
+        }
+        let offered = dev
+            .enum_formats()
+            .map(|fs| fs.iter().map(|f| f.fourcc.to_string()).collect::<Vec<_>>().join(", "))
+            .unwrap_or_else(|_| "nothing it would list".into());
+
+        let mut tried = Vec::new();
+        let mut chosen = None;
+        for fourcc in PREFERRED {
+            tried.push(format!("{} {width}x{height}", String::from_utf8_lossy(fourcc)));
+            let mut fmt = dev.format().map_err(|e| map_open_err(path, "get format", e))?;
+            fmt.width = width;
+            fmt.height = height;
+            fmt.fourcc = FourCC::new(fourcc);
+            let got = dev.set_format(&fmt).map_err(|e| map_open_err(path, "set format", e))?;
+            if got.fourcc == FourCC::new(fourcc) {
+                let pixel = if fourcc == b"MJPG" { Pixel::Mjpeg } else { Pixel::Yuyv };
+                chosen = Some((pixel, got.width, got.height));
+                break;
+            }
+        }
+        let Some((pixel, w, h)) = chosen else {
+            return Err(CaptureError::Unsupported {
+                path: path.to_path_buf(),
+                tried: tried.join(", "),
+                offered,
+            });
+        };
+        if (w, h) != (width, height) {
+            tracing::warn!(device = %path.display(), "asked for {width}x{height}, the driver gives {w}x{h}");
+        }
+        let mut stream = Stream::with_buffers(&dev, Type::VideoCapture, 4)
+            .map_err(|e| map_open_err(path, "allocate buffers", e))?;
+        stream.set_timeout(Duration::from_millis(timeout_ms));
+        Ok(V4l2Source {
+            path: path.to_path_buf(),
+            stream,
+            _device: dev,
+            pixel,
+            width: w,
+            height: h,
+            timeout_ms,
+        })
+    }
+}
+
+impl FrameSource for V4l2Source {
+    fn next_frame(&mut self, _shutter: &ShutterOpen) -> Result<Frame, CaptureError> {
+        let (buf, meta) = self.stream.next().map_err(|e| {
+            if e.kind() == io::ErrorKind::TimedOut {
+                CaptureError::Timeout { path: self.path.clone(), timeout_ms: self.timeout_ms }
+            } else {
+                map_open_err(&self.path, "read frame", e)
+            }
+        })?;
+        let used = (meta.bytesused as usize).min(buf.len());
+        let bytes = &buf[..used];
+        let origin = self.path.display().to_string();
+        let corrupt = |reason: String| CaptureError::Corrupt { path: self.path.clone(), reason };
+        let img = match self.pixel {
+            Pixel::Mjpeg => image::load_from_memory_with_format(bytes, image::ImageFormat::Jpeg)
+                .map_err(|e| corrupt(format!("MJPEG frame: {e}")))?
+                .to_rgb8(),
+            Pixel::Yuyv => yuyv_to_rgb(bytes, self.width, self.height).ok_or_else(|| {
+                corrupt(format!("YUYV frame of {used} bytes is short for {}x{}", self.width, self.height))
+            })?,
+        };
+        Ok(Frame::new(img, origin))
+    }
+
+    fn describe(&self) -> String {
+        format!("{} {:?} {}x{}", self.path.display(), self.pixel, self.width, self.height)
+    }
+}
+
+/// Packed YUYV 4:2:2 (BT.601, limited range) to RGB.
+pub(crate) fn yuyv_to_rgb(data: &[u8], width: u32, height: u32) -> Option<RgbImage> {
+    let (w, h) = (width as usize, height as usize);
+    if data.len() < w * h * 2 || w % 2 != 0 {
+        return None;
+    }
+    let mut out = Vec::with_capacity(w * h * 3);
+    for px in data[..w * h * 2].chunks_exact(4) {
+        let (y0, u, y1, v) = (px[0] as f32, px[1] as f32 - 128.0, px[2] as f32, px[3] as f32 - 128.0);
+        for y in [y0, y1] {
+            let c = 1.164 * (y - 16.0);
+            out.push((c + 1.596 * v).round().clamp(0.0, 255.0) as u8);
+            out.push((c - 0.392 * u - 0.813 * v).round().clamp(0.0, 255.0) as u8);
+            out.push((c + 2.017 * u).round().clamp(0.0, 255.0) as u8);
+        }
+    }
+    RgbImage::from_raw(width, height, out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn yuyv_grey_white_black_and_red() {
+        // Two pixels per 4 bytes: Y0 U Y1 V.
+        let img = yuyv_to_rgb(&[235, 128, 16, 128], 2, 1).unwrap();
+        assert_eq!(img.get_pixel(0, 0).0, [255, 255, 255]);
+        assert_eq!(img.get_pixel(1, 0).0, [0, 0, 0]);
+        // BT.601 red: Y=81 U=90 V=240.
+        let img = yuyv_to_rgb(&[81, 90, 81, 240], 2, 1).unwrap();
+        let [r, g, b] = img.get_pixel(0, 0).0;
+        assert!(r > 245 && g < 10 && b < 10, "{r} {g} {b}");
+        assert!(yuyv_to_rgb(&[0; 3], 2, 1).is_none());
+    }
+
+    #[test]
+    fn missing_device_names_the_path() {
+        let e = V4l2Source::open(Path::new("/dev/video-does-not-exist"), 640, 480, 1000).err().unwrap();
+        assert!(matches!(e, CaptureError::Missing { .. }));
+        assert!(e.to_string().contains("/dev/video-does-not-exist"), "{e}");
+    }
+
+    #[test]
+    fn a_non_camera_device_is_refused_clearly() {
+        // /dev/null exists but is no V4L2 device: the ioctl fails with ENOTTY.
+        let e = V4l2Source::open(Path::new("/dev/null"), 640, 480, 1000).err().unwrap();
+        assert!(e.to_string().contains("/dev/null"), "{e}");
+    }
+}

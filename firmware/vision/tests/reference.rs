@@ -1,0 +1,132 @@
+//! The Rust detector (pre-processing, tract, decoding, NMS) against onnxruntime's
+//! results for the same model and photos (models/reference/, made by
+//! models/make_reference.py). Needs the demo photos: scripts/fetch-demo-photos.
+
+use std::path::PathBuf;
+
+use deskcam_core::{BBox, ShutterOpen};
+use deskcam_vision::detector::{decode, nms, HeadLevel};
+use deskcam_vision::source::{DirSource, FrameSource};
+use deskcam_vision::Detector;
+use serde_json::Value;
+use sha2::{Digest, Sha256};
+
+fn repo() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..")
+}
+
+fn demo_photos() -> PathBuf {
+    std::env::var_os("DESKCAM_DEMO_PHOTOS").map(PathBuf::from).unwrap_or_else(|| {
+        PathBuf::from(std::env::var("HOME").unwrap_or_default()).join(".cache/deskcam/demo-photos")
+    })
+}
+
+fn reference() -> Value {
+    let text = std::fs::read_to_string(repo().join("models/reference/nanodet_reference.json")).unwrap();
+    serde_json::from_str(&text).unwrap()
+}
+
+fn f32s(v: &Value) -> Vec<f32> {
+    v.as_array().unwrap().iter().map(|x| x.as_f64().unwrap() as f32).collect()
+}
+
+fn bbox(v: &Value) -> BBox {
+    let b = f32s(v);
+    BBox::new(b[0], b[1], b[2], b[3])
+}
+
+#[test]
+fn reference_belongs_to_the_committed_model() {
+    let model = std::fs::read(repo().join("models/nanodet.onnx")).unwrap();
+    let sha: String = Sha256::digest(&model).iter().map(|b| format!("{b:02x}")).collect();
+    assert_eq!(reference()["model_sha256"].as_str().unwrap(), sha, "re-run models/make_reference.py");
+    let pinned = std::fs::read_to_string(repo().join("models/nanodet.onnx.sha256")).unwrap();
+    assert!(pinned.starts_with(&sha), "models/nanodet.onnx does not match its pinned checksum");
+}
+
+#[test]
+fn tract_matches_onnxruntime_on_demo_photos() {
+    let r = reference();
+    let min_score = r["min_score"].as_f64().unwrap() as f32;
+    let det =
+        Detector::load(&repo().join("models/nanodet.onnx"), min_score, r["nms_iou"].as_f64().unwrap() as f32)
+            .unwrap();
+    let dir = demo_photos();
+    let token = ShutterOpen::after_hardware_opened();
+    for photo in r["photos"].as_array().unwrap() {
+        let name = photo["file"].as_str().unwrap();
+        let path = dir.join(name);
+        let bytes = std::fs::read(&path)
+            .unwrap_or_else(|e| panic!("{}: {e}: run scripts/fetch-demo-photos", path.display()));
+        let sha: String = Sha256::digest(&bytes).iter().map(|b| format!("{b:02x}")).collect();
+        assert_eq!(sha, photo["sha256"].as_str().unwrap(), "{name} differs from the reference photo");
+
+        // One-photo directory, so the frame is read exactly as the daemon reads it.
+        let one = std::env::temp_dir().join(format!("deskcam-ref-{}-{name}", std::process::id()));
+        std::fs::create_dir_all(&one).unwrap();
+        std::fs::copy(&path, one.join(name)).unwrap();
+        let frame = DirSource::open(&one, false).unwrap().next_frame(&token).unwrap();
+
+        let head = det.run_head(&frame).unwrap();
+        let levels = head.levels().unwrap();
+        for cell in photo["cells"].as_array().unwrap() {
+            let stride = cell["stride"].as_u64().unwrap() as usize;
+            let i = cell["cell"].as_u64().unwrap() as usize;
+            let lv = levels.iter().find(|l| l.stride == stride).unwrap();
+            for (got, want) in lv.scores[i * 80..(i + 1) * 80].iter().zip(f32s(&cell["scores"])) {
+                assert!((got - want).abs() < 2e-3, "{name} s{stride} cell {i}: score {got} vs {want}");
+            }
+            for (got, want) in lv.boxes[i * 44..(i + 1) * 44].iter().zip(f32s(&cell["boxes"])) {
+                assert!((got - want).abs() < 2e-2, "{name} s{stride} cell {i}: box logit {got} vs {want}");
+            }
+        }
+
+        let got = det.detections(&head).unwrap();
+        let want = photo["detections"].as_array().unwrap();
+        assert_eq!(got.len(), want.len(), "{name}: {got:?}");
+        for (g, w) in got.iter().zip(want) {
+            assert_eq!(g.class_id as u64, w["class_id"].as_u64().unwrap(), "{name}");
+            assert!((g.score - w["score"].as_f64().unwrap() as f32).abs() < 2e-3, "{name}");
+            assert!(g.bbox.iou(&bbox(&w["bbox"])) > 0.99, "{name}: {:?} vs {}", g.bbox, w["bbox"]);
+        }
+        let _ = std::fs::remove_dir_all(&one);
+    }
+}
+
+/// Decoding and NMS alone, on the reference's stored cells (all other cells silent).
+/// The reference stores every cell a kept detection came from; removing other cells
+/// can only remove boxes that would have been suppressed or are weaker, so each
+/// reference detection must be decoded again, with the same box in input pixels.
+#[test]
+fn decode_and_nms_recover_reference_detections_from_stored_cells() {
+    let r = reference();
+    let min_score = r["min_score"].as_f64().unwrap() as f32;
+    for photo in r["photos"].as_array().unwrap() {
+        let mut levels: Vec<(usize, Vec<f32>, Vec<f32>)> = [8usize, 16, 32]
+            .iter()
+            .map(|s| (*s, vec![0f32; (416 / s).pow(2) * 80], vec![0f32; (416 / s).pow(2) * 44]))
+            .collect();
+        for cell in photo["cells"].as_array().unwrap() {
+            let stride = cell["stride"].as_u64().unwrap() as usize;
+            let i = cell["cell"].as_u64().unwrap() as usize;
+            let lv = levels.iter_mut().find(|l| l.0 == stride).unwrap();
+            lv.1[i * 80..(i + 1) * 80].copy_from_slice(&f32s(&cell["scores"]));
+            lv.2[i * 44..(i + 1) * 44].copy_from_slice(&f32s(&cell["boxes"]));
+        }
+        let heads: Vec<HeadLevel<'_>> =
+            levels.iter().map(|(s, sc, bx)| HeadLevel { stride: *s, scores: sc, boxes: bx }).collect();
+        let got = nms(decode(&heads, min_score), r["nms_iou"].as_f64().unwrap() as f32);
+        for w in photo["detections"].as_array().unwrap() {
+            let (class, score) =
+                (w["class_id"].as_u64().unwrap() as usize, w["score"].as_f64().unwrap() as f32);
+            let want_box = bbox(&w["input_bbox"]);
+            assert!(
+                got.iter().any(|g| g.class_id == class
+                    && (g.score - score).abs() < 1e-4
+                    && g.bbox.iou(&want_box) > 0.999),
+                "{}: class {class} score {score} not decoded from the stored cells: {got:?}",
+                photo["file"]
+            );
+        }
+    }
+}
