@@ -104,6 +104,8 @@ pub struct ViolationEvent {
     pub score: f32,
     pub boxes: Vec<EventBox>,
     pub frame: FrameSize,
+    /// The camera device, or the photo's file name for a photo directory.
+    pub origin: String,
     /// `None` when the redaction level is `metadata-only`.
     pub still: Option<StillInfo>,
 }
@@ -139,6 +141,7 @@ mod tests {
             score: 0.5,
             boxes: vec![],
             frame: FrameSize { width: 640, height: 480 },
+            origin: "/dev/video0".into(),
             still: None,
         };
         let j = serde_json::to_value(&e).unwrap();

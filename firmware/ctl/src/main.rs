@@ -1,3 +1,123 @@
-fn main() {
-    println!("Hello, world!");
+//! `deskcamctl`: manage a deskcam over MQTT. This first version watches a device:
+//! `status` prints its retained status and state; `watch` prints every event as it
+//! arrives. Commands (scan-now, breaks, config) come with the management plane.
+
+use std::process::ExitCode;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result};
+use clap::{Parser, Subcommand};
+use deskcam_core::config::BrokerUrl;
+use deskcam_core::schema::{Topics, ViolationEvent};
+use rumqttc::{Client, Event, MqttOptions, Packet, QoS};
+
+#[derive(Parser)]
+#[command(name = "deskcamctl", version, about = "Manage deskcam devices over MQTT")]
+struct Cli {
+    /// Broker URL [env DESKCAM_BROKER].
+    #[arg(long, env = "DESKCAM_BROKER", default_value = "mqtt://127.0.0.1:1883")]
+    broker: String,
+    /// Base topic.
+    #[arg(long, default_value = "deskcam")]
+    base_topic: String,
+    /// Device id.
+    #[arg(long, short, env = "DESKCAM_DEVICE")]
+    device: String,
+    /// Print JSON instead of text.
+    #[arg(long)]
+    json: bool,
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Print the device's retained status and state.
+    Status,
+    /// Print events as they arrive, one line each (Ctrl-C to stop).
+    Watch,
+}
+
+fn main() -> ExitCode {
+    match run(Cli::parse()) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("deskcamctl: error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(cli: Cli) -> Result<ExitCode> {
+    let url = BrokerUrl::parse(&cli.broker).map_err(anyhow::Error::msg)?;
+    anyhow::ensure!(!url.tls, "mqtts:// is not supported by this version of deskcamctl");
+    let topics = Topics::new(&cli.base_topic, &cli.device);
+    let mut opts = MqttOptions::new(format!("deskcamctl-{}", std::process::id()), &url.host, url.port);
+    opts.set_max_packet_size(16 * 1024 * 1024, 64 * 1024);
+    let (client, mut conn) = Client::new(opts, 16);
+    match cli.command {
+        Cmd::Status => {
+            client.subscribe(topics.status(), QoS::AtLeastOnce).context("subscribe")?;
+            client.subscribe(topics.state(), QoS::AtLeastOnce).context("subscribe")?;
+            let (mut status, mut state) = (None, None);
+            let until = Instant::now() + Duration::from_secs(3);
+            while Instant::now() < until && (status.is_none() || state.is_none()) {
+                match conn.recv_timeout(Duration::from_millis(200)) {
+                    Ok(Ok(Event::Incoming(Packet::Publish(p)))) => {
+                        let text = String::from_utf8_lossy(&p.payload).into_owned();
+                        if p.topic == topics.status() {
+                            status = Some(text);
+                        } else {
+                            state = Some(text);
+                        }
+                    }
+                    Ok(Err(e)) => anyhow::bail!("broker {url}: {e}"),
+                    _ => {}
+                }
+            }
+            let Some(status) = status else {
+                eprintln!("deskcamctl: device {} has never reported to {url}", cli.device);
+                return Ok(ExitCode::from(3));
+            };
+            if cli.json {
+                let state: serde_json::Value =
+                    state.as_deref().and_then(|s| serde_json::from_str(s).ok()).unwrap_or_default();
+                println!("{}", serde_json::json!({"device": cli.device, "status": status, "state": state}));
+            } else {
+                println!(
+                    "device  {}\nstatus  {status}\nstate   {}",
+                    cli.device,
+                    state.unwrap_or_else(|| "-".into())
+                );
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Cmd::Watch => {
+            client.subscribe(format!("{}/#", topics.root()), QoS::AtLeastOnce).context("subscribe")?;
+            for ev in conn.iter() {
+                let p = match ev {
+                    Ok(Event::Incoming(Packet::Publish(p))) => p,
+                    Ok(_) => continue,
+                    Err(e) => anyhow::bail!("broker {url}: {e}"),
+                };
+                let sub =
+                    p.topic.strip_prefix(&format!("{}/", topics.root())).unwrap_or(&p.topic).to_string();
+                if cli.json && !sub.ends_with("/still") {
+                    println!("{{\"topic\":{:?},\"payload\":{}}}", sub, String::from_utf8_lossy(&p.payload));
+                } else if sub == "event/violation" {
+                    match serde_json::from_slice::<ViolationEvent>(&p.payload) {
+                        Ok(e) => {
+                            println!("{}  {:<12} score {:.2}  id {}", e.time, e.rule.name(), e.score, e.id)
+                        }
+                        Err(err) => println!("event (unreadable: {err})"),
+                    }
+                } else if sub.ends_with("/still") {
+                    println!("{sub}  {} bytes", p.payload.len());
+                } else {
+                    println!("{sub}  {}", String::from_utf8_lossy(&p.payload));
+                }
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+    }
 }

@@ -1,3 +1,224 @@
-fn main() {
-    println!("Hello, world!");
+//! `deskcam`: the device daemon and its tools.
+//!
+//! `run` is what the service starts; `demo` runs the whole pipeline on photos with
+//! simulated GPIO and an embedded broker; `config` prints or checks configuration;
+//! `safe-state` closes the shutter and turns the LED off (the service's stop hook).
+
+mod broker;
+mod demo;
+mod hardware;
+mod model;
+mod pipeline;
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use clap::{Parser, Subcommand};
+use deskcam_core::schema::{ModelInfo, State, Topics};
+use deskcam_core::Config;
+use deskcam_uplink::{DropOldest, UplinkConfig, UplinkStats};
+use deskcam_vision::Detector;
+
+use crate::hardware::Hardware;
+use crate::pipeline::{Pipeline, Report, Summary};
+
+const DEFAULT_CONFIG_PATH: &str = "/data/deskcam.toml";
+/// Events waiting for the broker: beyond this the oldest is dropped and counted.
+const UPLINK_QUEUE: usize = 64;
+
+#[derive(Parser)]
+#[command(name = "deskcam", version, about = "deskcam: a privacy-first clean-desk camera")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the device: camera, detector, rules, evidence, MQTT.
+    Run {
+        /// Config file [env DESKCAM_CONFIG, default /data/deskcam.toml].
+        #[arg(long, short)]
+        config: Option<PathBuf>,
+    },
+    /// The whole pipeline on photos (or a webcam), simulated GPIO, an embedded broker.
+    Demo(demo::DemoArgs),
+    /// Print the default config or check a config file.
+    #[command(subcommand)]
+    Config(ConfigCmd),
+    /// Close the shutter and turn the LED off, then exit (service stop hook).
+    SafeState,
+}
+
+#[derive(Subcommand)]
+enum ConfigCmd {
+    /// Print the embedded default configuration.
+    Default,
+    /// Check a config file; every error is reported with its key.
+    Check { file: PathBuf },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("DESKCAM_LOG")
+                .unwrap_or_else(|_| "info,rumqttd=off,rumqttc=warn".into()),
+        )
+        .init();
+    let result = match cli.command {
+        Command::Config(ConfigCmd::Default) => {
+            print!("{}", deskcam_core::config::DEFAULT_TOML);
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Config(ConfigCmd::Check { file }) => config_check(&file),
+        Command::SafeState => safe_state(),
+        Command::Run { config } => run_daemon(config),
+        Command::Demo(args) => demo::run(args),
+    };
+    match result {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("deskcam: error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// Reads and validates a config file. Invalid configs are reported in full.
+pub fn load_config(path: &Path) -> Result<Result<Config, String>> {
+    let text = std::fs::read_to_string(path).with_context(|| format!("reading config {}", path.display()))?;
+    Ok(Config::from_toml(&text).map_err(|e| format!("{}: {e}", path.display())))
+}
+
+fn config_check(file: &Path) -> Result<ExitCode> {
+    match load_config(file)? {
+        Ok(_) => {
+            println!("{}: ok", file.display());
+            Ok(ExitCode::SUCCESS)
+        }
+        Err(e) => {
+            eprint!("{e}");
+            Ok(ExitCode::from(2))
+        }
+    }
+}
+
+fn safe_state() -> Result<ExitCode> {
+    // Constructing the drivers drives both pins to their safe levels.
+    let mut hw = Hardware::simulated(false).context("opening GPIO")?;
+    hw.safe_state().context("driving the safe state")?;
+    println!("shutter closed, LED off");
+    Ok(ExitCode::SUCCESS)
+}
+
+fn run_daemon(config: Option<PathBuf>) -> Result<ExitCode> {
+    let path = config
+        .or_else(|| std::env::var_os("DESKCAM_CONFIG").map(PathBuf::from))
+        .unwrap_or_else(|| PathBuf::from(DEFAULT_CONFIG_PATH));
+    let config = match load_config(&path)? {
+        Ok(c) => c,
+        Err(e) => {
+            eprint!("deskcam: refusing to start: {e}");
+            return Ok(ExitCode::from(2));
+        }
+    };
+    let summary = run_pipeline(config, Report::Log, None)?;
+    tracing::info!(frames = summary.frames, events = summary.events.values().sum::<u64>(), "stopped");
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Everything `run` and `demo` share: load the model, start the uplink, run the scan
+/// loop until it finishes or a signal arrives, then stop in order (scan loop and
+/// hardware safe state first, then the uplink drains and says `offline`).
+pub fn run_pipeline(
+    config: Config,
+    report: Report,
+    stats_out: Option<&mut Arc<UplinkStats>>,
+) -> Result<Summary> {
+    if config.mqtt.url.tls {
+        anyhow::bail!("mqtt.url {}: TLS is not supported by this firmware yet", config.mqtt.url);
+    }
+    let model_path = model::locate(config.detector.model.as_ref()).map_err(anyhow::Error::msg)?;
+    let t = std::time::Instant::now();
+    let detector = Detector::load(&model_path, config.detector.min_score, config.detector.nms_iou)
+        .context("loading the detector")?;
+    tracing::info!("model {} loaded and optimised in {} ms", model_path.display(), t.elapsed().as_millis());
+    let hardware = Hardware::simulated(report == Report::Print).context("opening GPIO")?;
+
+    let state = State {
+        v: deskcam_core::schema::SCHEMA_VERSION,
+        device_id: config.device_id.to_string(),
+        mode: config.scan.name().into(),
+        shutter: "closed".into(),
+        on_break: false,
+        firmware: env!("CARGO_PKG_VERSION").into(),
+        model: ModelInfo {
+            name: model_path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default(),
+            sha256: detector.sha256().to_string(),
+        },
+    };
+    let queue = Arc::new(DropOldest::new(UPLINK_QUEUE));
+    let stats = Arc::new(UplinkStats::default());
+    if let Some(out) = stats_out {
+        *out = stats.clone();
+    }
+    let uplink_cfg = UplinkConfig {
+        broker: config.mqtt.url.clone(),
+        client_id: format!("deskcam-{}", config.device_id),
+        topics: Topics::new(&config.mqtt.base_topic, config.device_id.as_str()),
+        keep_alive: Duration::from_millis(config.mqtt.keep_alive.as_millis()),
+        state: state.clone(),
+    };
+
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?;
+    let (shutdown_tx, shutdown_rx) = tokio::sync::watch::channel(false);
+    let uplink = runtime.spawn(deskcam_uplink::run(uplink_cfg, queue.clone(), stats.clone(), shutdown_rx));
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let pipeline =
+        Pipeline { config, detector, hardware, queue: queue.clone(), state, report, stop: stop.clone() };
+    let scan = std::thread::Builder::new()
+        .name("scan".into())
+        .spawn(move || pipeline.run())
+        .context("starting the scan thread")?;
+
+    runtime.block_on(async {
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
+        loop {
+            tokio::select! {
+                _ = tokio::signal::ctrl_c() => { tracing::info!("interrupted; stopping"); break; }
+                _ = async { match term.as_mut() { Some(t) => { t.recv().await; } None => std::future::pending().await } } => {
+                    tracing::info!("terminated; stopping");
+                    break;
+                }
+                _ = tokio::time::sleep(Duration::from_millis(100)) => {
+                    if scan.is_finished() { break; }
+                }
+            }
+        }
+    });
+    stop.store(true, Ordering::Relaxed);
+    let summary =
+        scan.join().map_err(|_| anyhow::anyhow!("the scan thread panicked (shutter and LED were reset)"))?;
+    let _ = shutdown_tx.send(true);
+    match runtime.block_on(uplink) {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => return Err(e).context("MQTT uplink"),
+        Err(e) => anyhow::bail!("MQTT uplink task failed: {e}"),
+    }
+    let dropped = queue.dropped();
+    if dropped > 0 {
+        tracing::warn!("{dropped} messages were dropped because the broker could not keep up");
+    }
+    Ok(summary)
 }

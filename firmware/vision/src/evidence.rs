@@ -16,7 +16,7 @@ const PERSON_MARGIN: f32 = 0.1;
 const CROP_MARGIN: f32 = 0.25;
 /// Pixelation cells: at least this many pixels, and at most this many cells across
 /// the larger side of a box, so a face is never recognisable.
-const MIN_CELL: u32 = 8;
+const MIN_CELL: u32 = 16;
 const MAX_CELLS_ACROSS: u32 = 8;
 
 #[derive(Debug, thiserror::Error)]
@@ -48,11 +48,13 @@ pub fn render_still(
     cfg: &EvidenceConfig,
 ) -> Result<Option<Still>, EvidenceError> {
     let (w, h) = (frame.width(), frame.height());
-    let people: Vec<BBox> = detections
-        .iter()
-        .filter(|d| d.class_id == PERSON && d.score >= cfg.person_min_score)
-        .map(|d| d.bbox.expanded(PERSON_MARGIN, w, h))
-        .collect();
+    let people = merge_overlapping(
+        detections
+            .iter()
+            .filter(|d| d.class_id == PERSON && d.score >= cfg.person_min_score)
+            .map(|d| d.bbox.expanded(PERSON_MARGIN, w, h))
+            .collect(),
+    );
     let (image, redacted) = match cfg.redaction {
         Redaction::MetadataOnly => return Ok(None),
         Redaction::None => (frame.image().clone(), Vec::new()),
@@ -76,7 +78,7 @@ pub fn render_still(
             let cropped = image::imageops::crop_imm(&img, x0, y0, cw.max(1), ch.max(1)).to_image();
             let shifted = people
                 .iter()
-                .filter(|b| crop.x0 < b.x1 && b.x0 < crop.x1 && crop.y0 < b.y1 && b.y0 < crop.y1)
+                .filter(|b| overlaps(b, &crop))
                 .map(|b| {
                     BBox::new(
                         (b.x0 - x0 as f32).max(0.0),
@@ -95,6 +97,30 @@ pub fn render_still(
         .map_err(|e| EvidenceError::Encode(e.to_string()))?;
     let sha256 = Sha256::digest(&jpeg).iter().map(|b| format!("{b:02x}")).collect();
     Ok(Some(Still { jpeg, sha256, width: image.width(), height: image.height(), redacted }))
+}
+
+fn overlaps(a: &BBox, b: &BBox) -> bool {
+    a.x0 < b.x1 && b.x0 < a.x1 && a.y0 < b.y1 && b.y0 < a.y1
+}
+
+/// Replaces overlapping boxes by their union, so each person region is pixelated on
+/// one grid: two grids over the same pixels would cut cells into finer pieces.
+fn merge_overlapping(mut boxes: Vec<BBox>) -> Vec<BBox> {
+    let mut merged = true;
+    while merged {
+        merged = false;
+        'scan: for i in 0..boxes.len() {
+            for j in i + 1..boxes.len() {
+                if overlaps(&boxes[i], &boxes[j]) {
+                    let b = boxes.swap_remove(j);
+                    boxes[i] = union([boxes[i], b].into_iter()).unwrap_or(b);
+                    merged = true;
+                    break 'scan;
+                }
+            }
+        }
+    }
+    boxes
 }
 
 fn union(mut boxes: impl Iterator<Item = BBox>) -> Option<BBox> {
@@ -194,15 +220,33 @@ mod tests {
         let frame = Frame::new(noisy(320, 240), "t".into());
         assert!(render_still(&frame, &[], &[], &cfg("metadata-only")).unwrap().is_none());
         let phone = Detection { class_id: 67, score: 0.8, bbox: BBox::new(100.0, 100.0, 140.0, 180.0) };
-        let s = render_still(&frame, std::slice::from_ref(&phone), std::slice::from_ref(&phone), &cfg("crop-to-object")).unwrap().unwrap();
+        let s = render_still(
+            &frame,
+            std::slice::from_ref(&phone),
+            std::slice::from_ref(&phone),
+            &cfg("crop-to-object"),
+        )
+        .unwrap()
+        .unwrap();
         assert_eq!((s.width, s.height), (60, 120));
         assert!(render_still(&frame, &[], &[], &cfg("crop-to-object")).unwrap().is_none());
+    }
+
+    #[test]
+    fn overlapping_people_are_pixelated_as_one_region() {
+        let m = merge_overlapping(vec![
+            BBox::new(0.0, 0.0, 10.0, 10.0),
+            BBox::new(50.0, 50.0, 60.0, 60.0),
+            BBox::new(5.0, 5.0, 20.0, 20.0),
+        ]);
+        assert_eq!(m.len(), 2);
+        assert!(m.contains(&BBox::new(0.0, 0.0, 20.0, 20.0)));
     }
 
     #[test]
     fn pixelate_makes_uniform_cells() {
         let mut img = noisy(64, 64);
         pixelate(&mut img, &BBox::new(0.0, 0.0, 64.0, 64.0));
-        assert_eq!(img.get_pixel(0, 0), img.get_pixel(7, 7));
+        assert_eq!(img.get_pixel(0, 0), img.get_pixel(15, 15));
     }
 }

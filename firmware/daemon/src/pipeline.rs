@@ -1,0 +1,302 @@
+//! The scan loop: the policy decides, this loop executes its actions on the hardware
+//! and the camera, runs the detector and the rules on each frame, renders evidence and
+//! queues it for the uplink. It runs on its own thread because capture and inference
+//! block; the uplink runs on the async runtime and is joined by a bounded queue.
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use deskcam_core::policy::{Action, Input, Policy};
+use deskcam_core::rules::{Finding, FrameFacts, RuleEngine, RuleKind};
+use deskcam_core::schema::{EventBox, FrameSize, State, StillInfo, ViolationEvent, SCHEMA_VERSION};
+use deskcam_core::{Config, Detection, ShutterOpen};
+use deskcam_uplink::{DropOldest, Outgoing};
+use deskcam_vision::source::open_source;
+use deskcam_vision::{render_still, CaptureError, Detector, Frame, FrameSource};
+
+use crate::hardware::Hardware;
+
+/// How the loop reports frames: one printed line each (demo) or log records (daemon).
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Report {
+    Print,
+    Log,
+}
+
+/// What happened during a run, for the demo's summary and the logs.
+#[derive(Default, Debug)]
+pub struct Summary {
+    pub frames: u64,
+    pub skipped: u64,
+    pub faults: u64,
+    pub positives: BTreeMap<&'static str, u64>,
+    pub events: BTreeMap<&'static str, u64>,
+    pub stills: u64,
+    pub still_bytes: u64,
+    pub inference_ms: Vec<f32>,
+}
+
+impl Summary {
+    pub fn percentile_ms(&self, p: f32) -> f32 {
+        if self.inference_ms.is_empty() {
+            return 0.0;
+        }
+        let mut v = self.inference_ms.clone();
+        v.sort_by(f32::total_cmp);
+        v[((v.len() - 1) as f32 * p).round() as usize]
+    }
+}
+
+pub struct Pipeline {
+    pub config: Config,
+    pub detector: Detector,
+    pub hardware: Hardware,
+    pub queue: Arc<DropOldest<Outgoing>>,
+    pub state: State,
+    pub report: Report,
+    pub stop: Arc<AtomicBool>,
+}
+
+fn unix_ms() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
+}
+
+impl Pipeline {
+    /// Runs until the policy finishes (a photo directory ran out) or `stop` is set.
+    /// The hardware is in its safe state when this returns, whatever happened.
+    pub fn run(mut self) -> Summary {
+        let start = Instant::now();
+        let now = || start.elapsed().as_millis() as u64;
+        let seed = unix_ms() ^ u64::from(std::process::id());
+        let mut policy = Policy::new(self.config.scan.clone(), seed);
+        let mut rules = RuleEngine::new(self.config.rules.clone());
+        let mut source: Option<Box<dyn FrameSource>> = None;
+        let mut token: Option<ShutterOpen> = None;
+        let mut summary = Summary::default();
+        let mut seq = 0u64;
+        let mut pending: Vec<Input> = vec![Input::Tick];
+
+        'outer: loop {
+            if self.stop.load(Ordering::Relaxed) {
+                pending = vec![Input::Shutdown];
+            }
+            while let Some(input) = pending.pop() {
+                let shutting_down = input == Input::Shutdown;
+                for action in policy.step(now(), input) {
+                    match action {
+                        Action::SetLed(p) => {
+                            if let Err(e) = self.hardware.set_led(p) {
+                                tracing::error!("LED: {e}");
+                            }
+                        }
+                        Action::OpenShutter => match self.hardware.open_shutter() {
+                            Ok(t) => {
+                                token = Some(t);
+                                self.publish_state("open");
+                            }
+                            Err(e) => {
+                                tracing::error!("shutter: {e}");
+                                pending.push(Input::CameraFault);
+                            }
+                        },
+                        Action::CloseShutter => {
+                            token = None;
+                            if let Err(e) = self.hardware.close_shutter() {
+                                tracing::error!("shutter: {e}");
+                            }
+                            if !shutting_down {
+                                self.publish_state("closed");
+                            }
+                        }
+                        Action::Capture => {
+                            let Some(t) = token.as_ref() else {
+                                pending.push(Input::CameraFault);
+                                continue;
+                            };
+                            let outcome = self.capture(&mut source, t);
+                            let input = match outcome {
+                                Ok(frame) => {
+                                    seq += 1;
+                                    self.analyse(&frame, now(), seq, &mut rules, &mut summary);
+                                    Input::FrameCaptured
+                                }
+                                Err(e) if e.is_skippable() => {
+                                    summary.skipped += 1;
+                                    self.line(format!("skipped: {e}"), true);
+                                    Input::FrameCaptured
+                                }
+                                Err(CaptureError::Exhausted) => Input::SourceExhausted,
+                                Err(e) => {
+                                    summary.faults += 1;
+                                    tracing::error!("{e}; shutter closed, retrying in 5s");
+                                    // Reopen from scratch next time: the device may come back
+                                    // under the same path.
+                                    source = None;
+                                    Input::CameraFault
+                                }
+                            };
+                            pending.push(input);
+                        }
+                        Action::Finished => break 'outer,
+                    }
+                }
+            }
+            // Sleep until the policy's next deadline, waking often enough to notice stop.
+            let wait = policy.next_deadline().map(|d| d.saturating_sub(now())).unwrap_or(100).min(100);
+            if wait > 0 {
+                std::thread::sleep(Duration::from_millis(wait));
+            }
+            pending.push(Input::Tick);
+        }
+        if let Err(e) = self.hardware.safe_state() {
+            tracing::error!("could not reach the safe state: {e}");
+        }
+        self.publish_state("closed");
+        summary
+    }
+
+    fn capture(
+        &self,
+        source: &mut Option<Box<dyn FrameSource>>,
+        token: &ShutterOpen,
+    ) -> Result<Frame, CaptureError> {
+        if source.is_none() {
+            let s = open_source(&self.config.camera)?;
+            tracing::info!("camera: {}", s.describe());
+            *source = Some(s);
+        }
+        match source.as_mut() {
+            Some(s) => s.next_frame(token),
+            None => Err(CaptureError::Exhausted),
+        }
+    }
+
+    fn analyse(&self, frame: &Frame, now: u64, seq: u64, rules: &mut RuleEngine, summary: &mut Summary) {
+        summary.frames += 1;
+        let t = Instant::now();
+        let detections = match self.detector.detect(frame) {
+            Ok(d) => d,
+            Err(e) => {
+                tracing::error!("detector: {e}");
+                return;
+            }
+        };
+        let ms = t.elapsed().as_secs_f32() * 1000.0;
+        summary.inference_ms.push(ms);
+        let (_, stddev) = frame.luma_stats();
+        let verdict = rules.evaluate(&FrameFacts {
+            now,
+            width: frame.width(),
+            height: frame.height(),
+            detections: &detections,
+            luma_stddev: stddev,
+        });
+        for r in &verdict.positive {
+            *summary.positives.entry(r.name()).or_default() += 1;
+        }
+        let seen: Vec<String> = detections
+            .iter()
+            .filter(|d| d.score >= 0.3)
+            .map(|d| format!("{} {:.2}", d.label(), d.score))
+            .collect();
+        self.line(
+            format!(
+                "[{seq:>4}] {:<24} {:>5.0} ms  {}",
+                truncate(frame.origin(), 24),
+                ms,
+                if seen.is_empty() { "-".to_string() } else { seen.join(", ") }
+            ),
+            false,
+        );
+        for finding in verdict.findings {
+            self.emit(frame, &detections, finding, seq, summary);
+        }
+    }
+
+    fn emit(
+        &self,
+        frame: &Frame,
+        detections: &[Detection],
+        finding: Finding,
+        seq: u64,
+        summary: &mut Summary,
+    ) {
+        let time = unix_ms();
+        let id = format!("{time:x}-{seq:x}");
+        let still = match render_still(frame, detections, &finding.objects, &self.config.evidence) {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::error!("evidence for {}: {e}; publishing metadata only", finding.rule.name());
+                None
+            }
+        };
+        let event = ViolationEvent {
+            v: SCHEMA_VERSION,
+            id: id.clone(),
+            device_id: self.config.device_id.to_string(),
+            time: deskcam_core::time::rfc3339_utc(time),
+            rule: finding.rule,
+            score: finding.score,
+            boxes: finding.objects.iter().map(EventBox::from).collect(),
+            frame: FrameSize { width: frame.width(), height: frame.height() },
+            origin: frame.origin().to_string(),
+            still: still.as_ref().map(|s| StillInfo {
+                sha256: s.sha256.clone(),
+                size: s.jpeg.len(),
+                content_type: "image/jpeg".into(),
+                width: s.width,
+                height: s.height,
+                redaction: self.config.evidence.redaction.name().into(),
+                redacted: s.redacted.clone(),
+            }),
+        };
+        *summary.events.entry(finding.rule.name()).or_default() += 1;
+        let what = match &still {
+            Some(s) => {
+                summary.stills += 1;
+                summary.still_bytes += s.jpeg.len() as u64;
+                format!(
+                    "event/violation {id} + still {} kB ({} redacted)",
+                    s.jpeg.len() / 1024,
+                    s.redacted.len()
+                )
+            }
+            None => format!("event/violation {id} (no still)"),
+        };
+        self.line(
+            format!("       {:<12} score {:.2} -> {what}", rule_label(finding.rule), finding.score),
+            true,
+        );
+        self.queue.push(Outgoing::Violation { event, still: still.map(|s| s.jpeg) });
+    }
+
+    fn publish_state(&mut self, shutter: &str) {
+        if self.state.shutter != shutter {
+            self.state.shutter = shutter.to_string();
+            self.queue.push(Outgoing::State(self.state.clone()));
+        }
+    }
+
+    fn line(&self, text: String, notable: bool) {
+        match self.report {
+            Report::Print => println!("{text}"),
+            Report::Log if notable => tracing::info!("{}", text.trim_start()),
+            Report::Log => tracing::debug!("{}", text.trim_start()),
+        }
+    }
+}
+
+fn rule_label(r: RuleKind) -> String {
+    format!("{}!", r.name())
+}
+
+fn truncate(s: &str, n: usize) -> String {
+    if s.chars().count() <= n {
+        s.to_string()
+    } else {
+        let tail: String = s.chars().rev().take(n - 1).collect::<Vec<_>>().into_iter().rev().collect();
+        format!("…{tail}")
+    }
+}

@@ -1,0 +1,203 @@
+//! Shared helpers of the daemon's system tests: a real mosquitto on a free loopback
+//! port, a subscriber that records everything, temp dirs, and the daemon binary.
+
+#![allow(dead_code)]
+
+use std::io::Write;
+use std::net::{Ipv4Addr, TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use rumqttc::{Client, Event, MqttOptions, Packet, QoS};
+
+pub fn free_port() -> u16 {
+    TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).unwrap().local_addr().unwrap().port()
+}
+
+pub fn tempdir(name: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("deskcam-test-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+pub fn repo() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..")
+}
+
+pub fn shared_frames() -> Option<PathBuf> {
+    let d = repo().join("../shared/data/frames");
+    d.join("labels.json").is_file().then_some(d)
+}
+
+pub fn demo_photos() -> PathBuf {
+    let d = std::env::var_os("DESKCAM_DEMO_PHOTOS").map(PathBuf::from).unwrap_or_else(|| {
+        PathBuf::from(std::env::var("HOME").unwrap_or_default()).join(".cache/deskcam/demo-photos")
+    });
+    assert!(
+        d.join("astronaut.png").is_file(),
+        "{}: no demo photos; run scripts/fetch-demo-photos",
+        d.display()
+    );
+    d
+}
+
+/// A mosquitto broker on 127.0.0.1, killed on drop.
+pub struct Mosquitto {
+    pub port: u16,
+    child: Child,
+    _dir: PathBuf,
+}
+
+impl Mosquitto {
+    pub fn start() -> Mosquitto {
+        Self::start_on(free_port())
+    }
+
+    pub fn start_on(port: u16) -> Mosquitto {
+        let dir = tempdir(&format!("mosquitto-{port}"));
+        let conf = dir.join("mosquitto.conf");
+        std::fs::write(
+            &conf,
+            format!("listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\nmessage_size_limit 0\nlog_dest stderr\n"),
+        )
+        .unwrap();
+        let child = Command::new("mosquitto")
+            .arg("-c")
+            .arg(&conf)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("mosquitto is not installed: run scripts/setup");
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while TcpStream::connect((Ipv4Addr::LOCALHOST, port)).is_err() {
+            assert!(Instant::now() < deadline, "mosquitto did not listen on {port}");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Mosquitto { port, child, _dir: dir }
+    }
+
+    pub fn url(&self) -> String {
+        format!("mqtt://127.0.0.1:{}", self.port)
+    }
+}
+
+impl Drop for Mosquitto {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// One message as a subscriber saw it.
+#[derive(Clone, Debug)]
+pub struct Msg {
+    pub topic: String,
+    pub payload: Vec<u8>,
+    pub retain: bool,
+}
+
+/// Subscribes to `filter` and records every message in a background thread.
+pub struct Recorder {
+    pub msgs: Arc<Mutex<Vec<Msg>>>,
+}
+
+impl Recorder {
+    pub fn start(port: u16, filter: &str) -> Recorder {
+        let mut opts = MqttOptions::new(format!("test-recorder-{}", free_port()), "127.0.0.1", port);
+        opts.set_max_packet_size(16 << 20, 1 << 16);
+        let (client, mut conn) = Client::new(opts, 64);
+        client.subscribe(filter, QoS::AtLeastOnce).unwrap();
+        let msgs = Arc::new(Mutex::new(Vec::new()));
+        let m = msgs.clone();
+        let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let _client = client;
+            for ev in conn.iter() {
+                match ev {
+                    Ok(Event::Incoming(Packet::SubAck(_))) => {
+                        let _ = ready_tx.send(());
+                    }
+                    Ok(Event::Incoming(Packet::Publish(p))) => {
+                        m.lock().unwrap().push(Msg {
+                            topic: p.topic.clone(),
+                            payload: p.payload.to_vec(),
+                            retain: p.retain,
+                        });
+                    }
+                    Ok(_) => {}
+                    Err(_) => std::thread::sleep(Duration::from_millis(100)),
+                }
+            }
+        });
+        ready_rx.recv_timeout(Duration::from_secs(10)).expect("subscription acknowledged");
+        Recorder { msgs }
+    }
+
+    pub fn snapshot(&self) -> Vec<Msg> {
+        self.msgs.lock().unwrap().clone()
+    }
+
+    /// Waits until some message satisfies `pred`.
+    pub fn wait_for(&self, timeout: Duration, pred: impl Fn(&Msg) -> bool) -> Option<Msg> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(m) = self.snapshot().into_iter().find(|m| pred(m)) {
+                return Some(m);
+            }
+            if Instant::now() > deadline {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+pub fn deskcam() -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_deskcam"));
+    c.env("DESKCAM_LOG", "info");
+    c
+}
+
+/// Writes a daemon config for tests: the given source, broker port and overrides.
+pub fn write_config(dir: &Path, device: &str, source: &str, port: u16, extra: &str) -> PathBuf {
+    let path = dir.join("deskcam.toml");
+    let mut f = std::fs::File::create(&path).unwrap();
+    write!(
+        f,
+        "device_id = \"{device}\"\n{extra}\n[camera]\nsource = \"{source}\"\n[mqtt]\nurl = \"mqtt://127.0.0.1:{port}\"\n"
+    )
+    .unwrap();
+    path
+}
+
+/// Reads a child's stderr on a thread into a shared string.
+pub fn capture_stderr(child: &mut Child) -> Arc<Mutex<String>> {
+    let out = Arc::new(Mutex::new(String::new()));
+    let mut err = child.stderr.take().expect("stderr piped");
+    let o = out.clone();
+    std::thread::spawn(move || {
+        use std::io::Read;
+        let mut buf = [0u8; 4096];
+        while let Ok(n) = err.read(&mut buf) {
+            if n == 0 {
+                break;
+            }
+            o.lock().unwrap().push_str(&String::from_utf8_lossy(&buf[..n]));
+        }
+    });
+    out
+}
+
+pub fn wait_text(text: &Arc<Mutex<String>>, needle: &str, timeout: Duration) -> bool {
+    let deadline = Instant::now() + timeout;
+    while Instant::now() < deadline {
+        if text.lock().unwrap().contains(needle) {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    false
+}
