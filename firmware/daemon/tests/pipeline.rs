@@ -81,7 +81,7 @@ fn photos_to_violations_and_redacted_stills_over_mqtt() {
     let rules = "[scan]\nmode = \"continuous\"\nfps = 30.0\n\
                  [rules.phone]\nframes = 1\ncooldown = \"0s\"\n[rules.paper]\nframes = 1\ncooldown = \"0s\"\n\
                  [rules.extra_person]\nframes = 1\ncooldown = \"0s\"\n[rules.covered]\nframes = 1\ncooldown = \"0s\"\n";
-    let config = write_config(&work, device, &format!("dir:{}", photos.display()), broker.port, rules);
+    let config = write_config(&work, device, &format!("dir:{}", photos.display()), false, broker.port, rules);
     let rec = Recorder::start(broker.port, &format!("deskcam/{device}/#"));
 
     let out = deskcam().arg("run").arg("--config").arg(&config).stdout(Stdio::null()).output().unwrap();

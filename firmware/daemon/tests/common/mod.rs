@@ -161,13 +161,14 @@ pub fn deskcam() -> Command {
     c
 }
 
-/// Writes a daemon config for tests: the given source, broker port and overrides.
-pub fn write_config(dir: &Path, device: &str, source: &str, port: u16, extra: &str) -> PathBuf {
+/// Writes a daemon config for tests: the given source (looped or not), broker port and
+/// extra tables.
+pub fn write_config(dir: &Path, device: &str, source: &str, looped: bool, port: u16, extra: &str) -> PathBuf {
     let path = dir.join("deskcam.toml");
     let mut f = std::fs::File::create(&path).unwrap();
     write!(
         f,
-        "device_id = \"{device}\"\n{extra}\n[camera]\nsource = \"{source}\"\n[mqtt]\nurl = \"mqtt://127.0.0.1:{port}\"\n"
+        "device_id = \"{device}\"\n{extra}\n[camera]\nsource = \"{source}\"\nloop = {looped}\n[mqtt]\nurl = \"mqtt://127.0.0.1:{port}\"\n"
     )
     .unwrap();
     path

@@ -1,0 +1,165 @@
+//! Bad input and bad luck, each with a clear error or a recovery: invalid config, a
+//! missing camera, a corrupt photo, a broker that is down at start, a killed daemon.
+
+mod common;
+
+use std::process::Stdio;
+use std::time::Duration;
+
+use common::*;
+
+/// Kills the child on drop so a failing test leaves no daemon behind.
+struct Daemon(std::process::Child);
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn one_photo_dir(name: &str) -> std::path::PathBuf {
+    let dir = tempdir(name);
+    std::fs::copy(demo_photos().join("basketball1.png"), dir.join("basketball1.png")).unwrap();
+    dir
+}
+
+#[test]
+fn invalid_config_is_refused_with_every_key_named() {
+    let dir = tempdir("badconfig");
+    let path = dir.join("bad.toml");
+    std::fs::write(&path, "device_id = \"no spaces allowed\"\nfoo = 1\n[scan]\nmode = \"sometimes\"\n[evidence]\nmax_age = \"60d\"\n")
+        .unwrap();
+
+    let check = deskcam().args(["config", "check"]).arg(&path).output().unwrap();
+    assert_eq!(check.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&check.stderr);
+    for key in ["device_id", "foo: unknown key", "scan.mode", "evidence.max_age"] {
+        assert!(err.contains(key), "config check does not mention {key}: {err}");
+    }
+
+    let run = deskcam().arg("run").arg("--config").arg(&path).output().unwrap();
+    assert_eq!(run.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&run.stderr);
+    assert!(err.contains("refusing to start") && err.contains("scan.mode"), "{err}");
+
+    let missing = deskcam().args(["run", "--config", "/nonexistent/deskcam.toml"]).output().unwrap();
+    assert!(!missing.status.success());
+    assert!(String::from_utf8_lossy(&missing.stderr).contains("/nonexistent/deskcam.toml"));
+}
+
+#[test]
+fn default_config_round_trips_through_check() {
+    let dir = tempdir("defaultconfig");
+    let out = deskcam().args(["config", "default"]).output().unwrap();
+    assert!(out.status.success());
+    let path = dir.join("default.toml");
+    std::fs::write(&path, &out.stdout).unwrap();
+    let check = deskcam().args(["config", "check"]).arg(&path).output().unwrap();
+    assert!(check.status.success(), "{}", String::from_utf8_lossy(&check.stderr));
+}
+
+#[test]
+fn missing_camera_is_reported_and_retried_while_the_device_stays_online() {
+    let broker = Mosquitto::start();
+    let dir = tempdir("nocamera");
+    let device = "itest-nocamera";
+    let config = write_config(
+        &dir,
+        device,
+        "v4l2:/dev/video-missing-42",
+        false,
+        broker.port,
+        "[scan]\nmode = \"continuous\"\n",
+    );
+    let rec = Recorder::start(broker.port, &format!("deskcam/{device}/#"));
+    let mut child = deskcam().arg("run").arg("--config").arg(&config).stderr(Stdio::piped()).spawn().unwrap();
+    let err = capture_stderr(&mut child);
+    let mut d = Daemon(child);
+    assert!(
+        wait_text(&err, "camera /dev/video-missing-42: no such device", Duration::from_secs(20)),
+        "no clear error: {}",
+        err.lock().unwrap()
+    );
+    assert!(rec
+        .wait_for(Duration::from_secs(10), |m| m.topic.ends_with("/status") && m.payload == b"online")
+        .is_some());
+    // It keeps running (camera-lost, retrying) rather than exiting.
+    std::thread::sleep(Duration::from_millis(500));
+    assert!(d.0.try_wait().unwrap().is_none(), "daemon exited on a missing camera");
+    assert!(err.lock().unwrap().contains("retrying"));
+    // Nothing was published about violations: no frame was read.
+    assert!(rec.snapshot().iter().all(|m| !m.topic.contains("/event/")));
+}
+
+#[test]
+fn corrupt_photo_is_skipped_with_its_name_and_the_rest_analysed() {
+    let broker = Mosquitto::start();
+    let dir = one_photo_dir("corrupt");
+    std::fs::write(dir.join("aaa-broken.jpg"), b"\xff\xd8\xff\xe0 truncated jpeg").unwrap();
+    let device = "itest-corrupt";
+    let rules = "[scan]\nmode = \"continuous\"\nfps = 30.0\n[rules.extra_person]\nframes = 1\n";
+    let config = write_config(&dir, device, &format!("dir:{}", dir.display()), false, broker.port, rules);
+    let rec = Recorder::start(broker.port, &format!("deskcam/{device}/#"));
+    let out = deskcam().arg("run").arg("--config").arg(&config).output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    assert!(err.contains("aaa-broken.jpg") && err.contains("cannot decode"), "{err}");
+    assert!(
+        rec.wait_for(Duration::from_secs(5), |m| m.topic.ends_with("/event/violation")
+            && String::from_utf8_lossy(&m.payload).contains("basketball1.png"))
+            .is_some(),
+        "the good photo after the broken one was analysed"
+    );
+}
+
+#[test]
+fn broker_down_at_start_is_retried_until_it_comes_up() {
+    let port = free_port();
+    let dir = one_photo_dir("brokerdown");
+    let device = "itest-brokerdown";
+    let extra =
+        "[scan]\nmode = \"continuous\"\nfps = 2.0\n[rules.extra_person]\nframes = 1\ncooldown = \"0s\"\n";
+    let config = write_config(&dir, device, &format!("dir:{}", dir.display()), true, port, extra);
+    let mut child = deskcam().arg("run").arg("--config").arg(&config).stderr(Stdio::piped()).spawn().unwrap();
+    let err = capture_stderr(&mut child);
+    let _d = Daemon(child);
+    assert!(wait_text(&err, "broker unreachable", Duration::from_secs(20)), "{}", err.lock().unwrap());
+    assert!(err.lock().unwrap().contains(&format!("127.0.0.1:{port}")), "the message names the broker");
+
+    let broker = Mosquitto::start_on(port);
+    let rec = Recorder::start(broker.port, &format!("deskcam/{device}/#"));
+    assert!(
+        rec.wait_for(Duration::from_secs(40), |m| m.topic.ends_with("/status") && m.payload == b"online")
+            .is_some(),
+        "never connected: {}",
+        err.lock().unwrap()
+    );
+    assert!(rec.wait_for(Duration::from_secs(20), |m| m.topic.ends_with("/event/violation")).is_some());
+}
+
+#[test]
+fn status_goes_offline_when_the_daemon_is_killed() {
+    let broker = Mosquitto::start();
+    let dir = one_photo_dir("killed");
+    let device = "itest-killed";
+    let config = write_config(
+        &dir,
+        device,
+        &format!("dir:{}", dir.display()),
+        true,
+        broker.port,
+        "[scan]\nmode = \"continuous\"\n",
+    );
+    let rec = Recorder::start(broker.port, &format!("deskcam/{device}/status"));
+    let child = deskcam().arg("run").arg("--config").arg(&config).stderr(Stdio::null()).spawn().unwrap();
+    let mut d = Daemon(child);
+    assert!(rec.wait_for(Duration::from_secs(20), |m| m.payload == b"online").is_some());
+    // SIGKILL: no goodbye from the daemon; the broker publishes the last will.
+    d.0.kill().unwrap();
+    d.0.wait().unwrap();
+    assert!(
+        rec.wait_for(Duration::from_secs(10), |m| m.payload == b"offline").is_some(),
+        "no last will after a kill"
+    );
+}
