@@ -102,6 +102,7 @@ struct RawScan {
     fps: f64,
     per_hour: f64,
     min_gap: String,
+    frames_per_check: i64,
 }
 
 #[derive(Deserialize)]
@@ -136,6 +137,7 @@ struct RawAbsent {
     enabled: bool,
     min_score: f64,
     grace: String,
+    frames: i64,
     cooldown: String,
 }
 
@@ -332,6 +334,7 @@ pub struct AbsentRule {
     pub enabled: bool,
     pub min_score: f32,
     pub grace: Span,
+    pub frames: u32,
     pub cooldown: Span,
 }
 
@@ -393,6 +396,8 @@ pub struct Config {
     pub detector: DetectorConfig,
     pub mqtt: MqttConfig,
     pub scan: ScanMode,
+    /// Frames taken by one spot check or scan-now.
+    pub frames_per_check: u32,
     pub rules: RulesConfig,
     pub evidence: EvidenceConfig,
     /// The merged TOML this config was validated from (for `config` reporting).
@@ -591,8 +596,8 @@ impl Validator {
             self.err("camera.width", "must be even (YUYV packs two pixels)");
         }
         let timeout = self.span("camera.timeout", &raw.camera.timeout);
-        if timeout.0 < 100 {
-            self.err("camera.timeout", "must be at least 100ms");
+        if !(100..=60_000).contains(&timeout.0) {
+            self.err("camera.timeout", "must be between 100ms and 60s");
         }
 
         let model = match raw.detector.model.as_str() {
@@ -637,6 +642,9 @@ impl Validator {
                     self.err("scan.per_hour", format!("{} is outside (0, 60]", raw.scan.per_hour));
                 }
                 let min_gap = self.span("scan.min_gap", &raw.scan.min_gap);
+                if min_gap.0 > 86_400_000 {
+                    self.err("scan.min_gap", "must be at most 1d");
+                }
                 ScanMode::Spot { per_hour: raw.scan.per_hour as f32, min_gap }
             }
             "off" => ScanMode::Off,
@@ -668,6 +676,7 @@ impl Validator {
                 enabled: r.absent.enabled,
                 min_score: self.fraction("rules.absent.min_score", r.absent.min_score),
                 grace: self.span("rules.absent.grace", &r.absent.grace),
+                frames: self.int_in("rules.absent.frames", r.absent.frames, 1, 100),
                 cooldown: self.span("rules.absent.cooldown", &r.absent.cooldown),
             },
             covered: CoveredRule {
@@ -685,6 +694,23 @@ impl Validator {
                 cooldown: self.span("rules.covered.cooldown", &r.covered.cooldown),
             },
         };
+
+        let frames_per_check = self.int_in("scan.frames_per_check", raw.scan.frames_per_check, 1, 20);
+        if matches!(scan, ScanMode::Spot { .. }) {
+            // A spot check is the only look: a debounce longer than it can never fire.
+            let rs = &rules;
+            for (key, enabled, frames) in [
+                ("rules.phone.frames", rs.phone.enabled, rs.phone.frames),
+                ("rules.paper.frames", rs.paper.enabled, rs.paper.frames),
+                ("rules.extra_person.frames", rs.extra_person.enabled, rs.extra_person.frames),
+                ("rules.absent.frames", rs.absent.enabled, rs.absent.frames),
+                ("rules.covered.frames", rs.covered.enabled, rs.covered.frames),
+            ] {
+                if enabled && frames > frames_per_check {
+                    self.err(key, format!("{frames} frames can never be seen in a spot check of scan.frames_per_check = {frames_per_check}"));
+                }
+            }
+        }
 
         let redaction = match raw.evidence.redaction.as_str() {
             "metadata-only" => Redaction::MetadataOnly,
@@ -705,9 +731,19 @@ impl Validator {
         } else if max_age.0 == 0 {
             self.err("evidence.max_age", "must be longer than 0");
         }
+        let person_min_score = self.fraction("evidence.person_min_score", raw.evidence.person_min_score);
+        if detector.min_score > person_min_score {
+            self.err(
+                "evidence.person_min_score",
+                format!(
+                    "{person_min_score} is below detector.min_score = {}: people scored in between would not be blurred",
+                    detector.min_score
+                ),
+            );
+        }
         let evidence = EvidenceConfig {
             redaction,
-            person_min_score: self.fraction("evidence.person_min_score", raw.evidence.person_min_score),
+            person_min_score,
             max_age,
             jpeg_quality: self.int_in("evidence.jpeg_quality", raw.evidence.jpeg_quality, 1, 100) as u8,
         };
@@ -719,6 +755,7 @@ impl Validator {
             detector,
             mqtt: MqttConfig { url, base_topic: raw.mqtt.base_topic, keep_alive },
             scan,
+            frames_per_check,
             rules,
             evidence,
             effective,
@@ -801,6 +838,19 @@ redaction = "pixelate"
         assert_eq!(keys(&e), vec!["camera"]);
         let e = Config::from_toml("[camera\n").unwrap_err();
         assert!(e.to_string().contains("not valid TOML"));
+    }
+
+    #[test]
+    fn spot_checks_must_be_long_enough_for_the_debounce() {
+        let e = Config::from_toml("[scan]\nmode = \"spot\"\nframes_per_check = 2\n").unwrap_err();
+        assert!(keys(&e).contains(&"rules.phone.frames"), "{e}");
+        assert!(Config::from_toml("[scan]\nmode = \"continuous\"\nframes_per_check = 2\n").is_ok());
+    }
+
+    #[test]
+    fn people_below_the_detector_threshold_could_not_be_blurred() {
+        let e = Config::from_toml("[detector]\nmin_score = 0.5\n").unwrap_err();
+        assert_eq!(keys(&e), vec!["evidence.person_min_score"]);
     }
 
     #[test]

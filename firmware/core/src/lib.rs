@@ -21,23 +21,3 @@ pub use rules::{Finding, FrameFacts, RuleEngine, RuleKind};
 /// Milliseconds on a monotonic or wall clock chosen by the caller. The core never reads
 /// a clock itself; the daemon passes real time, tests pass simulated time.
 pub type Millis = u64;
-
-/// Proof that the shutter has been opened and the LED shows that the camera is looking.
-///
-/// Frame sources require a reference to one before they read a frame (privacy
-/// invariant 2). Only the hardware crate creates it, after it has driven the LED and
-/// then the shutter; it cannot be cloned, so a capture can never outlive the scan it
-/// was issued for.
-#[derive(Debug)]
-pub struct ShutterOpen {
-    _private: (),
-}
-
-impl ShutterOpen {
-    /// For the hardware layer only: call this after the LED shows "analysing" and the
-    /// shutter has been driven open.
-    #[doc(hidden)]
-    pub fn after_hardware_opened() -> Self {
-        ShutterOpen { _private: () }
-    }
-}

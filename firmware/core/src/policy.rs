@@ -74,6 +74,9 @@ impl Rng {
 
 /// How long to wait before retrying a failed camera.
 const FAULT_RETRY_MS: Millis = 5_000;
+/// Frames of one check (spot check or scan-now) are this far apart: close enough to be
+/// one look at the desk, far enough apart to debounce a one-frame detector error.
+const BURST_GAP_MS: Millis = 500;
 
 #[derive(Clone, Debug)]
 pub struct Policy {
@@ -83,21 +86,25 @@ pub struct Policy {
     led: LedPattern,
     /// A capture has been requested and not yet answered.
     capturing: bool,
-    /// The current scan is a single frame (spot check or scan-now): close afterwards.
-    single: bool,
+    /// Frames per check (spot check or scan-now).
+    frames_per_check: u32,
+    /// Frames still to take in the current check; 0 when not in a check (continuous
+    /// mode keeps looking instead).
+    burst_left: u32,
     next_scan: Option<Millis>,
     finished: bool,
 }
 
 impl Policy {
-    pub fn new(mode: ScanMode, seed: u64) -> Self {
+    pub fn new(mode: ScanMode, frames_per_check: u32, seed: u64) -> Self {
         Policy {
             mode,
             rng: Rng::new(seed),
             shutter_open: false,
             led: LedPattern::Off,
             capturing: false,
-            single: false,
+            frames_per_check: frames_per_check.max(1),
+            burst_left: 0,
             next_scan: None,
             finished: false,
         }
@@ -141,29 +148,33 @@ impl Policy {
             }
             Input::CameraFault => {
                 self.capturing = false;
+                self.burst_left = 0;
                 self.close(&mut out, LedPattern::Fault);
                 if !matches!(self.mode, ScanMode::Off) {
-                    self.next_scan = Some(now + FAULT_RETRY_MS);
+                    self.next_scan = Some(now.saturating_add(FAULT_RETRY_MS));
                 }
             }
             Input::ScanNow => {
+                // While continuous analysis looks anyway, scan-now is the next frame.
                 if !self.capturing && !matches!(self.mode, ScanMode::Off) {
-                    self.single = !self.shutter_open;
+                    if !self.shutter_open {
+                        self.burst_left = self.frames_per_check;
+                    }
                     self.begin_capture(&mut out);
                 }
             }
             Input::FrameCaptured => {
                 self.capturing = false;
-                match self.mode {
-                    ScanMode::Continuous { fps } if !self.single => {
-                        // Keep looking: the shutter stays open during continuous analysis.
-                        self.next_scan = Some(now + (1000.0 / fps.max(0.001)) as Millis);
-                    }
-                    _ => {
-                        self.single = false;
-                        self.close(&mut out, LedPattern::Off);
-                        self.schedule_next(now);
-                    }
+                if self.burst_left > 1 {
+                    self.burst_left -= 1;
+                    self.next_scan = Some(now.saturating_add(BURST_GAP_MS));
+                } else if self.burst_left == 1 || !matches!(self.mode, ScanMode::Continuous { .. }) {
+                    self.burst_left = 0;
+                    self.close(&mut out, LedPattern::Off);
+                    self.schedule_next(now);
+                } else {
+                    // Continuous: keep looking, the shutter stays open.
+                    self.schedule_next(now);
                 }
             }
             Input::Tick => {
@@ -173,7 +184,9 @@ impl Policy {
                 if let Some(due) = self.next_scan {
                     if now >= due && !self.capturing {
                         self.next_scan = None;
-                        self.single = matches!(self.mode, ScanMode::Spot { .. });
+                        if !self.shutter_open && matches!(self.mode, ScanMode::Spot { .. }) {
+                            self.burst_left = self.frames_per_check;
+                        }
                         self.begin_capture(&mut out);
                     }
                 }
@@ -215,15 +228,15 @@ impl Policy {
     fn schedule_first(&mut self, now: Millis) {
         self.next_scan = match self.mode {
             ScanMode::Continuous { .. } => Some(now),
-            ScanMode::Spot { .. } => Some(now + self.spot_gap()),
+            ScanMode::Spot { .. } => Some(now.saturating_add(self.spot_gap())),
             ScanMode::Off => None,
         };
     }
 
     fn schedule_next(&mut self, now: Millis) {
         self.next_scan = match self.mode {
-            ScanMode::Continuous { fps } => Some(now + (1000.0 / fps.max(0.001)) as Millis),
-            ScanMode::Spot { .. } => Some(now + self.spot_gap()),
+            ScanMode::Continuous { fps } => Some(now.saturating_add((1000.0 / fps.max(0.001)) as Millis)),
+            ScanMode::Spot { .. } => Some(now.saturating_add(self.spot_gap())),
             ScanMode::Off => None,
         };
     }
@@ -233,7 +246,8 @@ impl Policy {
     fn spot_gap(&mut self) -> Millis {
         let ScanMode::Spot { per_hour, min_gap } = self.mode else { return 0 };
         let mean_ms = 3_600_000.0 / per_hour.max(0.001) as f64;
-        let gap = -mean_ms * self.rng.unit().ln();
+        // Capped at a day: the exponential's tail is long and a gap must stay finite.
+        let gap = (-mean_ms * self.rng.unit().ln()).min(86_400_000.0);
         (gap as Millis).max(min_gap.0)
     }
 }
@@ -267,7 +281,7 @@ mod tests {
 
     #[test]
     fn continuous_keeps_the_shutter_open_at_fps() {
-        let mut p = Policy::new(ScanMode::Continuous { fps: 2.0 }, 1);
+        let mut p = Policy::new(ScanMode::Continuous { fps: 2.0 }, 3, 1);
         assert_eq!(
             p.step(0, Input::Tick),
             vec![Action::SetLed(LedPattern::Analysing), Action::OpenShutter, Action::Capture]
@@ -285,19 +299,27 @@ mod tests {
     #[test]
     fn spot_checks_open_briefly_and_respect_min_gap() {
         let min_gap = Span::from_secs(300);
-        let mut p = Policy::new(ScanMode::Spot { per_hour: 4.0, min_gap }, 42);
+        let mut p = Policy::new(ScanMode::Spot { per_hour: 4.0, min_gap }, 3, 42);
         assert!(p.step(0, Input::Tick).is_empty());
         let mut now = 0;
         let mut gaps = Vec::new();
         for _ in 0..200 {
             let due = p.next_deadline().unwrap();
             gaps.push(due - now);
-            assert!(p.step(due, Input::Tick).contains(&Action::Capture));
             assert_eq!(
-                p.step(due + 50, Input::FrameCaptured),
+                p.step(due, Input::Tick),
+                vec![Action::SetLed(LedPattern::Analysing), Action::OpenShutter, Action::Capture]
+            );
+            // A check is a burst of 3 frames, half a second apart, shutter open throughout.
+            assert!(p.step(due + 50, Input::FrameCaptured).is_empty());
+            assert_eq!(p.step(due + 550, Input::Tick), vec![Action::Capture]);
+            assert!(p.step(due + 600, Input::FrameCaptured).is_empty());
+            assert_eq!(p.step(due + 1100, Input::Tick), vec![Action::Capture]);
+            assert_eq!(
+                p.step(due + 1150, Input::FrameCaptured),
                 vec![Action::CloseShutter, Action::SetLed(LedPattern::Off)]
             );
-            now = due + 50;
+            now = due + 1150;
         }
         assert!(gaps.iter().all(|g| *g >= 300_000));
         let mean = gaps.iter().sum::<u64>() as f64 / gaps.len() as f64;
@@ -306,8 +328,25 @@ mod tests {
     }
 
     #[test]
+    fn scan_now_takes_one_check_then_closes() {
+        let mut p = Policy::new(ScanMode::Spot { per_hour: 1.0, min_gap: Span::from_secs(600) }, 2, 5);
+        p.step(0, Input::Tick);
+        assert_eq!(
+            p.step(10, Input::ScanNow),
+            vec![Action::SetLed(LedPattern::Analysing), Action::OpenShutter, Action::Capture]
+        );
+        assert!(p.step(20, Input::FrameCaptured).is_empty());
+        assert_eq!(p.step(520, Input::Tick), vec![Action::Capture]);
+        assert_eq!(
+            p.step(530, Input::FrameCaptured),
+            vec![Action::CloseShutter, Action::SetLed(LedPattern::Off)]
+        );
+        assert!(p.next_deadline().unwrap() >= 530 + 600_000, "the next spot check keeps min_gap");
+    }
+
+    #[test]
     fn off_never_opens_even_on_scan_now() {
-        let mut p = Policy::new(ScanMode::Off, 1);
+        let mut p = Policy::new(ScanMode::Off, 3, 1);
         for t in 0..100 {
             assert!(p.step(t * 1000, Input::Tick).is_empty());
             assert!(p.step(t * 1000, Input::ScanNow).is_empty());
@@ -317,7 +356,7 @@ mod tests {
 
     #[test]
     fn camera_fault_closes_and_retries() {
-        let mut p = Policy::new(ScanMode::Continuous { fps: 1.0 }, 1);
+        let mut p = Policy::new(ScanMode::Continuous { fps: 1.0 }, 3, 1);
         p.step(0, Input::Tick);
         assert_eq!(
             p.step(10, Input::CameraFault),
@@ -339,7 +378,7 @@ mod tests {
                 1 => ScanMode::Spot { per_hour: 30.0, min_gap: Span::from_secs(10) },
                 _ => ScanMode::Off,
             };
-            let mut p = Policy::new(mode, seed);
+            let mut p = Policy::new(mode, 1 + (seed % 4) as u32, seed);
             let (mut shutter, mut led) = (false, LedPattern::Off);
             let mut now = 0;
             for _ in 0..300 {

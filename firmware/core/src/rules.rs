@@ -88,8 +88,16 @@ impl RuleEngine {
         RuleEngine { config, state: [Debounce::default(); 5], present_since: None }
     }
 
-    /// Restart the `absent` clock, e.g. at the end of a break: the grace period counts
-    /// from `now`.
+    /// A new look at the desk begins (the shutter opened): streaks of positive frames
+    /// from an earlier look do not carry over into this one.
+    pub fn begin_check(&mut self) {
+        for st in &mut self.state {
+            st.streak = 0;
+        }
+    }
+
+    /// Restart the `absent` clock, e.g. at the end of a break or after the camera came
+    /// back: the grace period counts from `now`.
     pub fn restart_presence(&mut self, now: Millis) {
         self.present_since = Some(now);
     }
@@ -147,8 +155,7 @@ impl RuleEngine {
                     objects: Vec::new(),
                 })
             };
-            // `grace` is the debounce of `absent`: one frame past it suffices.
-            candidates.push((RuleKind::Absent, finding, 1, c.absent.cooldown.0));
+            candidates.push((RuleKind::Absent, finding, c.absent.frames, c.absent.cooldown.0));
         }
         if c.covered.enabled {
             let finding = (facts.luma_stddev < c.covered.max_stddev).then(|| Finding {
@@ -224,6 +231,7 @@ mod tests {
         rules.covered.frames = 1;
         rules.covered.cooldown = Span(0);
         rules.absent.grace = Span(10_000);
+        rules.absent.frames = 1;
         rules.absent.cooldown = Span(0);
         tweak(&mut rules);
         RuleEngine::new(rules)
@@ -281,6 +289,8 @@ mod tests {
         assert_eq!(fired(&e.evaluate(&facts(4000, &p))), vec![RuleKind::Phone]);
         assert!(fired(&e.evaluate(&facts(5000, &p))).is_empty(), "cooldown");
         assert_eq!(fired(&e.evaluate(&facts(64_000, &p))), vec![RuleKind::Phone]);
+        e.begin_check();
+        assert!(fired(&e.evaluate(&facts(200_000, &p))).is_empty(), "a new check starts a new streak");
     }
 
     #[test]

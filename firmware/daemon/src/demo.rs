@@ -38,6 +38,9 @@ pub struct DemoArgs {
     /// Frames analysed per second.
     #[arg(long, default_value_t = 4.0)]
     fps: f64,
+    /// Stop after this many frames (a camera otherwise runs until Ctrl-C).
+    #[arg(long)]
+    frames: Option<u64>,
 }
 
 /// What the stand-in fleet owner received.
@@ -102,12 +105,11 @@ pub fn run(args: DemoArgs) -> Result<ExitCode> {
     set(&mut table, "scan.fps", args.fps.into());
     // Each photo is a different scene: let every rule fire on its first positive
     // frame and repeat at once, and count absence from the first empty frame.
-    for rule in ["phone", "paper", "extra_person", "covered"] {
+    for rule in ["phone", "paper", "extra_person", "absent", "covered"] {
         set(&mut table, &format!("rules.{rule}.frames"), 1.into());
         set(&mut table, &format!("rules.{rule}.cooldown"), "0s".into());
     }
     set(&mut table, "rules.absent.grace", "0s".into());
-    set(&mut table, "rules.absent.cooldown", "0s".into());
 
     let broker_url = match &args.broker {
         Some(u) => u.clone(),
@@ -132,7 +134,7 @@ pub fn run(args: DemoArgs) -> Result<ExitCode> {
     subscribe(&url, &topics, &args.out, received.clone())?;
 
     let mut stats = Arc::new(UplinkStats::default());
-    let summary = crate::run_pipeline(config, Report::Print, Some(&mut stats))?;
+    let summary = crate::run_pipeline(config, Report::Print, Some(&mut stats), args.frames)?;
 
     // Give the subscriber a moment to receive what the broker acknowledged.
     let want = summary.events.values().sum::<u64>();

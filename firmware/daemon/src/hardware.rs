@@ -2,13 +2,13 @@
 //! exists so far; board backends (rppal, GPIO character device) plug in here.
 
 use deskcam_core::policy::LedPattern;
-use deskcam_core::ShutterOpen;
 use deskcam_hw::sim::{Recorder, SimPin};
-use deskcam_hw::{HwError, Shutter, StatusLed};
+use deskcam_hw::{HwError, Shutter, ShutterOpen, StatusLed};
 
 pub struct Hardware {
-    led: StatusLed<SimPin>,
+    // Declaration order is drop order: the shutter closes before the LED goes off.
     shutter: Shutter<SimPin>,
+    led: StatusLed<SimPin>,
     echo: bool,
 }
 

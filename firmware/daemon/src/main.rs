@@ -29,6 +29,9 @@ use crate::pipeline::{Pipeline, Report, Summary};
 const DEFAULT_CONFIG_PATH: &str = "/data/deskcam.toml";
 /// Events waiting for the broker: beyond this the oldest is dropped and counted.
 const UPLINK_QUEUE: usize = 64;
+/// Lets `run` read a real camera with simulated shutter and LED pins (development only:
+/// on a device this would look without a physical shutter or LED).
+const ALLOW_SIM_GPIO_ENV: &str = "DESKCAM_ALLOW_SIMULATED_GPIO";
 
 #[derive(Parser)]
 #[command(name = "deskcam", version, about = "deskcam: a privacy-first clean-desk camera")]
@@ -113,8 +116,12 @@ fn safe_state() -> Result<ExitCode> {
     // Constructing the drivers drives both pins to their safe levels.
     let mut hw = Hardware::simulated(false).context("opening GPIO")?;
     hw.safe_state().context("driving the safe state")?;
-    println!("shutter closed, LED off");
-    Ok(ExitCode::SUCCESS)
+    // Say plainly that no physical pin moved: a stop hook must not report a safety
+    // action it did not take.
+    eprintln!(
+        "deskcam safe-state: this build has only simulated GPIO; no physical shutter or LED was driven"
+    );
+    Ok(ExitCode::from(3))
 }
 
 fn run_daemon(config: Option<PathBuf>) -> Result<ExitCode> {
@@ -128,7 +135,17 @@ fn run_daemon(config: Option<PathBuf>) -> Result<ExitCode> {
             return Ok(ExitCode::from(2));
         }
     };
-    let summary = run_pipeline(config, Report::Log, None)?;
+    if matches!(config.camera.source, deskcam_core::config::SourceSpec::V4l2(_))
+        && std::env::var_os(ALLOW_SIM_GPIO_ENV).is_none()
+    {
+        eprintln!(
+            "deskcam: refusing to start: this build drives only simulated GPIO, so a real camera \
+             would look without a physical shutter or LED. Use a photo directory \
+             (camera.source = \"dir:...\"), `deskcam demo`, or set {ALLOW_SIM_GPIO_ENV}=1 on a development machine."
+        );
+        return Ok(ExitCode::from(2));
+    }
+    let summary = run_pipeline(config, Report::Log, None, None)?;
     tracing::info!(frames = summary.frames, events = summary.events.values().sum::<u64>(), "stopped");
     Ok(ExitCode::SUCCESS)
 }
@@ -140,6 +157,7 @@ pub fn run_pipeline(
     config: Config,
     report: Report,
     stats_out: Option<&mut Arc<UplinkStats>>,
+    max_frames: Option<u64>,
 ) -> Result<Summary> {
     if config.mqtt.url.tls {
         anyhow::bail!("mqtt.url {}: TLS is not supported by this firmware yet", config.mqtt.url);
@@ -151,7 +169,7 @@ pub fn run_pipeline(
     tracing::info!("model {} loaded and optimised in {} ms", model_path.display(), t.elapsed().as_millis());
     let hardware = Hardware::simulated(report == Report::Print).context("opening GPIO")?;
 
-    let state = State {
+    let initial_state = State {
         v: deskcam_core::schema::SCHEMA_VERSION,
         device_id: config.device_id.to_string(),
         mode: config.scan.name().into(),
@@ -163,7 +181,8 @@ pub fn run_pipeline(
             sha256: detector.sha256().to_string(),
         },
     };
-    let queue = Arc::new(DropOldest::new(UPLINK_QUEUE));
+    let events = Arc::new(DropOldest::new(UPLINK_QUEUE));
+    let (state_tx, state_rx) = tokio::sync::watch::channel(initial_state);
     let stats = Arc::new(UplinkStats::default());
     if let Some(out) = stats_out {
         *out = stats.clone();
@@ -173,7 +192,6 @@ pub fn run_pipeline(
         client_id: format!("deskcam-{}", config.device_id),
         topics: Topics::new(&config.mqtt.base_topic, config.device_id.as_str()),
         keep_alive: Duration::from_millis(config.mqtt.keep_alive.as_millis()),
-        state: state.clone(),
     };
 
     let runtime = tokio::runtime::Builder::new_multi_thread()
@@ -182,11 +200,20 @@ pub fn run_pipeline(
         .build()
         .context("starting the async runtime")?;
     let (shutdown_tx, shutdown_rx) = tokio::sync::watch::channel(false);
-    let uplink = runtime.spawn(deskcam_uplink::run(uplink_cfg, queue.clone(), stats.clone(), shutdown_rx));
+    let uplink =
+        runtime.spawn(deskcam_uplink::run(uplink_cfg, events.clone(), state_rx, stats.clone(), shutdown_rx));
 
     let stop = Arc::new(AtomicBool::new(false));
-    let pipeline =
-        Pipeline { config, detector, hardware, queue: queue.clone(), state, report, stop: stop.clone() };
+    let pipeline = Pipeline {
+        config,
+        detector,
+        hardware,
+        events: events.clone(),
+        state: state_tx,
+        report,
+        stop: stop.clone(),
+        max_frames,
+    };
     let scan = std::thread::Builder::new()
         .name("scan".into())
         .spawn(move || pipeline.run())
@@ -208,17 +235,17 @@ pub fn run_pipeline(
         }
     });
     stop.store(true, Ordering::Relaxed);
-    let summary =
-        scan.join().map_err(|_| anyhow::anyhow!("the scan thread panicked (shutter and LED were reset)"))?;
+    let summary = scan.join();
+    // Whatever happened to the scan loop, the uplink drains and says goodbye.
     let _ = shutdown_tx.send(true);
     match runtime.block_on(uplink) {
         Ok(Ok(())) => {}
         Ok(Err(e)) => return Err(e).context("MQTT uplink"),
         Err(e) => anyhow::bail!("MQTT uplink task failed: {e}"),
     }
-    let dropped = queue.dropped();
+    let dropped = events.dropped();
     if dropped > 0 {
-        tracing::warn!("{dropped} messages were dropped because the broker could not keep up");
+        tracing::warn!("{dropped} events were dropped because the broker could not keep up");
     }
-    Ok(summary)
+    summary.map_err(|_| anyhow::anyhow!("the scan thread panicked (shutter and LED were reset)"))
 }

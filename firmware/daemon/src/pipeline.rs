@@ -11,8 +11,9 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use deskcam_core::policy::{Action, Input, Policy};
 use deskcam_core::rules::{Finding, FrameFacts, RuleEngine, RuleKind};
 use deskcam_core::schema::{EventBox, FrameSize, State, StillInfo, ViolationEvent, SCHEMA_VERSION};
-use deskcam_core::{Config, Detection, ShutterOpen};
-use deskcam_uplink::{DropOldest, Outgoing};
+use deskcam_core::{Config, Detection};
+use deskcam_hw::ShutterOpen;
+use deskcam_uplink::{DropOldest, Violation, MAX_PACKET_BYTES};
 use deskcam_vision::source::open_source;
 use deskcam_vision::{render_still, CaptureError, Detector, Frame, FrameSource};
 
@@ -53,10 +54,12 @@ pub struct Pipeline {
     pub config: Config,
     pub detector: Detector,
     pub hardware: Hardware,
-    pub queue: Arc<DropOldest<Outgoing>>,
-    pub state: State,
+    pub events: Arc<DropOldest<Violation>>,
+    pub state: tokio::sync::watch::Sender<State>,
     pub report: Report,
     pub stop: Arc<AtomicBool>,
+    /// Stop after this many analysed frames (demo on a camera, tests).
+    pub max_frames: Option<u64>,
 }
 
 fn unix_ms() -> u64 {
@@ -70,7 +73,7 @@ impl Pipeline {
         let start = Instant::now();
         let now = || start.elapsed().as_millis() as u64;
         let seed = unix_ms() ^ u64::from(std::process::id());
-        let mut policy = Policy::new(self.config.scan.clone(), seed);
+        let mut policy = Policy::new(self.config.scan.clone(), self.config.frames_per_check, seed);
         let mut rules = RuleEngine::new(self.config.rules.clone());
         let mut source: Option<Box<dyn FrameSource>> = None;
         let mut token: Option<ShutterOpen> = None;
@@ -79,7 +82,8 @@ impl Pipeline {
         let mut pending: Vec<Input> = vec![Input::Tick];
 
         'outer: loop {
-            if self.stop.load(Ordering::Relaxed) {
+            let enough = self.max_frames.is_some_and(|n| summary.frames >= n);
+            if self.stop.load(Ordering::Relaxed) || enough {
                 pending = vec![Input::Shutdown];
             }
             while let Some(input) = pending.pop() {
@@ -91,18 +95,32 @@ impl Pipeline {
                                 tracing::error!("LED: {e}");
                             }
                         }
-                        Action::OpenShutter => match self.hardware.open_shutter() {
-                            Ok(t) => {
-                                token = Some(t);
-                                self.publish_state("open");
-                            }
-                            Err(e) => {
-                                tracing::error!("shutter: {e}");
+                        Action::OpenShutter => {
+                            // The camera must be there before the shutter opens: a missing
+                            // device is a fault with the shutter still closed.
+                            if let Err(e) = self.ensure_source(&mut source, &mut rules, now()) {
+                                summary.faults += 1;
+                                tracing::error!("{e}; retrying in 5s");
                                 pending.push(Input::CameraFault);
+                                continue;
                             }
-                        },
+                            match self.hardware.open_shutter() {
+                                Ok(t) => {
+                                    token = Some(t);
+                                    rules.begin_check();
+                                    self.publish_state("open");
+                                }
+                                Err(e) => {
+                                    tracing::error!("shutter: {e}");
+                                    pending.push(Input::CameraFault);
+                                }
+                            }
+                        }
                         Action::CloseShutter => {
                             token = None;
+                            if let Some(s) = source.as_mut() {
+                                s.pause();
+                            }
                             if let Err(e) = self.hardware.close_shutter() {
                                 tracing::error!("shutter: {e}");
                             }
@@ -115,7 +133,10 @@ impl Pipeline {
                                 pending.push(Input::CameraFault);
                                 continue;
                             };
-                            let outcome = self.capture(&mut source, t);
+                            let outcome = match source.as_mut() {
+                                Some(s) => s.next_frame(t),
+                                None => Err(CaptureError::Exhausted),
+                            };
                             let input = match outcome {
                                 Ok(frame) => {
                                     seq += 1;
@@ -157,20 +178,21 @@ impl Pipeline {
         summary
     }
 
-    fn capture(
+    /// Opens the camera if it is not open. A (re)opened camera starts a new watch of
+    /// the desk: the `absent` grace counts from now, not from before an outage.
+    fn ensure_source(
         &self,
         source: &mut Option<Box<dyn FrameSource>>,
-        token: &ShutterOpen,
-    ) -> Result<Frame, CaptureError> {
+        rules: &mut RuleEngine,
+        now: u64,
+    ) -> Result<(), CaptureError> {
         if source.is_none() {
             let s = open_source(&self.config.camera)?;
             tracing::info!("camera: {}", s.describe());
             *source = Some(s);
+            rules.restart_presence(now);
         }
-        match source.as_mut() {
-            Some(s) => s.next_frame(token),
-            None => Err(CaptureError::Exhausted),
-        }
+        Ok(())
     }
 
     fn analyse(&self, frame: &Frame, now: u64, seq: u64, rules: &mut RuleEngine, summary: &mut Summary) {
@@ -226,6 +248,14 @@ impl Pipeline {
         let time = unix_ms();
         let id = format!("{time:x}-{seq:x}");
         let still = match render_still(frame, detections, &finding.objects, &self.config.evidence) {
+            // Leave room for the topic and headers in the packet.
+            Ok(Some(s)) if s.jpeg.len() > MAX_PACKET_BYTES - 4096 => {
+                tracing::error!(
+                    "still of {} bytes exceeds the packet limit; publishing metadata only",
+                    s.jpeg.len()
+                );
+                None
+            }
             Ok(s) => s,
             Err(e) => {
                 tracing::error!("evidence for {}: {e}; publishing metadata only", finding.rule.name());
@@ -269,14 +299,15 @@ impl Pipeline {
             format!("       {:<12} score {:.2} -> {what}", rule_label(finding.rule), finding.score),
             true,
         );
-        self.queue.push(Outgoing::Violation { event, still: still.map(|s| s.jpeg) });
+        self.events.push(Violation { event, still: still.map(|s| s.jpeg) });
     }
 
     fn publish_state(&mut self, shutter: &str) {
-        if self.state.shutter != shutter {
-            self.state.shutter = shutter.to_string();
-            self.queue.push(Outgoing::State(self.state.clone()));
-        }
+        self.state.send_if_modified(|s| {
+            let changed = s.shutter != shutter;
+            s.shutter = shutter.to_string();
+            changed
+        });
     }
 
     fn line(&self, text: String, notable: bool) {

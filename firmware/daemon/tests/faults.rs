@@ -49,6 +49,13 @@ fn invalid_config_is_refused_with_every_key_named() {
 }
 
 #[test]
+fn safe_state_does_not_claim_to_move_pins_it_cannot_drive() {
+    let out = deskcam().arg("safe-state").output().unwrap();
+    assert_eq!(out.status.code(), Some(3));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("no physical shutter or LED was driven"));
+}
+
+#[test]
 fn default_config_round_trips_through_check() {
     let dir = tempdir("defaultconfig");
     let out = deskcam().args(["config", "default"]).output().unwrap();
@@ -73,7 +80,20 @@ fn missing_camera_is_reported_and_retried_while_the_device_stays_online() {
         "[scan]\nmode = \"continuous\"\n",
     );
     let rec = Recorder::start(broker.port, &format!("deskcam/{device}/#"));
-    let mut child = deskcam().arg("run").arg("--config").arg(&config).stderr(Stdio::piped()).spawn().unwrap();
+
+    // A real camera with only simulated GPIO is refused unless explicitly allowed.
+    let refused = deskcam().arg("run").arg("--config").arg(&config).output().unwrap();
+    assert_eq!(refused.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&refused.stderr).contains("simulated GPIO"));
+
+    let mut child = deskcam()
+        .env("DESKCAM_ALLOW_SIMULATED_GPIO", "1")
+        .arg("run")
+        .arg("--config")
+        .arg(&config)
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
     let err = capture_stderr(&mut child);
     let mut d = Daemon(child);
     assert!(
@@ -88,8 +108,11 @@ fn missing_camera_is_reported_and_retried_while_the_device_stays_online() {
     std::thread::sleep(Duration::from_millis(500));
     assert!(d.0.try_wait().unwrap().is_none(), "daemon exited on a missing camera");
     assert!(err.lock().unwrap().contains("retrying"));
-    // Nothing was published about violations: no frame was read.
-    assert!(rec.snapshot().iter().all(|m| !m.topic.contains("/event/")));
+    // Nothing was published about violations (no frame was read), and the shutter
+    // never opened: the camera is checked before the shutter moves.
+    let msgs = rec.snapshot();
+    assert!(msgs.iter().all(|m| !m.topic.contains("/event/")));
+    assert!(msgs.iter().all(|m| !String::from_utf8_lossy(&m.payload).contains("\"shutter\":\"open\"")));
 }
 
 #[test]

@@ -9,8 +9,17 @@
 pub mod sim;
 
 use deskcam_core::policy::LedPattern;
-use deskcam_core::ShutterOpen;
 use embedded_hal::digital::OutputPin;
+
+/// Proof that the shutter has been opened while the LED shows that the camera looks.
+///
+/// Frame sources require a reference to one before they read a frame (privacy
+/// invariant 2). Only [`Shutter::open`] creates it (the field is private to this
+/// crate), after checking the LED; it cannot be cloned.
+#[derive(Debug)]
+pub struct ShutterOpen {
+    _private: (),
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum HwError {
@@ -54,7 +63,7 @@ impl<P: OutputPin> Shutter<P> {
             });
         }
         self.drive(true)?;
-        Ok(ShutterOpen::after_hardware_opened())
+        Ok(ShutterOpen { _private: () })
     }
 
     pub fn close(&mut self) -> Result<(), HwError> {

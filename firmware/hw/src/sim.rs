@@ -88,3 +88,14 @@ impl OutputPin for SimPin {
         Ok(())
     }
 }
+
+/// A token from simulated hardware, obtained the real way (LED to analysing, then the
+/// shutter driver opens), for analysing photos offline: tests, evaluation, examples.
+pub fn simulated_open() -> crate::ShutterOpen {
+    let rec = Recorder::default();
+    let mut led =
+        crate::StatusLed::new(SimPin::new("led", rec.clone()), false).expect("sim pins cannot fail");
+    led.set(deskcam_core::policy::LedPattern::Analysing).expect("sim pins cannot fail");
+    let mut shutter = crate::Shutter::new(SimPin::new("shutter", rec), false).expect("sim pins cannot fail");
+    shutter.open(&led).expect("the LED shows analysing")
+}

@@ -32,11 +32,11 @@ pub enum UplinkError {
     TlsUnsupported(String),
 }
 
-/// What the device publishes, queued for the uplink.
+/// A violation event and its still, queued for the uplink.
 #[derive(Clone, Debug)]
-pub enum Outgoing {
-    State(State),
-    Violation { event: ViolationEvent, still: Option<Vec<u8>> },
+pub struct Violation {
+    pub event: ViolationEvent,
+    pub still: Option<Vec<u8>>,
 }
 
 /// Counters shared with the daemon (for logs, the demo summary and telemetry).
@@ -48,11 +48,14 @@ pub struct UplinkStats {
     pub published: AtomicU64,
     /// PUBACKs received from the broker.
     pub acked: AtomicU64,
+    /// Publishes the broker's fresh session discarded before acknowledging them.
+    pub lost: AtomicU64,
 }
 
 impl UplinkStats {
     pub fn in_flight(&self) -> u64 {
-        self.published.load(Ordering::Relaxed).saturating_sub(self.acked.load(Ordering::Relaxed))
+        let done = self.acked.load(Ordering::Relaxed) + self.lost.load(Ordering::Relaxed);
+        self.published.load(Ordering::Relaxed).saturating_sub(done)
     }
 }
 
@@ -61,15 +64,18 @@ pub struct UplinkConfig {
     pub client_id: String,
     pub topics: Topics,
     pub keep_alive: Duration,
-    /// The retained state announced after every (re)connect until a newer one is queued.
-    pub state: State,
 }
 
-/// Runs the MQTT connection until `shutdown` turns true, then publishes `offline`,
-/// waits (bounded) for outstanding acknowledgements and disconnects.
+/// Runs the MQTT connection until `shutdown` turns true, then drains what is queued
+/// (bounded by a timeout), publishes `offline` and disconnects.
+///
+/// Two tasks: one only polls rumqttc's event loop (connection, acknowledgements,
+/// reconnect backoff), so it never waits on anything else; this one feeds it the
+/// retained `state` (kept in its own slot: only the latest matters) and the events.
 pub async fn run(
     cfg: UplinkConfig,
-    queue: Arc<DropOldest<Outgoing>>,
+    events: Arc<DropOldest<Violation>>,
+    mut state: watch::Receiver<State>,
     stats: Arc<UplinkStats>,
     mut shutdown: watch::Receiver<bool>,
 ) -> Result<(), UplinkError> {
@@ -82,98 +88,133 @@ pub async fn run(
     // Commands sent while the device was offline must still arrive (QoS 1 sessions).
     opts.set_clean_session(false);
     opts.set_last_will(LastWill::new(cfg.topics.status(), STATUS_OFFLINE, QoS::AtLeastOnce, true));
-    let (client, mut eventloop) = AsyncClient::new(opts, 64);
-    let mut state = cfg.state.clone();
-    let mut backoff = BACKOFF_START;
-    let mut draining = false;
-    let mut unacked = std::collections::HashSet::new();
-    let drain_deadline = tokio::time::sleep(Duration::from_secs(3600 * 24 * 365));
-    tokio::pin!(drain_deadline);
+    let (client, eventloop) = AsyncClient::new(opts, 64);
+    let (connected_tx, mut connected) = watch::channel(false);
+    let (disconnected_tx, disconnected) = tokio::sync::oneshot::channel();
+    let driver =
+        tokio::spawn(drive(eventloop, cfg.broker.clone(), stats.clone(), connected_tx, disconnected_tx));
 
+    let mut draining = false;
+    let mut deadline = tokio::time::Instant::now() + Duration::from_secs(3600 * 24 * 365);
     loop {
-        let connected = stats.connected.load(Ordering::Relaxed);
-        if draining && (queue.is_empty() || !connected) && stats.in_flight() == 0 {
+        let up = *connected.borrow();
+        if draining && (!up || (events.is_empty() && stats.in_flight() == 0)) {
             break;
         }
         tokio::select! {
-            ev = eventloop.poll() => match ev {
-                Ok(Event::Incoming(Packet::ConnAck(_))) => {
-                    stats.connected.store(true, Ordering::Relaxed);
-                    stats.connects.fetch_add(1, Ordering::Relaxed);
-                    backoff = BACKOFF_START;
-                    tracing::info!(broker = %cfg.broker, "connected to broker");
-                    announce(&client, &cfg.topics, &state, &stats).await;
+            changed = connected.changed() => {
+                if changed.is_err() {
+                    break; // the driver ended
                 }
-                Ok(Event::Outgoing(rumqttc::Outgoing::Publish(pkid))) => {
-                    unacked.insert(pkid);
-                }
-                Ok(Event::Incoming(Packet::PubAck(ack))) => {
-                    // A packet resent after a reconnect is acknowledged once more:
-                    // count each packet id once.
-                    if unacked.remove(&ack.pkid) {
-                        stats.acked.fetch_add(1, Ordering::Relaxed);
-                    }
-                }
-                Ok(_) => {}
-                Err(e) => {
-                    let was = stats.connected.swap(false, Ordering::Relaxed);
-                    if draining {
-                        break;
-                    }
-                    if was {
-                        tracing::warn!(broker = %cfg.broker, "connection lost: {e}; reconnecting");
-                    } else {
-                        tracing::warn!(broker = %cfg.broker, "broker unreachable: {e}; retrying in {:.1}s", backoff.as_secs_f32());
-                    }
-                    tokio::time::sleep(jittered(backoff)).await;
-                    backoff = (backoff * 2).min(BACKOFF_MAX);
-                }
-            },
-            item = queue.pop(), if connected => {
-                match item {
-                    Outgoing::State(s) => {
-                        state = s;
-                        publish(&client, cfg.topics.state(), true, json(&state), &stats).await;
-                    }
-                    Outgoing::Violation { event, still } => {
-                        publish(&client, cfg.topics.violation(), false, json(&event), &stats).await;
-                        if let Some(jpeg) = still {
-                            publish(&client, cfg.topics.still(&event.id), false, jpeg, &stats).await;
-                        }
-                    }
+                if *connected.borrow() {
+                    // After every (re)connect: who we are and what state we are in.
+                    let current = state.borrow_and_update().clone();
+                    publish(&client, cfg.topics.status(), true, STATUS_ONLINE.as_bytes().to_vec(), &stats).await;
+                    publish(&client, cfg.topics.state(), true, json(&current), &stats).await;
                 }
             }
-            _ = shutdown.changed(), if !draining => {
-                if *shutdown.borrow() {
+            changed = state.changed(), if up => {
+                if changed.is_ok() {
+                    let current = state.borrow_and_update().clone();
+                    publish(&client, cfg.topics.state(), true, json(&current), &stats).await;
+                }
+            }
+            v = events.pop(), if up => {
+                publish(&client, cfg.topics.violation(), false, json(&v.event), &stats).await;
+                if let Some(jpeg) = v.still {
+                    publish(&client, cfg.topics.still(&v.event.id), false, jpeg, &stats).await;
+                }
+            }
+            r = shutdown.changed(), if !draining => {
+                // A dropped sender means the daemon is gone: stop as well.
+                if r.is_err() || *shutdown.borrow() {
                     draining = true;
-                    drain_deadline.as_mut().reset(tokio::time::Instant::now() + DRAIN_TIMEOUT);
+                    deadline = tokio::time::Instant::now() + DRAIN_TIMEOUT;
                 }
             }
-            _ = &mut drain_deadline, if draining => {
-                tracing::warn!("gave up waiting for {} acknowledgements and {} queued messages", stats.in_flight(), queue.len());
+            _ = tokio::time::sleep_until(deadline), if draining => {
+                tracing::warn!("gave up waiting for {} acknowledgements and {} queued events", stats.in_flight(), events.len());
                 break;
             }
+            // Re-check the drain condition as acknowledgements arrive.
+            _ = tokio::time::sleep(Duration::from_millis(50)), if draining => {}
         }
     }
 
-    if stats.connected.load(Ordering::Relaxed) {
+    if *connected.borrow() {
         // A clean goodbye: the broker does not send the will on DISCONNECT, so say it.
         let _ = client.publish(cfg.topics.status(), QoS::AtLeastOnce, true, STATUS_OFFLINE).await;
         let _ = client.disconnect().await;
-        let until = tokio::time::Instant::now() + Duration::from_secs(2);
-        while let Ok(Ok(ev)) = tokio::time::timeout_at(until, eventloop.poll()).await {
-            if matches!(ev, Event::Outgoing(rumqttc::Outgoing::Disconnect)) {
-                break;
-            }
-        }
+        let _ = tokio::time::timeout(Duration::from_secs(2), disconnected).await;
     }
+    driver.abort();
     stats.connected.store(false, Ordering::Relaxed);
     Ok(())
 }
 
-async fn announce(client: &AsyncClient, topics: &Topics, state: &State, stats: &UplinkStats) {
-    publish(client, topics.status(), true, STATUS_ONLINE.as_bytes().to_vec(), stats).await;
-    publish(client, topics.state(), true, json(state), stats).await;
+/// Polls the event loop forever: reports connection changes and counts each packet's
+/// acknowledgement once; on errors it backs off with jitter and lets rumqttc reconnect.
+async fn drive(
+    mut eventloop: rumqttc::EventLoop,
+    broker: BrokerUrl,
+    stats: Arc<UplinkStats>,
+    connected: watch::Sender<bool>,
+    disconnected: tokio::sync::oneshot::Sender<()>,
+) {
+    let mut disconnected = Some(disconnected);
+    let mut backoff = BACKOFF_START;
+    let mut unacked = std::collections::HashSet::new();
+    loop {
+        match eventloop.poll().await {
+            Ok(Event::Incoming(Packet::ConnAck(ack))) => {
+                if !ack.session_present {
+                    // rumqttc drops its pending publishes when the broker has no session
+                    // for us: count them as lost rather than wait for them.
+                    let lost = stats.in_flight();
+                    stats.lost.fetch_add(lost, Ordering::Relaxed);
+                    unacked.clear();
+                    if lost > 0 {
+                        tracing::warn!("{lost} publishes were lost with the broker's session");
+                    }
+                }
+                stats.connected.store(true, Ordering::Relaxed);
+                stats.connects.fetch_add(1, Ordering::Relaxed);
+                backoff = BACKOFF_START;
+                tracing::info!(broker = %broker, "connected to broker");
+                let _ = connected.send(true);
+            }
+            Ok(Event::Outgoing(rumqttc::Outgoing::Publish(pkid))) => {
+                unacked.insert(pkid);
+            }
+            Ok(Event::Incoming(Packet::PubAck(ack))) => {
+                // A packet resent after a reconnect is acknowledged once more: count
+                // each packet id once.
+                if unacked.remove(&ack.pkid) {
+                    stats.acked.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+            Ok(Event::Outgoing(rumqttc::Outgoing::Disconnect)) => {
+                if let Some(tx) = disconnected.take() {
+                    let _ = tx.send(());
+                }
+            }
+            Ok(_) => {}
+            Err(e) => {
+                let was = stats.connected.swap(false, Ordering::Relaxed);
+                let _ = connected.send(false);
+                if disconnected.is_none() {
+                    return; // we asked to disconnect
+                }
+                if was {
+                    tracing::warn!(broker = %broker, "connection lost: {e}; reconnecting");
+                } else {
+                    tracing::warn!(broker = %broker, "broker unreachable: {e}; retrying in {:.1}s", backoff.as_secs_f32());
+                }
+                tokio::time::sleep(jittered(backoff)).await;
+                backoff = (backoff * 2).min(BACKOFF_MAX);
+            }
+        }
+    }
 }
 
 async fn publish(client: &AsyncClient, topic: String, retain: bool, payload: Vec<u8>, stats: &UplinkStats) {

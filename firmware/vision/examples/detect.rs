@@ -1,5 +1,4 @@
 //! Prints the detector's boxes for photos: `cargo run --example detect -- MODEL PHOTO...`
-use deskcam_core::ShutterOpen;
 use deskcam_vision::source::{DirSource, FrameSource};
 use deskcam_vision::Detector;
 
@@ -13,7 +12,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let det = Detector::load(model.as_ref(), 0.3, 0.5)?;
     println!("loaded in {:?}", t0.elapsed());
     let mut src = DirSource::open(dir.as_ref(), false)?;
-    let token = ShutterOpen::after_hardware_opened();
+    let token = deskcam_hw::sim::simulated_open();
     loop {
         let frame = match src.next_frame(&token) {
             Ok(f) => f,

@@ -7,6 +7,7 @@
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
+use deskcam_core::detection::PERSON;
 use deskcam_core::{BBox, Detection, COCO_CLASSES};
 use sha2::{Digest, Sha256};
 use tract_onnx::prelude::*;
@@ -19,8 +20,9 @@ const MEAN_BGR: [f32; 3] = [103.53, 116.28, 123.675];
 const STD_BGR: [f32; 3] = [57.375, 57.12, 58.395];
 /// Bins of the box-side distribution per side (`reg_max + 1`).
 const REG_BINS: usize = 11;
-/// At most this many boxes leave NMS.
-const MAX_DETECTIONS: usize = 100;
+/// At most this many boxes of other classes than `person` leave NMS. People are never
+/// capped: every person must reach the redaction of the still.
+const MAX_OBJECTS: usize = 100;
 
 #[derive(Debug, thiserror::Error)]
 pub enum DetectorError {
@@ -278,11 +280,14 @@ fn expectation(logits: &[f32]) -> f32 {
 pub fn nms(mut dets: Vec<Detection>, iou: f32) -> Vec<Detection> {
     dets.sort_by(|a, b| b.score.total_cmp(&a.score).then(a.class_id.cmp(&b.class_id)));
     let mut kept: Vec<Detection> = Vec::new();
+    let mut objects = 0;
     for d in dets {
-        if kept.len() >= MAX_DETECTIONS {
-            break;
+        let person = d.class_id == PERSON;
+        if !person && objects >= MAX_OBJECTS {
+            continue;
         }
         if kept.iter().all(|k| k.class_id != d.class_id || k.bbox.iou(&d.bbox) <= iou) {
+            objects += usize::from(!person);
             kept.push(d);
         }
     }
@@ -292,7 +297,7 @@ pub fn nms(mut dets: Vec<Detection>, iou: f32) -> Vec<Detection> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use deskcam_core::detection::{CELL_PHONE, PERSON};
+    use deskcam_core::detection::CELL_PHONE;
 
     fn det(class_id: usize, score: f32, x0: f32) -> Detection {
         Detection { class_id, score, bbox: BBox::new(x0, 0.0, x0 + 10.0, 10.0) }
@@ -311,6 +316,15 @@ mod tests {
         );
         let got: Vec<(usize, f32)> = out.iter().map(|d| (d.class_id, d.score)).collect();
         assert_eq!(got, vec![(PERSON, 0.9), (CELL_PHONE, 0.5), (PERSON, 0.4)]);
+    }
+
+    #[test]
+    fn nms_never_caps_people() {
+        let mut many: Vec<Detection> = (0..150).map(|i| det(CELL_PHONE, 0.9, i as f32 * 20.0)).collect();
+        many.push(det(PERSON, 0.3, 0.0));
+        let out = nms(many, 0.5);
+        assert_eq!(out.iter().filter(|d| d.class_id == CELL_PHONE).count(), MAX_OBJECTS);
+        assert_eq!(out.iter().filter(|d| d.class_id == PERSON).count(), 1);
     }
 
     #[test]

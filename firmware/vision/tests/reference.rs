@@ -4,7 +4,7 @@
 
 use std::path::PathBuf;
 
-use deskcam_core::{BBox, ShutterOpen};
+use deskcam_core::BBox;
 use deskcam_vision::detector::{decode, nms, HeadLevel};
 use deskcam_vision::source::{DirSource, FrameSource};
 use deskcam_vision::Detector;
@@ -52,7 +52,7 @@ fn tract_matches_onnxruntime_on_demo_photos() {
         Detector::load(&repo().join("models/nanodet.onnx"), min_score, r["nms_iou"].as_f64().unwrap() as f32)
             .unwrap();
     let dir = demo_photos();
-    let token = ShutterOpen::after_hardware_opened();
+    let token = deskcam_hw::sim::simulated_open();
     for photo in r["photos"].as_array().unwrap() {
         let name = photo["file"].as_str().unwrap();
         let path = dir.join(name);

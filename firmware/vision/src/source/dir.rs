@@ -2,7 +2,7 @@
 
 use std::path::{Path, PathBuf};
 
-use deskcam_core::ShutterOpen;
+use deskcam_hw::ShutterOpen;
 
 use super::{CaptureError, FrameSource};
 use crate::Frame;
@@ -90,7 +90,7 @@ mod tests {
         std::fs::write(d.join("b.jpg"), b"this is not a jpeg").unwrap();
         image::RgbImage::from_pixel(6, 5, image::Rgb([9, 9, 9])).save(d.join("c.png")).unwrap();
         std::fs::write(d.join("notes.txt"), b"ignored").unwrap();
-        let token = ShutterOpen::after_hardware_opened();
+        let token = deskcam_hw::sim::simulated_open();
 
         let mut s = DirSource::open(&d, false).unwrap();
         assert_eq!(s.len(), 3);

@@ -7,7 +7,7 @@ mod v4l2;
 use std::path::PathBuf;
 
 use deskcam_core::config::{CameraConfig, SourceSpec};
-use deskcam_core::ShutterOpen;
+use deskcam_hw::ShutterOpen;
 
 pub use dir::DirSource;
 #[cfg(feature = "v4l2")]
@@ -51,6 +51,10 @@ impl CaptureError {
 /// the LED says so (privacy invariant 2).
 pub trait FrameSource: Send {
     fn next_frame(&mut self, shutter: &ShutterOpen) -> Result<Frame, CaptureError>;
+
+    /// The shutter is closing: stop streaming so the sensor does not run behind a
+    /// closed shutter and no stale frame waits in a buffer for the next scan.
+    fn pause(&mut self) {}
 
     /// A one-line description for logs: device and negotiated format, or directory.
     fn describe(&self) -> String;

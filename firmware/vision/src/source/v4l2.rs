@@ -5,7 +5,7 @@ use std::io;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use deskcam_core::ShutterOpen;
+use deskcam_hw::ShutterOpen;
 use image::RgbImage;
 use v4l::buffer::Type;
 use v4l::io::mmap::Stream;
@@ -25,14 +25,22 @@ enum Pixel {
     Yuyv,
 }
 
+/// Buffers in the capture queue. Two is the fewest that keeps the driver streaming
+/// while we read one; reading `BUFFERS` frames returns one captured after the call.
+const BUFFERS: u32 = 2;
+/// Frames thrown away after the stream starts, while exposure and white balance settle.
+const WARMUP_FRAMES: usize = 4;
+
 pub struct V4l2Source {
     path: PathBuf,
     // Field order matters: the stream (which unmaps its buffers) drops before the device.
-    stream: Stream<'static>,
-    _device: Device,
+    stream: Option<Stream<'static>>,
+    device: Device,
     pixel: Pixel,
     width: u32,
     height: u32,
+    /// Bytes per line of a YUYV frame (drivers may pad lines).
+    stride: usize,
     timeout_ms: u64,
 }
 
@@ -92,30 +100,76 @@ impl V4l2Source {
         if (w, h) != (width, height) {
             tracing::warn!(device = %path.display(), "asked for {width}x{height}, the driver gives {w}x{h}");
         }
-        let mut stream = Stream::with_buffers(&dev, Type::VideoCapture, 4)
-            .map_err(|e| map_open_err(path, "allocate buffers", e))?;
-        stream.set_timeout(Duration::from_millis(timeout_ms));
+        let stride = dev.format().map(|f| f.stride as usize).unwrap_or(0).max(w as usize * 2);
         Ok(V4l2Source {
             path: path.to_path_buf(),
-            stream,
-            _device: dev,
+            stream: None,
+            device: dev,
             pixel,
             width: w,
             height: h,
+            stride,
             timeout_ms,
         })
     }
 }
 
+fn read_err(path: &Path, timeout_ms: u64, e: io::Error) -> CaptureError {
+    if e.kind() == io::ErrorKind::TimedOut {
+        CaptureError::Timeout { path: path.to_path_buf(), timeout_ms }
+    } else {
+        map_open_err(path, "read frame", e)
+    }
+}
+
+/// Stops and frees a stream without the v4l crate's panic on a failed STREAMOFF
+/// (a device that broke rather than vanished): such a stream is leaked instead.
+fn release(mut stream: Stream<'static>) {
+    use v4l::io::traits::Stream as _;
+    match stream.stop() {
+        Ok(()) => drop(stream),
+        Err(e) if e.raw_os_error() == Some(19) => drop(stream),
+        Err(e) => {
+            tracing::warn!("camera: stopping the stream failed ({e}); releasing it without stopping");
+            std::mem::forget(stream);
+        }
+    }
+}
+
+impl Drop for V4l2Source {
+    fn drop(&mut self) {
+        if let Some(s) = self.stream.take() {
+            release(s);
+        }
+    }
+}
+
 impl FrameSource for V4l2Source {
     fn next_frame(&mut self, _shutter: &ShutterOpen) -> Result<Frame, CaptureError> {
-        let (buf, meta) = self.stream.next().map_err(|e| {
-            if e.kind() == io::ErrorKind::TimedOut {
-                CaptureError::Timeout { path: self.path.clone(), timeout_ms: self.timeout_ms }
-            } else {
-                map_open_err(&self.path, "read frame", e)
+        // Start streaming on the first read after the shutter opened, and let the
+        // sensor settle; then read as many frames as there are buffers, so the frame
+        // returned was captured now and not while the previous scan ended.
+        let fresh_start = self.stream.is_none();
+        if fresh_start {
+            let mut stream = Stream::with_buffers(&self.device, Type::VideoCapture, BUFFERS)
+                .map_err(|e| map_open_err(&self.path, "allocate buffers", e))?;
+            stream.set_timeout(Duration::from_millis(self.timeout_ms));
+            self.stream = Some(stream);
+        }
+        let skip = if fresh_start { WARMUP_FRAMES } else { BUFFERS as usize - 1 };
+        for _ in 0..skip {
+            let r = self.stream.as_mut().map(|s| s.next().map(|_| ()));
+            if let Some(Err(e)) = r {
+                return Err(read_err(&self.path, self.timeout_ms, e));
             }
-        })?;
+        }
+        let Some(stream) = self.stream.as_mut() else {
+            return Err(CaptureError::Exhausted);
+        };
+        let (buf, meta) = match stream.next() {
+            Ok(x) => x,
+            Err(e) => return Err(read_err(&self.path, self.timeout_ms, e)),
+        };
         let used = (meta.bytesused as usize).min(buf.len());
         let bytes = &buf[..used];
         let origin = self.path.display().to_string();
@@ -124,11 +178,17 @@ impl FrameSource for V4l2Source {
             Pixel::Mjpeg => image::load_from_memory_with_format(bytes, image::ImageFormat::Jpeg)
                 .map_err(|e| corrupt(format!("MJPEG frame: {e}")))?
                 .to_rgb8(),
-            Pixel::Yuyv => yuyv_to_rgb(bytes, self.width, self.height).ok_or_else(|| {
+            Pixel::Yuyv => yuyv_to_rgb(bytes, self.width, self.height, self.stride).ok_or_else(|| {
                 corrupt(format!("YUYV frame of {used} bytes is short for {}x{}", self.width, self.height))
             })?,
         };
         Ok(Frame::new(img, origin))
+    }
+
+    fn pause(&mut self) {
+        if let Some(s) = self.stream.take() {
+            release(s);
+        }
     }
 
     fn describe(&self) -> String {
@@ -136,14 +196,14 @@ impl FrameSource for V4l2Source {
     }
 }
 
-/// Packed YUYV 4:2:2 (BT.601, limited range) to RGB.
-pub(crate) fn yuyv_to_rgb(data: &[u8], width: u32, height: u32) -> Option<RgbImage> {
+/// Packed YUYV 4:2:2 (BT.601, limited range) to RGB; lines are `stride` bytes apart.
+pub(crate) fn yuyv_to_rgb(data: &[u8], width: u32, height: u32, stride: usize) -> Option<RgbImage> {
     let (w, h) = (width as usize, height as usize);
-    if data.len() < w * h * 2 || w % 2 != 0 {
+    if w % 2 != 0 || stride < w * 2 || h == 0 || data.len() < stride * (h - 1) + w * 2 {
         return None;
     }
     let mut out = Vec::with_capacity(w * h * 3);
-    for px in data[..w * h * 2].chunks_exact(4) {
+    for px in (0..h).flat_map(|y| data[y * stride..y * stride + w * 2].chunks_exact(4)) {
         let (y0, u, y1, v) = (px[0] as f32, px[1] as f32 - 128.0, px[2] as f32, px[3] as f32 - 128.0);
         for y in [y0, y1] {
             let c = 1.164 * (y - 16.0);
@@ -162,14 +222,18 @@ mod tests {
     #[test]
     fn yuyv_grey_white_black_and_red() {
         // Two pixels per 4 bytes: Y0 U Y1 V.
-        let img = yuyv_to_rgb(&[235, 128, 16, 128], 2, 1).unwrap();
+        let img = yuyv_to_rgb(&[235, 128, 16, 128], 2, 1, 4).unwrap();
         assert_eq!(img.get_pixel(0, 0).0, [255, 255, 255]);
         assert_eq!(img.get_pixel(1, 0).0, [0, 0, 0]);
         // BT.601 red: Y=81 U=90 V=240.
-        let img = yuyv_to_rgb(&[81, 90, 81, 240], 2, 1).unwrap();
+        let img = yuyv_to_rgb(&[81, 90, 81, 240], 2, 1, 4).unwrap();
         let [r, g, b] = img.get_pixel(0, 0).0;
         assert!(r > 245 && g < 10 && b < 10, "{r} {g} {b}");
-        assert!(yuyv_to_rgb(&[0; 3], 2, 1).is_none());
+        assert!(yuyv_to_rgb(&[0; 3], 2, 1, 4).is_none());
+        // Padded lines: 2 pixels per line in 8-byte lines; the padding is skipped.
+        let img = yuyv_to_rgb(&[235, 128, 235, 128, 9, 9, 9, 9, 16, 128, 16, 128], 2, 2, 8).unwrap();
+        assert_eq!(img.get_pixel(1, 0).0, [255, 255, 255]);
+        assert_eq!(img.get_pixel(0, 1).0, [0, 0, 0]);
     }
 
     #[test]
