@@ -1,12 +1,16 @@
 //! Bad input and bad luck, each with a clear error or a recovery: invalid config, a
 //! missing camera, a corrupt photo, a broker that is down at start, a killed daemon.
 
-mod common;
-
 use std::process::Stdio;
 use std::time::Duration;
 
-use common::*;
+use deskcam_testkit::*;
+
+fn deskcam() -> std::process::Command {
+    let mut c = std::process::Command::new(env!("CARGO_BIN_EXE_deskcam"));
+    c.env("DESKCAM_LOG", "info");
+    c
+}
 
 /// Kills the child on drop so a failing test leaves no daemon behind.
 struct Daemon(std::process::Child);

@@ -4,14 +4,18 @@
 //! Photos: `../shared/data/frames` (COCO, with labels.json) when it is there, and the
 //! demo photos (labelled in tests/demo-labels.json) always.
 
-mod common;
-
 use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
 use std::process::Stdio;
 use std::time::Duration;
 
-use common::*;
+use deskcam_testkit::*;
+
+fn deskcam() -> std::process::Command {
+    let mut c = std::process::Command::new(env!("CARGO_BIN_EXE_deskcam"));
+    c.env("DESKCAM_LOG", "info");
+    c
+}
 use deskcam_core::schema::ViolationEvent;
 use deskcam_core::BBox;
 use serde_json::Value;

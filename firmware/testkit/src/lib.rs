@@ -1,7 +1,6 @@
-//! Shared helpers of the daemon's system tests: a real mosquitto on a free loopback
-//! port, a subscriber that records everything, temp dirs, and the daemon binary.
-
-#![allow(dead_code)]
+//! Helpers of deskcam's system tests: a real mosquitto on a free loopback port, a
+//! subscriber that records everything, temp dirs, the repository's photos, and the
+//! daemon's test configs. Test-only: never a dependency of the firmware.
 
 use std::io::Write;
 use std::net::{Ipv4Addr, TcpListener, TcpStream};
@@ -23,6 +22,7 @@ pub fn tempdir(name: &str) -> PathBuf {
     d
 }
 
+/// The repository root (this crate lives in firmware/testkit).
 pub fn repo() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..")
 }
@@ -153,12 +153,6 @@ impl Recorder {
             std::thread::sleep(Duration::from_millis(50));
         }
     }
-}
-
-pub fn deskcam() -> Command {
-    let mut c = Command::new(env!("CARGO_BIN_EXE_deskcam"));
-    c.env("DESKCAM_LOG", "info");
-    c
 }
 
 /// Writes a daemon config for tests: the given source (looped or not), broker port and

@@ -1,0 +1,62 @@
+//! deskcamctl against a real mosquitto, with a device's retained messages in place.
+
+use std::process::Command;
+use std::time::Duration;
+
+use deskcam_testkit::Mosquitto;
+use rumqttc::{Client, MqttOptions, QoS};
+
+fn ctl(broker: &Mosquitto) -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_deskcamctl"));
+    c.args(["--broker", &broker.url()]);
+    c
+}
+
+/// Publishes what a device leaves retained on the broker.
+fn retain(broker: &Mosquitto, device: &str, status: &str, state: &str) {
+    let (client, mut conn) = Client::new(MqttOptions::new("test-device", "127.0.0.1", broker.port), 8);
+    client.publish(format!("deskcam/{device}/status"), QoS::AtLeastOnce, true, status).unwrap();
+    client.publish(format!("deskcam/{device}/state"), QoS::AtLeastOnce, true, state).unwrap();
+    let mut acks = 0;
+    for ev in conn.iter() {
+        if let Ok(rumqttc::Event::Incoming(rumqttc::Packet::PubAck(_))) = ev {
+            acks += 1;
+            if acks == 2 {
+                break;
+            }
+        }
+    }
+    client.disconnect().unwrap();
+    std::thread::sleep(Duration::from_millis(100));
+}
+
+#[test]
+fn status_prints_retained_status_and_state_as_text_and_json() {
+    let broker = Mosquitto::start();
+    retain(&broker, "desk-7", "online", r#"{"v":1,"mode":"spot","shutter":"closed"}"#);
+    let out = ctl(&broker).args(["--device", "desk-7", "status"]).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("status  online") && text.contains("\"mode\":\"spot\""), "{text}");
+
+    let out = ctl(&broker).args(["--device", "desk-7", "--json", "status"]).output().unwrap();
+    let j: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(j["status"], "online");
+    assert_eq!(j["state"]["shutter"], "closed");
+}
+
+#[test]
+fn unknown_device_and_unreachable_broker_are_distinct_failures() {
+    let broker = Mosquitto::start();
+    let out = ctl(&broker).args(["--device", "never-seen", "status"]).output().unwrap();
+    assert_eq!(out.status.code(), Some(3));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("never-seen"));
+
+    let port = deskcam_testkit::free_port();
+    let out = Command::new(env!("CARGO_BIN_EXE_deskcamctl"))
+        .args(["--broker", &format!("mqtt://127.0.0.1:{port}"), "--device", "d", "status"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains(&port.to_string()));
+}
