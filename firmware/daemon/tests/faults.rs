@@ -190,3 +190,34 @@ fn status_goes_offline_when_the_daemon_is_killed() {
         "no last will after a kill"
     );
 }
+
+#[test]
+fn sigterm_stops_cleanly_with_the_shutter_closed_and_status_offline() {
+    let broker = Mosquitto::start();
+    let dir = one_photo_dir("sigterm");
+    let device = "itest-sigterm";
+    let config = write_config(
+        &dir,
+        device,
+        &format!("dir:{}", dir.display()),
+        true,
+        broker.port,
+        "[scan]\nmode = \"continuous\"\n",
+    );
+    let rec = Recorder::start(broker.port, &format!("deskcam/{device}/+"));
+    let child = deskcam().arg("run").arg("--config").arg(&config).stderr(Stdio::null()).spawn().unwrap();
+    let mut d = Daemon(child);
+    // Continuous mode: the shutter is open while it analyses.
+    assert!(rec
+        .wait_for(Duration::from_secs(20), |m| m.topic.ends_with("/state")
+            && String::from_utf8_lossy(&m.payload).contains("\"shutter\":\"open\""))
+        .is_some());
+    let pid = d.0.id().to_string();
+    assert!(std::process::Command::new("kill").args(["-TERM", &pid]).status().unwrap().success());
+    let status = d.0.wait().unwrap();
+    assert!(status.success(), "a SIGTERM is a normal stop: {status:?}");
+    let msgs = rec.snapshot();
+    let last_state = msgs.iter().rev().find(|m| m.topic.ends_with("/state")).unwrap();
+    assert!(String::from_utf8_lossy(&last_state.payload).contains("\"shutter\":\"closed\""));
+    assert_eq!(msgs.iter().rev().find(|m| m.topic.ends_with("/status")).unwrap().payload, b"offline");
+}

@@ -98,7 +98,8 @@ pub async fn run(
     let mut deadline = tokio::time::Instant::now() + Duration::from_secs(3600 * 24 * 365);
     loop {
         let up = *connected.borrow();
-        if draining && (!up || (events.is_empty() && stats.in_flight() == 0)) {
+        let settled = events.is_empty() && !state.has_changed().unwrap_or(false) && stats.in_flight() == 0;
+        if draining && (!up || settled) {
             break;
         }
         tokio::select! {
