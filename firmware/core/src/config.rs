@@ -153,6 +153,7 @@ struct RawCovered {
 struct RawEvidence {
     redaction: String,
     person_min_score: f64,
+    region: Vec<Vec<f64>>,
     max_age: String,
     jpeg_quality: i64,
 }
@@ -383,6 +384,8 @@ impl Redaction {
 pub struct EvidenceConfig {
     pub redaction: Redaction,
     pub person_min_score: f32,
+    /// Everything outside this polygon is black in a still (empty: the whole frame).
+    pub region: Region,
     pub max_age: Span,
     pub jpeg_quality: u8,
 }
@@ -744,6 +747,7 @@ impl Validator {
         let evidence = EvidenceConfig {
             redaction,
             person_min_score,
+            region: self.region("evidence.region", &raw.evidence.region),
             max_age,
             jpeg_quality: self.int_in("evidence.jpeg_quality", raw.evidence.jpeg_quality, 1, 100) as u8,
         };

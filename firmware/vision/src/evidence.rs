@@ -1,6 +1,6 @@
 //! Evidence stills: redact first, then encode. The only way pixels leave this crate.
 
-use deskcam_core::config::{EvidenceConfig, Redaction};
+use deskcam_core::config::{EvidenceConfig, Redaction, Region};
 use deskcam_core::detection::PERSON;
 use deskcam_core::{BBox, Detection};
 use image::codecs::jpeg::JpegEncoder;
@@ -47,49 +47,8 @@ pub fn render_still(
     offending: &[Detection],
     cfg: &EvidenceConfig,
 ) -> Result<Option<Still>, EvidenceError> {
-    let (w, h) = (frame.width(), frame.height());
-    let people = merge_overlapping(
-        detections
-            .iter()
-            .filter(|d| d.class_id == PERSON && d.score >= cfg.person_min_score)
-            .map(|d| d.bbox.expanded(PERSON_MARGIN, w, h))
-            .collect(),
-    );
-    let (image, redacted) = match cfg.redaction {
-        Redaction::MetadataOnly => return Ok(None),
-        Redaction::None => (frame.image().clone(), Vec::new()),
-        Redaction::BlurPeople => {
-            let mut img = frame.image().clone();
-            for b in &people {
-                pixelate(&mut img, b);
-            }
-            (img, people)
-        }
-        Redaction::CropToObject => {
-            let Some(crop) = union(offending.iter().map(|d| d.bbox.expanded(CROP_MARGIN, w, h))) else {
-                return Ok(None);
-            };
-            let mut img = frame.image().clone();
-            for b in &people {
-                pixelate(&mut img, b);
-            }
-            let (x0, y0) = (crop.x0.floor() as u32, crop.y0.floor() as u32);
-            let (cw, ch) = ((crop.x1.ceil() as u32).min(w) - x0, (crop.y1.ceil() as u32).min(h) - y0);
-            let cropped = image::imageops::crop_imm(&img, x0, y0, cw.max(1), ch.max(1)).to_image();
-            let shifted = people
-                .iter()
-                .filter(|b| overlaps(b, &crop))
-                .map(|b| {
-                    BBox::new(
-                        (b.x0 - x0 as f32).max(0.0),
-                        (b.y0 - y0 as f32).max(0.0),
-                        (b.x1 - x0 as f32).min(cw as f32),
-                        (b.y1 - y0 as f32).min(ch as f32),
-                    )
-                })
-                .collect();
-            (cropped, shifted)
-        }
+    let Some((image, redacted)) = render_redacted(frame, detections, offending, cfg) else {
+        return Ok(None);
     };
     let mut jpeg = Vec::new();
     JpegEncoder::new_with_quality(&mut jpeg, cfg.jpeg_quality)
@@ -97,6 +56,73 @@ pub fn render_still(
         .map_err(|e| EvidenceError::Encode(e.to_string()))?;
     let sha256 = Sha256::digest(&jpeg).iter().map(|b| format!("{b:02x}")).collect();
     Ok(Some(Still { jpeg, sha256, width: image.width(), height: image.height(), redacted }))
+}
+
+/// The redacted image a still is encoded from, with the pixelated regions (in its own
+/// pixels): people pixelated, everything outside the desk region black, then cropped
+/// for `crop-to-object`. Public so tests can check redaction pixel by pixel; it never
+/// returns pixels that the redaction level would not publish.
+pub fn render_redacted(
+    frame: &Frame,
+    detections: &[Detection],
+    offending: &[Detection],
+    cfg: &EvidenceConfig,
+) -> Option<(RgbImage, Vec<BBox>)> {
+    let (w, h) = (frame.width(), frame.height());
+    if cfg.redaction == Redaction::MetadataOnly {
+        return None;
+    }
+    let crop = match cfg.redaction {
+        Redaction::CropToObject => Some(union(offending.iter().map(|d| d.bbox.expanded(CROP_MARGIN, w, h)))?),
+        _ => None,
+    };
+    let mut img = frame.image().clone();
+    let mut people = Vec::new();
+    if cfg.redaction != Redaction::None {
+        people = merge_overlapping(
+            detections
+                .iter()
+                .filter(|d| d.class_id == PERSON && d.score >= cfg.person_min_score)
+                .map(|d| d.bbox.expanded(PERSON_MARGIN, w, h))
+                .collect(),
+        );
+        for b in &people {
+            pixelate(&mut img, b);
+        }
+    }
+    black_outside(&mut img, &cfg.region);
+    let Some(crop) = crop else {
+        return Some((img, people));
+    };
+    let (x0, y0) = (crop.x0.floor() as u32, crop.y0.floor() as u32);
+    let (cw, ch) = ((crop.x1.ceil() as u32).min(w) - x0, (crop.y1.ceil() as u32).min(h) - y0);
+    let cropped = image::imageops::crop_imm(&img, x0, y0, cw.max(1), ch.max(1)).to_image();
+    let shifted = people
+        .iter()
+        .filter(|b| overlaps(b, &crop))
+        .map(|b| {
+            BBox::new(
+                (b.x0 - x0 as f32).max(0.0),
+                (b.y0 - y0 as f32).max(0.0),
+                (b.x1 - x0 as f32).min(cw as f32),
+                (b.y1 - y0 as f32).min(ch as f32),
+            )
+        })
+        .collect();
+    Some((cropped, shifted))
+}
+
+/// Blacks out every pixel whose centre lies outside the region.
+fn black_outside(img: &mut RgbImage, region: &Region) {
+    if region.0.is_empty() {
+        return;
+    }
+    let (w, h) = (img.width() as f32, img.height() as f32);
+    for (x, y, p) in img.enumerate_pixels_mut() {
+        if !region.contains((x as f32 + 0.5) / w, (y as f32 + 0.5) / h) {
+            *p = image::Rgb([0, 0, 0]);
+        }
+    }
 }
 
 fn overlaps(a: &BBox, b: &BBox) -> bool {

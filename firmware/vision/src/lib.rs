@@ -2,8 +2,8 @@
 //! detector (NanoDet on tract) and evidence encoding (redaction, JPEG).
 //!
 //! Privacy boundary: a [`Frame`]'s pixels are private to this crate. Other crates can
-//! ask for its size, statistics and detections, and can obtain a still only through
-//! [`evidence::render_still`], which redacts before it encodes. This crate must not
+//! ask for its size, statistics and detections, and can obtain pixels only through
+//! [`evidence::render_still`] and [`evidence::render_redacted`], which redact first. This crate must not
 //! publish, store or decide anything.
 
 pub mod detector;
@@ -12,6 +12,6 @@ pub mod frame;
 pub mod source;
 
 pub use detector::{Detector, DetectorError};
-pub use evidence::{render_still, EvidenceError, Still};
+pub use evidence::{render_redacted, render_still, EvidenceError, Still};
 pub use frame::Frame;
 pub use source::{open_source, CaptureError, FrameSource};
