@@ -64,12 +64,27 @@ impl ConfigErrors {
 struct Raw {
     device_id: String,
     board: String,
+    shift: RawShift,
+    breaks: RawBreaks,
     camera: RawCamera,
     detector: RawDetector,
     mqtt: RawMqtt,
     scan: RawScan,
     rules: RawRules,
     evidence: RawEvidence,
+}
+
+#[derive(Deserialize)]
+struct RawShift {
+    timezone: String,
+    days: Vec<String>,
+    start: String,
+    end: String,
+}
+
+#[derive(Deserialize)]
+struct RawBreaks {
+    max_break: String,
 }
 
 #[derive(Deserialize)]
@@ -103,6 +118,8 @@ struct RawScan {
     per_hour: f64,
     min_gap: String,
     frames_per_check: i64,
+    times: Vec<String>,
+    warning_s: i64,
 }
 
 #[derive(Deserialize)]
@@ -272,6 +289,9 @@ pub enum ScanMode {
     Continuous { fps: f32 },
     /// Random spot checks, `per_hour` on average, never closer than `min_gap`.
     Spot { per_hour: f32, min_gap: Span },
+    /// Checks at fixed local times (minutes of the day), announced by the LED
+    /// `warning` before each.
+    Scheduled { times: Vec<u16>, warning: Span },
     /// The camera is never opened.
     Off,
 }
@@ -281,6 +301,7 @@ impl ScanMode {
         match self {
             ScanMode::Continuous { .. } => "continuous",
             ScanMode::Spot { .. } => "spot",
+            ScanMode::Scheduled { .. } => "scheduled",
             ScanMode::Off => "off",
         }
     }
@@ -398,6 +419,8 @@ pub struct Config {
     pub camera: CameraConfig,
     pub detector: DetectorConfig,
     pub mqtt: MqttConfig,
+    pub shift: crate::schedule::Shift,
+    pub max_break: Span,
     pub scan: ScanMode,
     /// Frames taken by one spot check or scan-now.
     pub frames_per_check: u32,
@@ -652,11 +675,19 @@ impl Validator {
             }
             "off" => ScanMode::Off,
             "scheduled" => {
-                self.err(
-                    "scan.mode",
-                    "'scheduled' is not supported by this firmware yet; use continuous, spot or off",
-                );
-                ScanMode::Off
+                let mut times = Vec::new();
+                for t in &raw.scan.times {
+                    match crate::schedule::parse_clock(t) {
+                        Ok(m) if m < 1440 => times.push(m),
+                        Ok(_) => self.err("scan.times", "24:00 is not a time of a check; use 00:00"),
+                        Err(e) => self.err("scan.times", e),
+                    }
+                }
+                if raw.scan.times.is_empty() {
+                    self.err("scan.times", "scheduled mode needs at least one time, e.g. [\"10:00\"]");
+                }
+                let warning = self.int_in("scan.warning_s", raw.scan.warning_s, 0, 3600);
+                ScanMode::Scheduled { times, warning: Span::from_secs(warning as u64) }
             }
             other => {
                 self.err("scan.mode", format!("'{other}' is not one of continuous, spot, scheduled, off"));
@@ -698,9 +729,25 @@ impl Validator {
             },
         };
 
+        let shift = crate::schedule::Shift::new(
+            &raw.shift.timezone,
+            &raw.shift.days,
+            &raw.shift.start,
+            &raw.shift.end,
+        )
+        .unwrap_or_else(|errs| {
+            for (field, reason) in errs {
+                self.err(&format!("shift.{field}"), reason);
+            }
+            crate::schedule::Shift::always()
+        });
+        let max_break = self.span("breaks.max_break", &raw.breaks.max_break);
+        if !(60_000..=86_400_000).contains(&max_break.0) {
+            self.err("breaks.max_break", "must be between 1m and 1d");
+        }
         let frames_per_check = self.int_in("scan.frames_per_check", raw.scan.frames_per_check, 1, 20);
-        if matches!(scan, ScanMode::Spot { .. }) {
-            // A spot check is the only look: a debounce longer than it can never fire.
+        if matches!(scan, ScanMode::Spot { .. } | ScanMode::Scheduled { .. }) {
+            // A check is the only look: a debounce longer than it can never fire.
             let rs = &rules;
             for (key, enabled, frames) in [
                 ("rules.phone.frames", rs.phone.enabled, rs.phone.frames),
@@ -710,7 +757,7 @@ impl Validator {
                 ("rules.covered.frames", rs.covered.enabled, rs.covered.frames),
             ] {
                 if enabled && frames > frames_per_check {
-                    self.err(key, format!("{frames} frames can never be seen in a spot check of scan.frames_per_check = {frames_per_check}"));
+                    self.err(key, format!("{frames} frames can never be seen in a check of scan.frames_per_check = {frames_per_check}"));
                 }
             }
         }
@@ -755,6 +802,8 @@ impl Validator {
         Config {
             device_id: DeviceId(raw.device_id),
             board: raw.board,
+            shift,
+            max_break,
             camera: CameraConfig { source, width, height, timeout, looped: raw.camera.looped },
             detector,
             mqtt: MqttConfig { url, base_topic: raw.mqtt.base_topic, keep_alive },
@@ -855,6 +904,24 @@ redaction = "pixelate"
     fn people_below_the_detector_threshold_could_not_be_blurred() {
         let e = Config::from_toml("[detector]\nmin_score = 0.5\n").unwrap_err();
         assert_eq!(keys(&e), vec!["evidence.person_min_score"]);
+    }
+
+    #[test]
+    fn shift_and_schedule_errors_name_their_keys() {
+        let e = Config::from_toml(
+            "[shift]\ntimezone = \"Nowhere/City\"\nstart = \"9am\"\n[scan]\nmode = \"scheduled\"\ntimes = [\"10:00\", \"25:00\"]\n\
+             [breaks]\nmax_break = \"10s\"\n",
+        )
+        .unwrap_err();
+        for key in ["shift.timezone", "shift.start", "scan.times", "breaks.max_break"] {
+            assert!(keys(&e).contains(&key), "{key} missing: {e}");
+        }
+        let c = Config::from_toml(
+            "[shift]\ntimezone = \"Europe/Berlin\"\n[scan]\nmode = \"scheduled\"\ntimes = [\"10:00\", \"15:30\"]\nwarning_s = 45\n",
+        )
+        .unwrap();
+        assert_eq!(c.scan, ScanMode::Scheduled { times: vec![600, 930], warning: Span::from_secs(45) });
+        assert_eq!(c.shift.timezone(), "Europe/Berlin");
     }
 
     #[test]

@@ -11,6 +11,7 @@ pub mod detection;
 pub mod duration;
 pub mod policy;
 pub mod rules;
+pub mod schedule;
 pub mod schema;
 pub mod time;
 

@@ -1,21 +1,26 @@
 //! The policy: a pure state machine that decides when the camera may look.
 //!
-//! `step(now, input) -> actions`. The daemon executes the actions in order and feeds
-//! back what happened. The ordering guarantees of the design live here: the LED shows
-//! "analysing" before the shutter opens, the shutter closes before the LED goes off,
-//! and a capture is only ever requested while the shutter is open.
-//!
-//! This first version knows the scan modes `continuous`, `spot` and `off`, `scan-now`
-//! and camera faults; breaks, shift hours and schedules build on it.
+//! `step(now, input) -> actions`, with `now` in wall-clock milliseconds since the Unix
+//! epoch (the shift is a wall-clock schedule). The daemon executes the actions in order
+//! and feeds back what happened. The ordering guarantees of the design live here: the
+//! LED shows "analysing" before the shutter opens, the shutter closes before the LED
+//! goes off, a capture is only requested while the shutter is open, and the camera
+//! never looks outside the shift, during a break or in mode `off`.
 
 use crate::config::ScanMode;
+use crate::schedule::Shift;
 use crate::Millis;
 
 /// What the status LED shows.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum LedPattern {
     Off,
+    /// The camera is looking.
     Analysing,
+    /// A scheduled scan is about to start.
+    PreWarning,
+    /// The worker is on a break: nothing is looked at.
+    Break,
     Fault,
 }
 
@@ -24,8 +29,14 @@ pub enum LedPattern {
 pub enum Input {
     /// Time passed (the daemon ticks at least by [`Policy::next_deadline`]).
     Tick,
-    /// `cmd/scan-now` or a test: analyse one frame now.
+    /// `cmd/scan-now`: one check now, if the camera may look now.
     ScanNow,
+    /// `cmd/break/start` with the worker's reason.
+    BreakStart { reason: String },
+    /// `cmd/break/end`.
+    BreakEnd,
+    /// A long press of the button: starts a break, or ends the current one.
+    ButtonLongPress,
     /// The frame requested by [`Action::Capture`] was read and handed to analysis.
     FrameCaptured,
     /// The camera failed (missing, unplugged, stalled).
@@ -36,14 +47,36 @@ pub enum Input {
     Shutdown,
 }
 
+/// Something the policy reports, for the audit log and MQTT.
+#[derive(Clone, Debug, PartialEq)]
+pub enum PolicyEvent {
+    BreakStarted {
+        reason: String,
+    },
+    /// A break ended, by command or button, or because it reached `max_break`
+    /// (`overrun`), which is reported as an event.
+    BreakEnded {
+        reason: String,
+        duration_ms: Millis,
+        overrun: bool,
+    },
+    /// A scheduled scan fell outside the shift or into a break and was not taken.
+    ScanSkipped {
+        due: Millis,
+    },
+}
+
 /// What the daemon must do, in order.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq)]
 pub enum Action {
     SetLed(LedPattern),
     OpenShutter,
     CloseShutter,
     /// Read one frame and analyse it; answer with `FrameCaptured` or `CameraFault`.
     Capture,
+    Event(PolicyEvent),
+    /// A command was refused; nothing changed. The text says why.
+    Refused(&'static str),
     /// Nothing more will happen: the daemon may exit.
     Finished,
 }
@@ -78,34 +111,51 @@ const FAULT_RETRY_MS: Millis = 5_000;
 /// one look at the desk, far enough apart to debounce a one-frame detector error.
 const BURST_GAP_MS: Millis = 500;
 
+/// Everything the policy needs from the config.
+#[derive(Clone, Debug)]
+pub struct PolicyConfig {
+    pub mode: ScanMode,
+    pub frames_per_check: u32,
+    pub shift: Shift,
+    pub max_break_ms: Millis,
+}
+
+#[derive(Clone, Debug)]
+struct OnBreak {
+    since: Millis,
+    reason: String,
+}
+
 #[derive(Clone, Debug)]
 pub struct Policy {
-    mode: ScanMode,
+    cfg: PolicyConfig,
     rng: Rng,
     shutter_open: bool,
     led: LedPattern,
     /// A capture has been requested and not yet answered.
     capturing: bool,
-    /// Frames per check (spot check or scan-now).
-    frames_per_check: u32,
     /// Frames still to take in the current check; 0 when not in a check (continuous
     /// mode keeps looking instead).
     burst_left: u32,
     next_scan: Option<Millis>,
+    /// Scheduled mode: when the pre-warning of the next scan began.
+    prewarn_since: Option<Millis>,
+    on_break: Option<OnBreak>,
     finished: bool,
 }
 
 impl Policy {
-    pub fn new(mode: ScanMode, frames_per_check: u32, seed: u64) -> Self {
+    pub fn new(cfg: PolicyConfig, seed: u64) -> Self {
         Policy {
-            mode,
+            cfg,
             rng: Rng::new(seed),
             shutter_open: false,
             led: LedPattern::Off,
             capturing: false,
-            frames_per_check: frames_per_check.max(1),
             burst_left: 0,
             next_scan: None,
+            prewarn_since: None,
+            on_break: None,
             finished: false,
         }
     }
@@ -119,15 +169,33 @@ impl Policy {
     }
 
     pub fn mode(&self) -> &ScanMode {
-        &self.mode
+        &self.cfg.mode
     }
 
-    /// When the policy next wants a `Tick`, if ever.
+    pub fn on_break(&self) -> bool {
+        self.on_break.is_some()
+    }
+
+    /// Whether the camera may look at `now`: in the shift, not on a break, not `off`.
+    pub fn may_look(&self, now: Millis) -> bool {
+        !matches!(self.cfg.mode, ScanMode::Off) && self.on_break.is_none() && self.cfg.shift.contains(now)
+    }
+
+    /// When the policy next wants a `Tick`, if ever. The daemon also ticks regularly,
+    /// so shift boundaries are noticed without a deadline of their own.
     pub fn next_deadline(&self) -> Option<Millis> {
         if self.capturing || self.finished {
-            None
-        } else {
-            self.next_scan
+            return None;
+        }
+        let scan = self.next_scan.map(|due| match (&self.cfg.mode, self.prewarn_since) {
+            (ScanMode::Scheduled { warning, .. }, None) => due.saturating_sub(warning.0),
+            (ScanMode::Scheduled { warning, .. }, Some(since)) => due.max(since.saturating_add(warning.0)),
+            _ => due,
+        });
+        let break_end = self.on_break.as_ref().map(|b| b.since.saturating_add(self.cfg.max_break_ms));
+        match (scan, break_end) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
         }
     }
 
@@ -150,25 +218,44 @@ impl Policy {
                 self.capturing = false;
                 self.burst_left = 0;
                 self.close(&mut out, LedPattern::Fault);
-                if !matches!(self.mode, ScanMode::Off) {
+                if !matches!(self.cfg.mode, ScanMode::Off) {
                     self.next_scan = Some(now.saturating_add(FAULT_RETRY_MS));
                 }
             }
             Input::ScanNow => {
-                // While continuous analysis looks anyway, scan-now is the next frame.
-                if !self.capturing && !matches!(self.mode, ScanMode::Off) {
+                if let Some(why) = self.refusal(now) {
+                    out.push(Action::Refused(why));
+                } else if matches!(self.cfg.mode, ScanMode::Scheduled { .. }) && !self.shutter_open {
+                    // Where scans are announced, an ordered one is announced too: it
+                    // becomes the next scheduled scan, pre-warning included.
+                    self.next_scan = Some(now);
+                    self.tick(now, &mut out);
+                } else if !self.capturing {
+                    // While continuous analysis looks anyway, scan-now is the next frame.
                     if !self.shutter_open {
-                        self.burst_left = self.frames_per_check;
+                        self.burst_left = self.cfg.frames_per_check;
                     }
                     self.begin_capture(&mut out);
                 }
             }
+            Input::BreakStart { reason } => self.start_break(now, reason, &mut out),
+            Input::BreakEnd => self.end_break(now, false, &mut out),
+            Input::ButtonLongPress => {
+                if self.on_break.is_some() {
+                    self.end_break(now, false, &mut out);
+                } else {
+                    self.start_break(now, "button".into(), &mut out);
+                }
+            }
             Input::FrameCaptured => {
                 self.capturing = false;
-                if self.burst_left > 1 {
+                if !self.may_look(now) {
+                    self.burst_left = 0;
+                    self.close(&mut out, self.idle_led());
+                } else if self.burst_left > 1 {
                     self.burst_left -= 1;
                     self.next_scan = Some(now.saturating_add(BURST_GAP_MS));
-                } else if self.burst_left == 1 || !matches!(self.mode, ScanMode::Continuous { .. }) {
+                } else if self.burst_left == 1 || !matches!(self.cfg.mode, ScanMode::Continuous { .. }) {
                     self.burst_left = 0;
                     self.close(&mut out, LedPattern::Off);
                     self.schedule_next(now);
@@ -177,29 +264,129 @@ impl Policy {
                     self.schedule_next(now);
                 }
             }
-            Input::Tick => {
-                if self.next_scan.is_none() && !self.capturing {
-                    self.schedule_first(now);
-                }
-                if let Some(due) = self.next_scan {
-                    if now >= due && !self.capturing {
-                        self.next_scan = None;
-                        if !self.shutter_open && matches!(self.mode, ScanMode::Spot { .. }) {
-                            self.burst_left = self.frames_per_check;
-                        }
-                        self.begin_capture(&mut out);
-                    }
-                }
-            }
+            Input::Tick => self.tick(now, &mut out),
         }
         out
+    }
+
+    fn tick(&mut self, now: Millis, out: &mut Vec<Action>) {
+        if let Some(b) = &self.on_break {
+            if now.saturating_sub(b.since) >= self.cfg.max_break_ms {
+                self.end_break(now, true, out);
+            }
+        }
+        if self.capturing {
+            return;
+        }
+        if !self.may_look(now) {
+            // Outside the shift (or on a break, or off): nothing looks. A continuous
+            // watch closes; a scheduled scan that falls due now is skipped.
+            self.burst_left = 0;
+            self.close(out, self.idle_led());
+            // A check that falls due now is skipped (and a scheduled one reported), so
+            // no check is taken the moment the shift starts or a break ends.
+            if let Some(due) = self.next_scan.filter(|due| now >= *due) {
+                if matches!(self.cfg.mode, ScanMode::Scheduled { .. }) {
+                    out.push(Action::Event(PolicyEvent::ScanSkipped { due }));
+                }
+                self.prewarn_since = None;
+                self.schedule_next(now);
+            }
+            if matches!(self.cfg.mode, ScanMode::Continuous { .. }) {
+                self.next_scan = None;
+            }
+            return;
+        }
+        if self.next_scan.is_none() {
+            self.schedule_first(now);
+        }
+        let Some(due) = self.next_scan else { return };
+        // (The frames of a check already under way need no new warning.)
+        if let (ScanMode::Scheduled { warning, .. }, false) = (&self.cfg.mode, self.shutter_open) {
+            let warning = *warning;
+            // Warn first; the scan waits until the warning has lasted its full time.
+            if self.prewarn_since.is_none() && now >= due.saturating_sub(warning.0) {
+                self.prewarn_since = Some(now);
+                self.set_led(out, LedPattern::PreWarning);
+            }
+            let Some(since) = self.prewarn_since else { return };
+            if now < due.max(since.saturating_add(warning.0)) {
+                return;
+            }
+            self.prewarn_since = None;
+        } else if now < due {
+            return;
+        }
+        self.next_scan = None;
+        if !self.shutter_open && !matches!(self.cfg.mode, ScanMode::Continuous { .. }) {
+            self.burst_left = self.cfg.frames_per_check;
+        }
+        self.begin_capture(out);
+    }
+
+    fn refusal(&self, now: Millis) -> Option<&'static str> {
+        if matches!(self.cfg.mode, ScanMode::Off) {
+            Some("monitoring is off (scan.mode = \"off\")")
+        } else if self.on_break.is_some() {
+            Some("the worker is on a break")
+        } else if !self.cfg.shift.contains(now) {
+            Some("outside the shift")
+        } else {
+            None
+        }
+    }
+
+    fn idle_led(&self) -> LedPattern {
+        if self.on_break.is_some() {
+            LedPattern::Break
+        } else {
+            LedPattern::Off
+        }
+    }
+
+    fn start_break(&mut self, now: Millis, reason: String, out: &mut Vec<Action>) {
+        if self.on_break.is_some() {
+            out.push(Action::Refused("already on a break"));
+            return;
+        }
+        self.capturing = false;
+        self.burst_left = 0;
+        self.prewarn_since = None;
+        self.on_break = Some(OnBreak { since: now, reason: reason.clone() });
+        self.close(out, LedPattern::Break);
+        out.push(Action::Event(PolicyEvent::BreakStarted { reason }));
+    }
+
+    fn end_break(&mut self, now: Millis, overrun: bool, out: &mut Vec<Action>) {
+        let Some(b) = self.on_break.take() else {
+            out.push(Action::Refused("no break in progress"));
+            return;
+        };
+        self.set_led(out, LedPattern::Off);
+        out.push(Action::Event(PolicyEvent::BreakEnded {
+            reason: b.reason,
+            duration_ms: now.saturating_sub(b.since),
+            overrun,
+        }));
+        // Checks resume from here: a spot gap or the next scheduled time.
+        self.next_scan = None;
+    }
+
+    fn set_led(&mut self, out: &mut Vec<Action>, led: LedPattern) {
+        if !matches!(led, LedPattern::PreWarning | LedPattern::Analysing) {
+            // A warning that is no longer shown does not count for the next scan.
+            self.prewarn_since = None;
+        }
+        if self.led != led {
+            self.led = led;
+            out.push(Action::SetLed(led));
+        }
     }
 
     fn begin_capture(&mut self, out: &mut Vec<Action>) {
         if !self.shutter_open {
             // LED first: the person in front of the camera is told before it looks.
-            self.led = LedPattern::Analysing;
-            out.push(Action::SetLed(LedPattern::Analysing));
+            self.set_led(out, LedPattern::Analysing);
             self.shutter_open = true;
             out.push(Action::OpenShutter);
         }
@@ -212,10 +399,7 @@ impl Policy {
             self.shutter_open = false;
             out.push(Action::CloseShutter);
         }
-        if self.led != led {
-            self.led = led;
-            out.push(Action::SetLed(led));
-        }
+        self.set_led(out, led);
     }
 
     fn finish(&mut self, out: &mut Vec<Action>) {
@@ -226,25 +410,34 @@ impl Policy {
     }
 
     fn schedule_first(&mut self, now: Millis) {
-        self.next_scan = match self.mode {
+        self.next_scan = match self.cfg.mode {
             ScanMode::Continuous { .. } => Some(now),
-            ScanMode::Spot { .. } => Some(now.saturating_add(self.spot_gap())),
-            ScanMode::Off => None,
+            _ => self.after(now),
         };
     }
 
     fn schedule_next(&mut self, now: Millis) {
-        self.next_scan = match self.mode {
+        self.next_scan = match self.cfg.mode {
             ScanMode::Continuous { fps } => Some(now.saturating_add((1000.0 / fps.max(0.001)) as Millis)),
-            ScanMode::Spot { .. } => Some(now.saturating_add(self.spot_gap())),
-            ScanMode::Off => None,
+            _ => self.after(now),
         };
+    }
+
+    /// The next spot check or scheduled scan after `now`.
+    fn after(&mut self, now: Millis) -> Option<Millis> {
+        match &self.cfg.mode {
+            ScanMode::Spot { .. } => Some(now.saturating_add(self.spot_gap())),
+            ScanMode::Scheduled { times, .. } => {
+                times.iter().filter_map(|t| self.cfg.shift.next_local(now, *t)).min()
+            }
+            ScanMode::Continuous { .. } | ScanMode::Off => None,
+        }
     }
 
     /// Exponentially distributed gaps (a Poisson process at `per_hour`), never below
     /// `min_gap`, so a worker cannot predict the next check.
     fn spot_gap(&mut self) -> Millis {
-        let ScanMode::Spot { per_hour, min_gap } = self.mode else { return 0 };
+        let ScanMode::Spot { per_hour, min_gap } = self.cfg.mode else { return 0 };
         let mean_ms = 3_600_000.0 / per_hour.max(0.001) as f64;
         // Capped at a day: the exponential's tail is long and a gap must stay finite.
         let gap = (-mean_ms * self.rng.unit().ln()).min(86_400_000.0);
@@ -253,149 +446,4 @@ impl Policy {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::duration::Span;
-
-    /// Replays inputs and checks the hardware invariants after every action.
-    fn check_invariants(actions: &[Action], shutter: &mut bool, led: &mut LedPattern) {
-        for a in actions {
-            match a {
-                Action::OpenShutter => {
-                    assert_eq!(*led, LedPattern::Analysing, "shutter opened before the LED said so");
-                    *shutter = true;
-                }
-                Action::CloseShutter => *shutter = false,
-                Action::SetLed(p) => {
-                    assert!(
-                        !*shutter || *p == LedPattern::Analysing,
-                        "LED left 'analysing' while the shutter is open"
-                    );
-                    *led = *p;
-                }
-                Action::Capture => assert!(*shutter, "capture with the shutter closed"),
-                Action::Finished => assert!(!*shutter && *led == LedPattern::Off),
-            }
-        }
-    }
-
-    #[test]
-    fn continuous_keeps_the_shutter_open_at_fps() {
-        let mut p = Policy::new(ScanMode::Continuous { fps: 2.0 }, 3, 1);
-        assert_eq!(
-            p.step(0, Input::Tick),
-            vec![Action::SetLed(LedPattern::Analysing), Action::OpenShutter, Action::Capture]
-        );
-        assert_eq!(p.step(100, Input::FrameCaptured), vec![]);
-        assert_eq!(p.next_deadline(), Some(600));
-        assert_eq!(p.step(300, Input::Tick), vec![]);
-        assert_eq!(p.step(600, Input::Tick), vec![Action::Capture]);
-        assert_eq!(
-            p.step(700, Input::Shutdown),
-            vec![Action::CloseShutter, Action::SetLed(LedPattern::Off), Action::Finished]
-        );
-    }
-
-    #[test]
-    fn spot_checks_open_briefly_and_respect_min_gap() {
-        let min_gap = Span::from_secs(300);
-        let mut p = Policy::new(ScanMode::Spot { per_hour: 4.0, min_gap }, 3, 42);
-        assert!(p.step(0, Input::Tick).is_empty());
-        let mut now = 0;
-        let mut gaps = Vec::new();
-        for _ in 0..200 {
-            let due = p.next_deadline().unwrap();
-            gaps.push(due - now);
-            assert_eq!(
-                p.step(due, Input::Tick),
-                vec![Action::SetLed(LedPattern::Analysing), Action::OpenShutter, Action::Capture]
-            );
-            // A check is a burst of 3 frames, half a second apart, shutter open throughout.
-            assert!(p.step(due + 50, Input::FrameCaptured).is_empty());
-            assert_eq!(p.step(due + 550, Input::Tick), vec![Action::Capture]);
-            assert!(p.step(due + 600, Input::FrameCaptured).is_empty());
-            assert_eq!(p.step(due + 1100, Input::Tick), vec![Action::Capture]);
-            assert_eq!(
-                p.step(due + 1150, Input::FrameCaptured),
-                vec![Action::CloseShutter, Action::SetLed(LedPattern::Off)]
-            );
-            now = due + 1150;
-        }
-        assert!(gaps.iter().all(|g| *g >= 300_000));
-        let mean = gaps.iter().sum::<u64>() as f64 / gaps.len() as f64;
-        // 4 per hour on average: 15 min mean (a little more with the floor).
-        assert!((700_000.0..1_300_000.0).contains(&mean), "mean gap {mean}");
-    }
-
-    #[test]
-    fn scan_now_takes_one_check_then_closes() {
-        let mut p = Policy::new(ScanMode::Spot { per_hour: 1.0, min_gap: Span::from_secs(600) }, 2, 5);
-        p.step(0, Input::Tick);
-        assert_eq!(
-            p.step(10, Input::ScanNow),
-            vec![Action::SetLed(LedPattern::Analysing), Action::OpenShutter, Action::Capture]
-        );
-        assert!(p.step(20, Input::FrameCaptured).is_empty());
-        assert_eq!(p.step(520, Input::Tick), vec![Action::Capture]);
-        assert_eq!(
-            p.step(530, Input::FrameCaptured),
-            vec![Action::CloseShutter, Action::SetLed(LedPattern::Off)]
-        );
-        assert!(p.next_deadline().unwrap() >= 530 + 600_000, "the next spot check keeps min_gap");
-    }
-
-    #[test]
-    fn off_never_opens_even_on_scan_now() {
-        let mut p = Policy::new(ScanMode::Off, 3, 1);
-        for t in 0..100 {
-            assert!(p.step(t * 1000, Input::Tick).is_empty());
-            assert!(p.step(t * 1000, Input::ScanNow).is_empty());
-        }
-        assert!(!p.shutter_open());
-    }
-
-    #[test]
-    fn camera_fault_closes_and_retries() {
-        let mut p = Policy::new(ScanMode::Continuous { fps: 1.0 }, 3, 1);
-        p.step(0, Input::Tick);
-        assert_eq!(
-            p.step(10, Input::CameraFault),
-            vec![Action::CloseShutter, Action::SetLed(LedPattern::Fault)]
-        );
-        assert_eq!(p.next_deadline(), Some(5_010));
-        assert_eq!(
-            p.step(5_010, Input::Tick),
-            vec![Action::SetLed(LedPattern::Analysing), Action::OpenShutter, Action::Capture]
-        );
-    }
-
-    #[test]
-    fn random_input_sequences_keep_led_and_shutter_ordering() {
-        for seed in 0..200u64 {
-            let mut rng = Rng::new(seed);
-            let mode = match seed % 3 {
-                0 => ScanMode::Continuous { fps: 1.0 + (seed % 5) as f32 },
-                1 => ScanMode::Spot { per_hour: 30.0, min_gap: Span::from_secs(10) },
-                _ => ScanMode::Off,
-            };
-            let mut p = Policy::new(mode, 1 + (seed % 4) as u32, seed);
-            let (mut shutter, mut led) = (false, LedPattern::Off);
-            let mut now = 0;
-            for _ in 0..300 {
-                now += rng.next_u64() % 5_000;
-                let input = match rng.next_u64() % 10 {
-                    0 => Input::ScanNow,
-                    1 => Input::CameraFault,
-                    2..=4 => Input::FrameCaptured,
-                    _ => Input::Tick,
-                };
-                let actions = p.step(now, input);
-                check_invariants(&actions, &mut shutter, &mut led);
-                assert_eq!(shutter, p.shutter_open());
-            }
-            let actions = p.step(now, Input::Shutdown);
-            check_invariants(&actions, &mut shutter, &mut led);
-            assert!(!shutter && led == LedPattern::Off);
-        }
-    }
-}
+mod tests;

@@ -102,6 +102,12 @@ pub fn run(args: DemoArgs) -> Result<ExitCode> {
     };
     set(&mut table, "camera.source", source.into());
     set(&mut table, "scan.mode", "continuous".into());
+    // The demo runs whenever it is started: a shift of every day, all day.
+    let all_days: Vec<toml::Value> =
+        ["mon", "tue", "wed", "thu", "fri", "sat", "sun"].iter().map(|d| (*d).into()).collect();
+    set(&mut table, "shift.days", toml::Value::Array(all_days));
+    set(&mut table, "shift.start", "00:00".into());
+    set(&mut table, "shift.end", "24:00".into());
     set(&mut table, "scan.fps", args.fps.into());
     // Each photo is a different scene: let every rule fire on its first positive
     // frame and repeat at once, and count absence from the first empty frame.

@@ -65,6 +65,8 @@ pub fn led_name(p: LedPattern) -> &'static str {
     match p {
         LedPattern::Off => "off",
         LedPattern::Analysing => "analysing",
+        LedPattern::PreWarning => "pre-warning",
+        LedPattern::Break => "break",
         LedPattern::Fault => "fault",
     }
 }

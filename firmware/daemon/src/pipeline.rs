@@ -8,7 +8,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use deskcam_core::policy::{Action, Input, Policy};
+use deskcam_core::policy::{Action, Input, Policy, PolicyConfig, PolicyEvent};
 use deskcam_core::rules::{Finding, FrameFacts, RuleEngine, RuleKind};
 use deskcam_core::schema::{EventBox, FrameSize, State, StillInfo, ViolationEvent, SCHEMA_VERSION};
 use deskcam_core::{Config, Detection};
@@ -70,10 +70,18 @@ impl Pipeline {
     /// Runs until the policy finishes (a photo directory ran out) or `stop` is set.
     /// The hardware is in its safe state when this returns, whatever happened.
     pub fn run(mut self) -> Summary {
-        let start = Instant::now();
-        let now = || start.elapsed().as_millis() as u64;
+        // Wall-clock time: the shift is a wall-clock schedule.
+        let now = unix_ms;
         let seed = unix_ms() ^ u64::from(std::process::id());
-        let mut policy = Policy::new(self.config.scan.clone(), self.config.frames_per_check, seed);
+        let mut policy = Policy::new(
+            PolicyConfig {
+                mode: self.config.scan.clone(),
+                frames_per_check: self.config.frames_per_check,
+                shift: self.config.shift.clone(),
+                max_break_ms: self.config.max_break.as_millis(),
+            },
+            seed,
+        );
         let mut rules = RuleEngine::new(self.config.rules.clone());
         let mut source: Option<Box<dyn FrameSource>> = None;
         let mut token: Option<ShutterOpen> = None;
@@ -160,6 +168,13 @@ impl Pipeline {
                             };
                             pending.push(input);
                         }
+                        Action::Event(e) => {
+                            if let PolicyEvent::BreakEnded { .. } = e {
+                                rules.restart_presence(now());
+                            }
+                            self.line(format!("policy: {e:?}"), true);
+                        }
+                        Action::Refused(why) => tracing::warn!("command refused: {why}"),
                         Action::Finished => break 'outer,
                     }
                 }

@@ -155,6 +155,10 @@ impl Recorder {
     }
 }
 
+/// A shift of every day, all day: tests run whenever CI runs.
+pub const ALL_WEEK: &str =
+    "[shift]\ndays = [\"mon\", \"tue\", \"wed\", \"thu\", \"fri\", \"sat\", \"sun\"]\nstart = \"00:00\"\nend = \"24:00\"\n";
+
 /// Writes a daemon config for tests: the given source (looped or not), broker port and
 /// extra tables.
 pub fn write_config(dir: &Path, device: &str, source: &str, looped: bool, port: u16, extra: &str) -> PathBuf {
@@ -162,7 +166,7 @@ pub fn write_config(dir: &Path, device: &str, source: &str, looped: bool, port: 
     let mut f = std::fs::File::create(&path).unwrap();
     write!(
         f,
-        "device_id = \"{device}\"\n{extra}\n[camera]\nsource = \"{source}\"\nloop = {looped}\n[mqtt]\nurl = \"mqtt://127.0.0.1:{port}\"\n"
+        "device_id = \"{device}\"\n{extra}\n[camera]\nsource = \"{source}\"\nloop = {looped}\n[mqtt]\nurl = \"mqtt://127.0.0.1:{port}\"\n{ALL_WEEK}"
     )
     .unwrap();
     path

@@ -1,0 +1,320 @@
+//! The policy under simulated time: modes, shift, breaks, pre-warning, and random
+//! input sequences checked against the privacy invariants after every action.
+
+use super::*;
+use crate::duration::Span;
+
+/// 2026-11-23 08:00 UTC, a Monday.
+const MON_0800: Millis = 1_795_420_800_000;
+const HOUR: Millis = 3_600_000;
+
+fn workdays() -> Shift {
+    let days: Vec<String> = ["mon", "tue", "wed", "thu", "fri"].iter().map(|d| d.to_string()).collect();
+    Shift::new("UTC", &days, "08:00", "18:00").unwrap()
+}
+
+fn policy(mode: ScanMode, frames: u32, shift: Shift, seed: u64) -> Policy {
+    Policy::new(PolicyConfig { mode, frames_per_check: frames, shift, max_break_ms: 30 * 60_000 }, seed)
+}
+
+/// Replays actions on a model of the hardware and checks the invariants.
+struct Model {
+    shutter: bool,
+    led: LedPattern,
+    prewarn_since: Option<Millis>,
+}
+
+impl Model {
+    fn new() -> Self {
+        Model { shutter: false, led: LedPattern::Off, prewarn_since: None }
+    }
+
+    fn apply(&mut self, p: &Policy, now: Millis, actions: &[Action], shift: &Shift, warning: Option<Millis>) {
+        for a in actions {
+            match a {
+                Action::OpenShutter => {
+                    assert_eq!(self.led, LedPattern::Analysing, "shutter opened before the LED said so");
+                    assert!(shift.contains(now), "shutter opened outside the shift");
+                    assert!(!p.on_break(), "shutter opened during a break");
+                    if let Some(w) = warning {
+                        let since = self.prewarn_since.expect("a scheduled scan without pre-warning");
+                        assert!(now >= since + w, "pre-warning of {} ms, not {w}", now - since);
+                    }
+                    self.shutter = true;
+                }
+                Action::CloseShutter => self.shutter = false,
+                Action::SetLed(l) => {
+                    assert!(
+                        !self.shutter || *l == LedPattern::Analysing,
+                        "LED left 'analysing' with the shutter open"
+                    );
+                    if *l == LedPattern::PreWarning {
+                        self.prewarn_since = Some(now);
+                    } else if *l != LedPattern::Analysing {
+                        self.prewarn_since = None;
+                    }
+                    self.led = *l;
+                }
+                Action::Capture => {
+                    assert!(
+                        self.shutter && self.led == LedPattern::Analysing,
+                        "capture without open shutter and LED"
+                    );
+                    assert!(p.may_look(now), "capture while the camera may not look");
+                }
+                Action::Finished => assert!(!self.shutter && self.led == LedPattern::Off),
+                Action::Event(_) | Action::Refused(_) => {}
+            }
+        }
+        if p.on_break() || !shift.contains(now) || matches!(p.mode(), ScanMode::Off) {
+            assert!(!self.shutter, "shutter open while the camera may not look");
+        }
+    }
+}
+
+#[test]
+fn continuous_keeps_the_shutter_open_at_fps() {
+    let mut p = policy(ScanMode::Continuous { fps: 2.0 }, 3, Shift::always(), 1);
+    assert_eq!(
+        p.step(0, Input::Tick),
+        vec![Action::SetLed(LedPattern::Analysing), Action::OpenShutter, Action::Capture]
+    );
+    assert_eq!(p.step(100, Input::FrameCaptured), vec![]);
+    assert_eq!(p.next_deadline(), Some(600));
+    assert_eq!(p.step(300, Input::Tick), vec![]);
+    assert_eq!(p.step(600, Input::Tick), vec![Action::Capture]);
+    assert_eq!(
+        p.step(700, Input::Shutdown),
+        vec![Action::CloseShutter, Action::SetLed(LedPattern::Off), Action::Finished]
+    );
+}
+
+#[test]
+fn spot_checks_are_bursts_that_respect_min_gap_and_rate() {
+    let min_gap = Span::from_secs(300);
+    let mut p = policy(ScanMode::Spot { per_hour: 4.0, min_gap }, 3, Shift::always(), 42);
+    assert!(p.step(0, Input::Tick).is_empty());
+    let mut now = 0;
+    let mut gaps = Vec::new();
+    for _ in 0..200 {
+        let due = p.next_deadline().unwrap();
+        gaps.push(due - now);
+        assert_eq!(
+            p.step(due, Input::Tick),
+            vec![Action::SetLed(LedPattern::Analysing), Action::OpenShutter, Action::Capture]
+        );
+        // A check is a burst of 3 frames, half a second apart, shutter open throughout.
+        assert!(p.step(due + 50, Input::FrameCaptured).is_empty());
+        assert_eq!(p.step(due + 550, Input::Tick), vec![Action::Capture]);
+        assert!(p.step(due + 600, Input::FrameCaptured).is_empty());
+        assert_eq!(p.step(due + 1100, Input::Tick), vec![Action::Capture]);
+        assert_eq!(
+            p.step(due + 1150, Input::FrameCaptured),
+            vec![Action::CloseShutter, Action::SetLed(LedPattern::Off)]
+        );
+        now = due + 1150;
+    }
+    assert!(gaps.iter().all(|g| *g >= 300_000));
+    let mean = gaps.iter().sum::<u64>() as f64 / gaps.len() as f64;
+    // 4 per hour: a 15 min mean gap, a little more with the floor; 200 samples of an
+    // exponential keep the sample mean within about ±25 % (3.5 standard errors).
+    assert!((700_000.0..1_300_000.0).contains(&mean), "mean gap {mean}");
+}
+
+#[test]
+fn scan_now_takes_one_check_then_closes() {
+    let mut p =
+        policy(ScanMode::Spot { per_hour: 1.0, min_gap: Span::from_secs(600) }, 2, Shift::always(), 5);
+    p.step(0, Input::Tick);
+    assert_eq!(
+        p.step(10, Input::ScanNow),
+        vec![Action::SetLed(LedPattern::Analysing), Action::OpenShutter, Action::Capture]
+    );
+    assert!(p.step(20, Input::FrameCaptured).is_empty());
+    assert_eq!(p.step(520, Input::Tick), vec![Action::Capture]);
+    assert_eq!(
+        p.step(530, Input::FrameCaptured),
+        vec![Action::CloseShutter, Action::SetLed(LedPattern::Off)]
+    );
+    assert!(p.next_deadline().unwrap() >= 530 + 600_000, "the next spot check keeps min_gap");
+}
+
+#[test]
+fn off_never_opens_and_refuses_scan_now() {
+    let mut p = policy(ScanMode::Off, 3, Shift::always(), 1);
+    for t in 0..100 {
+        assert!(p.step(t * 1000, Input::Tick).is_empty());
+        assert_eq!(
+            p.step(t * 1000, Input::ScanNow),
+            vec![Action::Refused("monitoring is off (scan.mode = \"off\")")]
+        );
+    }
+    assert!(!p.shutter_open());
+}
+
+#[test]
+fn camera_fault_closes_and_retries() {
+    let mut p = policy(ScanMode::Continuous { fps: 1.0 }, 3, Shift::always(), 1);
+    p.step(0, Input::Tick);
+    assert_eq!(p.step(10, Input::CameraFault), vec![Action::CloseShutter, Action::SetLed(LedPattern::Fault)]);
+    assert_eq!(p.next_deadline(), Some(5_010));
+    assert_eq!(
+        p.step(5_010, Input::Tick),
+        vec![Action::SetLed(LedPattern::Analysing), Action::OpenShutter, Action::Capture]
+    );
+}
+
+#[test]
+fn nothing_outside_the_shift() {
+    let mut p = policy(ScanMode::Continuous { fps: 1.0 }, 3, workdays(), 1);
+    assert!(p.step(MON_0800 - 1000, Input::Tick).is_empty(), "07:59:59");
+    assert_eq!(p.step(MON_0800 - 1000, Input::ScanNow), vec![Action::Refused("outside the shift")]);
+    assert_eq!(
+        p.step(MON_0800, Input::Tick),
+        vec![Action::SetLed(LedPattern::Analysing), Action::OpenShutter, Action::Capture]
+    );
+    p.step(MON_0800 + 10, Input::FrameCaptured);
+    // 18:00: the shift ends and continuous analysis closes.
+    assert_eq!(
+        p.step(MON_0800 + 10 * HOUR, Input::Tick),
+        vec![Action::CloseShutter, Action::SetLed(LedPattern::Off)]
+    );
+    // Through the week: the shutter opens only within the shift, and does open in it.
+    let mut opened_in_shift = 0;
+    for minute in (10 * 60 + 1)..(6 * 24 * 60) {
+        let now = MON_0800 + minute * 60_000;
+        let out = p.step(now, Input::Tick);
+        if out.contains(&Action::Capture) {
+            assert!(workdays().contains(now), "looked outside the shift at minute {minute}");
+            opened_in_shift += 1;
+            p.step(now + 10, Input::FrameCaptured);
+        }
+    }
+    assert!(opened_in_shift > 0, "continuous analysis resumes the next morning");
+}
+
+#[test]
+fn breaks_close_the_shutter_and_end_by_command_button_or_max_break() {
+    let mut p = policy(ScanMode::Continuous { fps: 1.0 }, 3, Shift::always(), 1);
+    p.step(0, Input::Tick);
+    p.step(10, Input::FrameCaptured);
+    assert_eq!(
+        p.step(100, Input::BreakStart { reason: "lunch".into() }),
+        vec![
+            Action::CloseShutter,
+            Action::SetLed(LedPattern::Break),
+            Action::Event(PolicyEvent::BreakStarted { reason: "lunch".into() })
+        ]
+    );
+    assert_eq!(
+        p.step(200, Input::BreakStart { reason: "again".into() }),
+        vec![Action::Refused("already on a break")]
+    );
+    assert_eq!(p.step(300, Input::ScanNow), vec![Action::Refused("the worker is on a break")]);
+    assert!(p.step(5_000, Input::Tick).is_empty(), "no scan during a break");
+    let ended = p.step(60_100, Input::BreakEnd);
+    assert_eq!(
+        ended,
+        vec![
+            Action::SetLed(LedPattern::Off),
+            Action::Event(PolicyEvent::BreakEnded {
+                reason: "lunch".into(),
+                duration_ms: 60_000,
+                overrun: false
+            })
+        ]
+    );
+    assert_eq!(p.step(60_200, Input::BreakEnd), vec![Action::Refused("no break in progress")]);
+    assert!(p.step(60_300, Input::Tick).contains(&Action::OpenShutter), "work resumes");
+    p.step(60_310, Input::FrameCaptured);
+
+    // The button toggles; a break longer than max_break ends by itself, reported.
+    assert!(p
+        .step(70_000, Input::ButtonLongPress)
+        .contains(&Action::Event(PolicyEvent::BreakStarted { reason: "button".into() })));
+    let overrun = p.step(70_000 + 30 * 60_000, Input::Tick);
+    assert!(overrun.contains(&Action::Event(PolicyEvent::BreakEnded {
+        reason: "button".into(),
+        duration_ms: 30 * 60_000,
+        overrun: true
+    })));
+}
+
+#[test]
+fn scheduled_scans_are_announced_for_warning_seconds() {
+    let warning = Span::from_secs(30);
+    let mode = ScanMode::Scheduled { times: vec![10 * 60, 15 * 60], warning };
+    let mut p = policy(mode, 2, workdays(), 1);
+    assert!(p.step(MON_0800, Input::Tick).is_empty());
+    let at_10 = MON_0800 + 2 * HOUR;
+    assert_eq!(p.next_deadline(), Some(at_10 - 30_000));
+    assert_eq!(p.step(at_10 - 30_000, Input::Tick), vec![Action::SetLed(LedPattern::PreWarning)]);
+    assert!(p.step(at_10 - 1, Input::Tick).is_empty());
+    assert_eq!(
+        p.step(at_10, Input::Tick),
+        vec![Action::SetLed(LedPattern::Analysing), Action::OpenShutter, Action::Capture]
+    );
+    // Woken late (the daemon was busy): the warning still lasts its full 30 s.
+    let mut p = policy(ScanMode::Scheduled { times: vec![10 * 60], warning }, 2, workdays(), 1);
+    p.step(MON_0800, Input::Tick);
+    assert_eq!(p.step(at_10 - 5_000, Input::Tick), vec![Action::SetLed(LedPattern::PreWarning)]);
+    assert!(p.step(at_10, Input::Tick).is_empty());
+    assert!(p.step(at_10 + 25_000, Input::Tick).contains(&Action::OpenShutter));
+}
+
+#[test]
+fn scheduled_scan_during_a_break_is_skipped_and_reported() {
+    let mode = ScanMode::Scheduled { times: vec![10 * 60], warning: Span::from_secs(10) };
+    let mut p = policy(mode, 1, workdays(), 1);
+    p.step(MON_0800, Input::Tick);
+    let at_10 = MON_0800 + 2 * HOUR;
+    p.step(at_10 - 60_000, Input::BreakStart { reason: "doctor".into() });
+    let out = p.step(at_10 + 1, Input::Tick);
+    assert!(out.contains(&Action::Event(PolicyEvent::ScanSkipped { due: at_10 })), "{out:?}");
+    assert!(!out.contains(&Action::OpenShutter));
+}
+
+/// Random inputs at random times, across modes and shifts: after every step the
+/// invariants hold (see `Model::apply`).
+#[test]
+fn random_input_sequences_keep_the_invariants() {
+    for seed in 0..300u64 {
+        let mut rng = Rng::new(seed);
+        let warning = Span::from_secs(20);
+        let mode = match seed % 4 {
+            0 => ScanMode::Continuous { fps: 1.0 + (seed % 5) as f32 },
+            1 => ScanMode::Spot { per_hour: 30.0, min_gap: Span::from_secs(10) },
+            2 => ScanMode::Scheduled { times: vec![8 * 60 + 5, 9 * 60, 12 * 60 + 30, 17 * 60 + 59], warning },
+            _ => ScanMode::Off,
+        };
+        let scheduled = matches!(mode, ScanMode::Scheduled { .. }).then_some(warning.0);
+        let shift = if seed % 2 == 0 { workdays() } else { Shift::always() };
+        let mut p = policy(mode, 1 + (seed % 4) as u32, shift.clone(), seed);
+        let mut m = Model::new();
+        let mut now = MON_0800 - HOUR + rng.next_u64() % (2 * HOUR);
+        for _ in 0..400 {
+            now += rng.next_u64() % 120_000;
+            let input = match rng.next_u64() % 16 {
+                0 => Input::ScanNow,
+                1 => Input::CameraFault,
+                2 => Input::BreakStart { reason: "r".into() },
+                3 => Input::BreakEnd,
+                4 => Input::ButtonLongPress,
+                5..=8 => Input::FrameCaptured,
+                _ => Input::Tick,
+            };
+            let actions = p.step(now, input);
+            m.apply(&p, now, &actions, &shift, scheduled);
+            assert_eq!(m.shutter, p.shutter_open());
+            // The daemon answers a capture at once.
+            if actions.contains(&Action::Capture) {
+                now += 50;
+                let actions = p.step(now, Input::FrameCaptured);
+                m.apply(&p, now, &actions, &shift, scheduled);
+            }
+        }
+        let actions = p.step(now, Input::Shutdown);
+        m.apply(&p, now, &actions, &shift, scheduled);
+        assert!(!m.shutter && m.led == LedPattern::Off);
+    }
+}
