@@ -165,48 +165,33 @@ fn broker_down_at_start_is_retried_until_it_comes_up() {
     assert!(rec.wait_for(Duration::from_secs(20), |m| m.topic.ends_with("/event/violation")).is_some());
 }
 
+/// A daemon analysing one photo in a loop (continuous mode), with a broker and a
+/// recorder of the device's top-level topics.
+fn looping_daemon(name: &str) -> (Mosquitto, Recorder, Daemon) {
+    let broker = Mosquitto::start();
+    let dir = one_photo_dir(name);
+    let device = format!("itest-{name}");
+    let source = format!("dir:{}", dir.display());
+    let config = write_config(&dir, &device, &source, true, broker.port, "[scan]\nmode = \"continuous\"\n");
+    let rec = Recorder::start(broker.port, &format!("deskcam/{device}/+"));
+    let child = deskcam().arg("run").arg("--config").arg(&config).stderr(Stdio::null()).spawn().unwrap();
+    (broker, rec, Daemon(child))
+}
+
 #[test]
 fn status_goes_offline_when_the_daemon_is_killed() {
-    let broker = Mosquitto::start();
-    let dir = one_photo_dir("killed");
-    let device = "itest-killed";
-    let config = write_config(
-        &dir,
-        device,
-        &format!("dir:{}", dir.display()),
-        true,
-        broker.port,
-        "[scan]\nmode = \"continuous\"\n",
-    );
-    let rec = Recorder::start(broker.port, &format!("deskcam/{device}/status"));
-    let child = deskcam().arg("run").arg("--config").arg(&config).stderr(Stdio::null()).spawn().unwrap();
-    let mut d = Daemon(child);
-    assert!(rec.wait_for(Duration::from_secs(20), |m| m.payload == b"online").is_some());
+    let (_broker, rec, mut d) = looping_daemon("killed");
+    let status = |payload: &'static [u8]| move |m: &Msg| m.topic.ends_with("/status") && m.payload == payload;
+    assert!(rec.wait_for(Duration::from_secs(20), status(b"online")).is_some());
     // SIGKILL: no goodbye from the daemon; the broker publishes the last will.
     d.0.kill().unwrap();
     d.0.wait().unwrap();
-    assert!(
-        rec.wait_for(Duration::from_secs(10), |m| m.payload == b"offline").is_some(),
-        "no last will after a kill"
-    );
+    assert!(rec.wait_for(Duration::from_secs(10), status(b"offline")).is_some(), "no last will after a kill");
 }
 
 #[test]
 fn sigterm_stops_cleanly_with_the_shutter_closed_and_status_offline() {
-    let broker = Mosquitto::start();
-    let dir = one_photo_dir("sigterm");
-    let device = "itest-sigterm";
-    let config = write_config(
-        &dir,
-        device,
-        &format!("dir:{}", dir.display()),
-        true,
-        broker.port,
-        "[scan]\nmode = \"continuous\"\n",
-    );
-    let rec = Recorder::start(broker.port, &format!("deskcam/{device}/+"));
-    let child = deskcam().arg("run").arg("--config").arg(&config).stderr(Stdio::null()).spawn().unwrap();
-    let mut d = Daemon(child);
+    let (_broker, rec, mut d) = looping_daemon("sigterm");
     // Continuous mode: the shutter is open while it analyses.
     assert!(rec
         .wait_for(Duration::from_secs(20), |m| m.topic.ends_with("/state")
