@@ -65,6 +65,7 @@ struct Raw {
     device_id: String,
     board: String,
     shift: RawShift,
+    storage: RawStorage,
     breaks: RawBreaks,
     camera: RawCamera,
     detector: RawDetector,
@@ -80,6 +81,12 @@ struct RawShift {
     days: Vec<String>,
     start: String,
     end: String,
+}
+
+#[derive(Deserialize)]
+struct RawStorage {
+    data_dir: String,
+    audit_max_bytes: i64,
 }
 
 #[derive(Deserialize)]
@@ -421,6 +428,9 @@ pub struct Config {
     pub mqtt: MqttConfig,
     pub shift: crate::schedule::Shift,
     pub max_break: Span,
+    /// Where the audit log (and later the evidence queue) is kept.
+    pub data_dir: PathBuf,
+    pub audit_max_bytes: u64,
     pub scan: ScanMode,
     /// Frames taken by one spot check or scan-now.
     pub frames_per_check: u32,
@@ -741,6 +751,11 @@ impl Validator {
             }
             crate::schedule::Shift::always()
         });
+        if raw.storage.data_dir.is_empty() {
+            self.err("storage.data_dir", "must be a directory path");
+        }
+        let audit_max_bytes =
+            self.int_in("storage.audit_max_bytes", raw.storage.audit_max_bytes, 4096, 1 << 30) as u64;
         let max_break = self.span("breaks.max_break", &raw.breaks.max_break);
         if !(60_000..=86_400_000).contains(&max_break.0) {
             self.err("breaks.max_break", "must be between 1m and 1d");
@@ -804,6 +819,8 @@ impl Validator {
             board: raw.board,
             shift,
             max_break,
+            data_dir: PathBuf::from(raw.storage.data_dir),
+            audit_max_bytes,
             camera: CameraConfig { source, width, height, timeout, looped: raw.camera.looped },
             detector,
             mqtt: MqttConfig { url, base_topic: raw.mqtt.base_topic, keep_alive },

@@ -40,6 +40,10 @@ impl Topics {
     pub fn still(&self, event_id: &str) -> String {
         format!("{}/event/violation/{event_id}/still", self.root)
     }
+
+    pub fn audit(&self) -> String {
+        format!("{}/audit", self.root)
+    }
 }
 
 /// Payloads of the retained `status` topic (the last will says `offline`).
@@ -110,6 +114,46 @@ pub struct ViolationEvent {
     pub still: Option<StillInfo>,
 }
 
+/// What a scan came to, in the audit log.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ScanResult {
+    /// Looked, found nothing.
+    Clear,
+    /// Looked, one or more rules fired.
+    Violation,
+    /// A scheduled scan fell outside the shift or into a break and was not taken.
+    Skipped,
+    /// The camera failed; nothing was looked at.
+    Fault,
+}
+
+impl ScanResult {
+    /// `violation` when any rule fired, else `clear`.
+    pub fn from_rules(rules: &[RuleKind]) -> Self {
+        if rules.is_empty() {
+            ScanResult::Clear
+        } else {
+            ScanResult::Violation
+        }
+    }
+}
+
+/// One line of the audit log (`audit` topic, `audit.jsonl` on the device): every scan,
+/// with or without a finding. Never an image.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct AuditEntry {
+    pub v: u32,
+    /// RFC 3339 UTC.
+    pub time: String,
+    pub mode: String,
+    pub result: ScanResult,
+    /// Frames analysed in this scan.
+    pub frames: u32,
+    /// Rules that fired (empty unless `result` is `violation`).
+    pub rules: Vec<RuleKind>,
+}
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct FrameSize {
     pub width: u32,
@@ -125,9 +169,25 @@ mod tests {
         let t = Topics::new("deskcam", "desk-1");
         assert_eq!(t.status(), "deskcam/desk-1/status");
         assert_eq!(t.still("e1"), "deskcam/desk-1/event/violation/e1/still");
-        for topic in [t.status(), t.state(), t.violation(), t.still("x")] {
+        for topic in [t.status(), t.state(), t.violation(), t.still("x"), t.audit()] {
             assert!(topic.starts_with("deskcam/desk-1/"));
         }
+    }
+
+    #[test]
+    fn audit_entry_has_no_room_for_an_image() {
+        let e = AuditEntry {
+            v: SCHEMA_VERSION,
+            time: "t".into(),
+            mode: "spot".into(),
+            result: ScanResult::Violation,
+            frames: 3,
+            rules: vec![RuleKind::Phone],
+        };
+        let j = serde_json::to_value(&e).unwrap();
+        let keys: Vec<&String> = j.as_object().unwrap().keys().collect();
+        assert_eq!(keys, ["frames", "mode", "result", "rules", "time", "v"]);
+        assert_eq!(j["result"], "violation");
     }
 
     #[test]

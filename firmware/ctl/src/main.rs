@@ -1,6 +1,7 @@
 //! `deskcamctl`: manage a deskcam over MQTT. This first version watches a device:
 //! `status` prints its retained status and state; `watch` prints every event as it
-//! arrives. Commands (scan-now, breaks, config) come with the management plane.
+//! arrives; `audit` prints its audit entries. Commands (scan-now, breaks, config) come
+//! with the management plane.
 
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
@@ -8,7 +9,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
 use deskcam_core::config::BrokerUrl;
-use deskcam_core::schema::{Topics, ViolationEvent};
+use deskcam_core::schema::{AuditEntry, Topics, ViolationEvent};
 use rumqttc::{Client, Event, MqttOptions, Packet, QoS};
 
 #[derive(Parser)]
@@ -36,6 +37,12 @@ enum Cmd {
     Status,
     /// Print events as they arrive, one line each (Ctrl-C to stop).
     Watch,
+    /// Print the device's audit entries (one per scan) as they arrive.
+    Audit {
+        /// Exit after this many entries.
+        #[arg(long)]
+        count: Option<u64>,
+    },
 }
 
 fn main() -> ExitCode {
@@ -89,6 +96,40 @@ fn run(cli: Cli) -> Result<ExitCode> {
                     cli.device,
                     state.unwrap_or_else(|| "-".into())
                 );
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Cmd::Audit { count } => {
+            client.subscribe(topics.audit(), QoS::AtLeastOnce).context("subscribe")?;
+            let mut seen = 0;
+            for ev in conn.iter() {
+                let p = match ev {
+                    Ok(Event::Incoming(Packet::Publish(p))) => p,
+                    Ok(_) => continue,
+                    Err(e) => anyhow::bail!("broker {url}: {e}"),
+                };
+                match serde_json::from_slice::<AuditEntry>(&p.payload) {
+                    Ok(_) if cli.json => println!("{}", String::from_utf8_lossy(&p.payload)),
+                    Ok(a) => {
+                        let rules: Vec<&str> = a.rules.iter().map(|r| r.name()).collect();
+                        println!(
+                            "{}  {:<10} {:<9} frames {:<2} {}",
+                            a.time,
+                            a.mode,
+                            serde_json::to_value(a.result)
+                                .ok()
+                                .and_then(|v| v.as_str().map(String::from))
+                                .unwrap_or_default(),
+                            a.frames,
+                            rules.join(",")
+                        );
+                    }
+                    Err(e) => eprintln!("deskcamctl: unreadable audit entry: {e}"),
+                }
+                seen += 1;
+                if count.is_some_and(|n| seen >= n) {
+                    break;
+                }
             }
             Ok(ExitCode::SUCCESS)
         }

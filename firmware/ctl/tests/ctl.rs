@@ -60,3 +60,26 @@ fn unknown_device_and_unreachable_broker_are_distinct_failures() {
     assert_eq!(out.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&out.stderr).contains(&port.to_string()));
 }
+
+#[test]
+fn audit_prints_entries_as_they_arrive() {
+    let broker = Mosquitto::start();
+    let mut child = ctl(&broker)
+        .args(["--device", "desk-9", "audit", "--count", "1"])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let (client, mut conn) = Client::new(MqttOptions::new("test-audit", "127.0.0.1", broker.port), 8);
+    std::thread::spawn(move || for _ in conn.iter() {});
+    let entry = r#"{"v":1,"time":"2026-11-24T10:00:00.000Z","mode":"spot","result":"violation","frames":3,"rules":["phone"]}"#;
+    // Publish until the CLI (which subscribes on start) has taken one and exited.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while child.try_wait().unwrap().is_none() {
+        assert!(std::time::Instant::now() < deadline, "deskcamctl audit did not print an entry");
+        client.publish("deskcam/desk-9/audit", QoS::AtLeastOnce, false, entry).unwrap();
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let out = child.wait_with_output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("violation") && text.contains("phone") && text.contains("frames 3"), "{text}");
+}

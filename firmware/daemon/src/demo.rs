@@ -48,6 +48,7 @@ pub struct DemoArgs {
 struct Received {
     status: Vec<String>,
     events: u64,
+    audit: u64,
     stills: u64,
     still_bytes: u64,
     other: Vec<String>,
@@ -125,6 +126,9 @@ pub fn run(args: DemoArgs) -> Result<ExitCode> {
         }
     };
     set(&mut table, "mqtt.url", broker_url.clone().into());
+    // The device's own files (the audit log) go beside the stills, not to /data.
+    let data_dir = args.out.join("device-data");
+    set(&mut table, "storage.data_dir", data_dir.display().to_string().into());
     let config = Config::from_table(table).map_err(|e| anyhow::anyhow!("demo config: {e}"))?;
 
     std::fs::create_dir_all(&args.out).with_context(|| format!("creating {}", args.out.display()))?;
@@ -187,6 +191,8 @@ fn subscribe(url: &BrokerUrl, topics: &Topics, out: &Path, received: Arc<Mutex<R
                     r.stills += 1;
                     r.still_bytes += p.payload.len() as u64;
                     let _ = std::fs::write(out.join(format!("{id}.jpg")), &p.payload);
+                } else if sub == "audit" {
+                    r.audit += 1;
                 } else if sub != "state" {
                     r.other.push(sub);
                 }
@@ -221,9 +227,10 @@ fn print_summary(s: &Summary, stats: &UplinkStats, r: &Received, out: &Path) {
         stats.published.load(Relaxed)
     );
     println!(
-        "received    {} events, {} stills by a subscriber -> {}/   status seen: {}",
+        "received    {} events, {} stills, {} audit entries by a subscriber -> {}/   status seen: {}",
         r.events,
         r.stills,
+        r.audit,
         out.display(),
         r.status.join(" -> ")
     );

@@ -4,6 +4,7 @@
 //! simulated GPIO and an embedded broker; `config` prints or checks configuration;
 //! `safe-state` closes the shutter and turns the LED off (the service's stop hook).
 
+mod audit;
 mod broker;
 mod demo;
 mod hardware;
@@ -29,6 +30,8 @@ use crate::pipeline::{Pipeline, Report, Summary};
 const DEFAULT_CONFIG_PATH: &str = "/data/deskcam.toml";
 /// Events waiting for the broker: beyond this the oldest is dropped and counted.
 const UPLINK_QUEUE: usize = 64;
+/// Audit entries waiting for the broker (they are on disk already).
+const AUDIT_QUEUE: usize = 256;
 /// Lets `run` read a real camera with simulated shutter and LED pins (development only:
 /// on a device this would look without a physical shutter or LED).
 const ALLOW_SIM_GPIO_ENV: &str = "DESKCAM_ALLOW_SIMULATED_GPIO";
@@ -55,6 +58,12 @@ enum Command {
     Config(ConfigCmd),
     /// Close the shutter and turn the LED off, then exit (service stop hook).
     SafeState,
+    /// Print the audit log kept on this device (one line per scan, JSON).
+    Audit {
+        /// Config file [env DESKCAM_CONFIG, default /data/deskcam.toml].
+        #[arg(long, short)]
+        config: Option<PathBuf>,
+    },
 }
 
 #[derive(Subcommand)]
@@ -81,6 +90,7 @@ fn main() -> ExitCode {
         }
         Command::Config(ConfigCmd::Check { file }) => config_check(&file),
         Command::SafeState => safe_state(),
+        Command::Audit { config } => print_audit(config),
         Command::Run { config } => run_daemon(config),
         Command::Demo(args) => demo::run(args),
     };
@@ -124,10 +134,30 @@ fn safe_state() -> Result<ExitCode> {
     Ok(ExitCode::from(3))
 }
 
-fn run_daemon(config: Option<PathBuf>) -> Result<ExitCode> {
-    let path = config
+fn config_path(config: Option<PathBuf>) -> PathBuf {
+    config
         .or_else(|| std::env::var_os("DESKCAM_CONFIG").map(PathBuf::from))
-        .unwrap_or_else(|| PathBuf::from(DEFAULT_CONFIG_PATH));
+        .unwrap_or_else(|| PathBuf::from(DEFAULT_CONFIG_PATH))
+}
+
+fn print_audit(config: Option<PathBuf>) -> Result<ExitCode> {
+    let config = match load_config(&config_path(config))? {
+        Ok(c) => c,
+        Err(e) => {
+            eprint!("{e}");
+            return Ok(ExitCode::from(2));
+        }
+    };
+    let log = audit::AuditLog::open(&config.data_dir, config.audit_max_bytes)
+        .with_context(|| format!("opening the audit log in {}", config.data_dir.display()))?;
+    for e in log.entries().with_context(|| format!("reading {}", log.path().display()))? {
+        println!("{}", serde_json::to_string(&e)?);
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn run_daemon(config: Option<PathBuf>) -> Result<ExitCode> {
+    let path = config_path(config);
     let config = match load_config(&path)? {
         Ok(c) => c,
         Err(e) => {
@@ -182,6 +212,9 @@ pub fn run_pipeline(
         },
     };
     let events = Arc::new(DropOldest::new(UPLINK_QUEUE));
+    let audit_out = Arc::new(DropOldest::new(AUDIT_QUEUE));
+    let audit = crate::audit::AuditLog::open(&config.data_dir, config.audit_max_bytes)
+        .with_context(|| format!("opening the audit log in {}", config.data_dir.display()))?;
     let (state_tx, state_rx) = tokio::sync::watch::channel(initial_state);
     let stats = Arc::new(UplinkStats::default());
     if let Some(out) = stats_out {
@@ -200,8 +233,14 @@ pub fn run_pipeline(
         .build()
         .context("starting the async runtime")?;
     let (shutdown_tx, shutdown_rx) = tokio::sync::watch::channel(false);
-    let uplink =
-        runtime.spawn(deskcam_uplink::run(uplink_cfg, events.clone(), state_rx, stats.clone(), shutdown_rx));
+    let uplink = runtime.spawn(deskcam_uplink::run(
+        uplink_cfg,
+        events.clone(),
+        audit_out.clone(),
+        state_rx,
+        stats.clone(),
+        shutdown_rx,
+    ));
 
     let stop = Arc::new(AtomicBool::new(false));
     let pipeline = Pipeline {
@@ -209,6 +248,8 @@ pub fn run_pipeline(
         detector,
         hardware,
         events: events.clone(),
+        audit,
+        audit_out,
         state: state_tx,
         report,
         stop: stop.clone(),

@@ -8,9 +8,12 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
+use deskcam_core::config::ScanMode;
 use deskcam_core::policy::{Action, Input, Policy, PolicyConfig, PolicyEvent};
 use deskcam_core::rules::{Finding, FrameFacts, RuleEngine, RuleKind};
-use deskcam_core::schema::{EventBox, FrameSize, State, StillInfo, ViolationEvent, SCHEMA_VERSION};
+use deskcam_core::schema::{
+    AuditEntry, EventBox, FrameSize, ScanResult, State, StillInfo, ViolationEvent, SCHEMA_VERSION,
+};
 use deskcam_core::{Config, Detection};
 use deskcam_hw::ShutterOpen;
 use deskcam_uplink::{DropOldest, Violation, MAX_PACKET_BYTES};
@@ -55,6 +58,8 @@ pub struct Pipeline {
     pub detector: Detector,
     pub hardware: Hardware,
     pub events: Arc<DropOldest<Violation>>,
+    pub audit: crate::audit::AuditLog,
+    pub audit_out: Arc<DropOldest<AuditEntry>>,
     pub state: tokio::sync::watch::Sender<State>,
     pub report: Report,
     pub stop: Arc<AtomicBool>,
@@ -88,6 +93,9 @@ impl Pipeline {
         let mut summary = Summary::default();
         let mut seq = 0u64;
         let mut pending: Vec<Input> = vec![Input::Tick];
+        // The scan under way: frames analysed and rules fired since the shutter opened.
+        let mut scan: Option<(u32, Vec<RuleKind>)> = None;
+        let mut faulted = false;
 
         'outer: loop {
             let enough = self.max_frames.is_some_and(|n| summary.frames >= n);
@@ -108,6 +116,9 @@ impl Pipeline {
                             // device is a fault with the shutter still closed.
                             if let Err(e) = self.ensure_source(&mut source, &mut rules, now()) {
                                 summary.faults += 1;
+                                if !std::mem::replace(&mut faulted, true) {
+                                    self.record(ScanResult::Fault, 0, Vec::new());
+                                }
                                 tracing::error!("{e}; retrying in 5s");
                                 pending.push(Input::CameraFault);
                                 continue;
@@ -115,6 +126,7 @@ impl Pipeline {
                             match self.hardware.open_shutter() {
                                 Ok(t) => {
                                     token = Some(t);
+                                    scan = Some((0, Vec::new()));
                                     rules.begin_check();
                                     self.publish_state("open");
                                 }
@@ -126,6 +138,11 @@ impl Pipeline {
                         }
                         Action::CloseShutter => {
                             token = None;
+                            if let Some((frames, fired)) = scan.take() {
+                                if frames > 0 {
+                                    self.record(ScanResult::from_rules(&fired), frames, fired);
+                                }
+                            }
                             if let Some(s) = source.as_mut() {
                                 s.pause();
                             }
@@ -148,7 +165,19 @@ impl Pipeline {
                             let input = match outcome {
                                 Ok(frame) => {
                                     seq += 1;
-                                    self.analyse(&frame, now(), seq, &mut rules, &mut summary);
+                                    faulted = false;
+                                    let fired = self.analyse(&frame, now(), seq, &mut rules, &mut summary);
+                                    if matches!(self.config.scan, ScanMode::Continuous { .. }) {
+                                        // A continuous watch is a scan per frame.
+                                        self.record(ScanResult::from_rules(&fired), 1, fired);
+                                    } else if let Some((frames, all)) = scan.as_mut() {
+                                        *frames += 1;
+                                        for r in fired {
+                                            if !all.contains(&r) {
+                                                all.push(r);
+                                            }
+                                        }
+                                    }
                                     Input::FrameCaptured
                                 }
                                 Err(e) if e.is_skippable() => {
@@ -159,7 +188,10 @@ impl Pipeline {
                                 Err(CaptureError::Exhausted) => Input::SourceExhausted,
                                 Err(e) => {
                                     summary.faults += 1;
-                                    tracing::error!("{e}; shutter closed, retrying in 5s");
+                                    if !std::mem::replace(&mut faulted, true) {
+                                        self.record(ScanResult::Fault, 0, Vec::new());
+                                    }
+                                    tracing::error!("{e}; closing the shutter, retrying in 5s");
                                     // Reopen from scratch next time: the device may come back
                                     // under the same path.
                                     source = None;
@@ -169,8 +201,12 @@ impl Pipeline {
                             pending.push(input);
                         }
                         Action::Event(e) => {
-                            if let PolicyEvent::BreakEnded { .. } = e {
-                                rules.restart_presence(now());
+                            match &e {
+                                PolicyEvent::BreakEnded { .. } => rules.restart_presence(now()),
+                                PolicyEvent::ScanSkipped { .. } => {
+                                    self.record(ScanResult::Skipped, 0, Vec::new())
+                                }
+                                PolicyEvent::BreakStarted { .. } => {}
                             }
                             self.line(format!("policy: {e:?}"), true);
                         }
@@ -210,14 +246,38 @@ impl Pipeline {
         Ok(())
     }
 
-    fn analyse(&self, frame: &Frame, now: u64, seq: u64, rules: &mut RuleEngine, summary: &mut Summary) {
+    /// Writes one audit entry (synced to disk) and queues it for `audit`.
+    fn record(&self, result: ScanResult, frames: u32, rules: Vec<RuleKind>) {
+        let entry = AuditEntry {
+            v: SCHEMA_VERSION,
+            time: deskcam_core::time::rfc3339_utc(unix_ms()),
+            mode: self.config.scan.name().into(),
+            result,
+            frames,
+            rules,
+        };
+        if let Err(e) = self.audit.append(&entry) {
+            tracing::error!("audit log {}: {e}", self.audit.path().display());
+        }
+        self.audit_out.push(entry);
+    }
+
+    /// Analyses one frame; returns the rules that fired.
+    fn analyse(
+        &self,
+        frame: &Frame,
+        now: u64,
+        seq: u64,
+        rules: &mut RuleEngine,
+        summary: &mut Summary,
+    ) -> Vec<RuleKind> {
         summary.frames += 1;
         let t = Instant::now();
         let detections = match self.detector.detect(frame) {
             Ok(d) => d,
             Err(e) => {
                 tracing::error!("detector: {e}");
-                return;
+                return Vec::new();
             }
         };
         let ms = t.elapsed().as_secs_f32() * 1000.0;
@@ -247,9 +307,11 @@ impl Pipeline {
             ),
             false,
         );
+        let fired: Vec<RuleKind> = verdict.findings.iter().map(|f| f.rule).collect();
         for finding in verdict.findings {
             self.emit(frame, &detections, finding, seq, summary);
         }
+        fired
     }
 
     fn emit(

@@ -16,7 +16,7 @@ fn deskcam() -> std::process::Command {
     c.env("DESKCAM_LOG", "info");
     c
 }
-use deskcam_core::schema::ViolationEvent;
+use deskcam_core::schema::{AuditEntry, ScanResult, ViolationEvent};
 use deskcam_core::BBox;
 use serde_json::Value;
 use sha2::{Digest, Sha256};
@@ -101,7 +101,7 @@ fn photos_to_violations_and_redacted_stills_over_mqtt() {
     let root = format!("deskcam/{device}/");
     for m in &msgs {
         let sub = m.topic.strip_prefix(&root).expect("inside the device subtree");
-        let allowed = matches!(sub, "status" | "state" | "event/violation")
+        let allowed = matches!(sub, "status" | "state" | "event/violation" | "audit")
             || (sub.starts_with("event/violation/") && sub.ends_with("/still"));
         assert!(allowed, "unexpected topic {}", m.topic);
     }
@@ -120,11 +120,35 @@ fn photos_to_violations_and_redacted_stills_over_mqtt() {
     assert_eq!((state["v"].as_u64(), state["shutter"].as_str()), (Some(1), Some("closed")));
     assert_eq!(state["model"]["sha256"].as_str().map(str::len), Some(64));
 
+    // Every scan is audited, with or without a finding: here one per photo, on MQTT and
+    // in the log on disk, and the entries that found something match the events.
+    let audit: Vec<AuditEntry> = msgs
+        .iter()
+        .filter(|m| m.topic == format!("{root}audit"))
+        .map(|m| serde_json::from_slice(&m.payload).expect("audit JSON matches the schema"))
+        .collect();
+    assert_eq!(audit.len(), all.len(), "one audit entry per photo");
+    let on_disk = std::fs::read_to_string(work.join("data/audit.jsonl")).unwrap();
+    assert_eq!(on_disk.lines().count(), all.len());
+    let printed = deskcam().arg("audit").arg("--config").arg(&config).output().unwrap();
+    assert_eq!(
+        String::from_utf8_lossy(&printed.stdout).lines().count(),
+        all.len(),
+        "deskcam audit prints the log"
+    );
+    assert!(audit.iter().all(|a| a.frames == 1 && a.mode == "continuous"));
+    let fired: usize = audit.iter().map(|a| a.rules.len()).sum();
+
     let events: Vec<ViolationEvent> = msgs
         .iter()
         .filter(|m| m.topic == format!("{root}event/violation"))
         .map(|m| serde_json::from_slice(&m.payload).expect("event JSON matches the schema"))
         .collect();
+    assert_eq!(fired, events.len(), "audit and events agree");
+    assert_eq!(
+        audit.iter().filter(|a| a.result == ScanResult::Clear).count(),
+        audit.iter().filter(|a| a.rules.is_empty()).count()
+    );
     let stills: HashMap<String, Vec<u8>> = msgs
         .iter()
         .filter_map(|m| {

@@ -160,13 +160,14 @@ pub const ALL_WEEK: &str =
     "[shift]\ndays = [\"mon\", \"tue\", \"wed\", \"thu\", \"fri\", \"sat\", \"sun\"]\nstart = \"00:00\"\nend = \"24:00\"\n";
 
 /// Writes a daemon config for tests: the given source (looped or not), broker port and
-/// extra tables.
+/// extra tables; the device's data (audit log) goes to `<dir>/data`.
 pub fn write_config(dir: &Path, device: &str, source: &str, looped: bool, port: u16, extra: &str) -> PathBuf {
     let path = dir.join("deskcam.toml");
     let mut f = std::fs::File::create(&path).unwrap();
+    let data = dir.join("data").display().to_string();
     write!(
         f,
-        "device_id = \"{device}\"\n{extra}\n[camera]\nsource = \"{source}\"\nloop = {looped}\n[mqtt]\nurl = \"mqtt://127.0.0.1:{port}\"\n{ALL_WEEK}"
+        "device_id = \"{device}\"\n{extra}\n[camera]\nsource = \"{source}\"\nloop = {looped}\n[mqtt]\nurl = \"mqtt://127.0.0.1:{port}\"\n[storage]\ndata_dir = \"{data}\"\n{ALL_WEEK}"
     )
     .unwrap();
     path

@@ -13,7 +13,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use deskcam_core::config::BrokerUrl;
-use deskcam_core::schema::{State, Topics, ViolationEvent, STATUS_OFFLINE, STATUS_ONLINE};
+use deskcam_core::schema::{AuditEntry, State, Topics, ViolationEvent, STATUS_OFFLINE, STATUS_ONLINE};
 use rumqttc::{AsyncClient, Event, LastWill, MqttOptions, Packet, QoS};
 use tokio::sync::watch;
 
@@ -71,10 +71,12 @@ pub struct UplinkConfig {
 ///
 /// Two tasks: one only polls rumqttc's event loop (connection, acknowledgements,
 /// reconnect backoff), so it never waits on anything else; this one feeds it the
-/// retained `state` (kept in its own slot: only the latest matters) and the events.
+/// retained `state` (kept in its own slot: only the latest matters), the events and the
+/// audit entries.
 pub async fn run(
     cfg: UplinkConfig,
     events: Arc<DropOldest<Violation>>,
+    audit: Arc<DropOldest<AuditEntry>>,
     mut state: watch::Receiver<State>,
     stats: Arc<UplinkStats>,
     mut shutdown: watch::Receiver<bool>,
@@ -98,7 +100,10 @@ pub async fn run(
     let mut deadline = tokio::time::Instant::now() + Duration::from_secs(3600 * 24 * 365);
     loop {
         let up = *connected.borrow();
-        let settled = events.is_empty() && !state.has_changed().unwrap_or(false) && stats.in_flight() == 0;
+        let settled = events.is_empty()
+            && audit.is_empty()
+            && !state.has_changed().unwrap_or(false)
+            && stats.in_flight() == 0;
         if draining && (!up || settled) {
             break;
         }
@@ -125,6 +130,9 @@ pub async fn run(
                 if let Some(jpeg) = v.still {
                     publish(&client, cfg.topics.still(&v.event.id), false, jpeg, &stats).await;
                 }
+            }
+            a = audit.pop(), if up => {
+                publish(&client, cfg.topics.audit(), false, json(&a), &stats).await;
             }
             r = shutdown.changed(), if !draining => {
                 // A dropped sender means the daemon is gone: stop as well.
