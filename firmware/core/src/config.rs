@@ -64,6 +64,7 @@ impl ConfigErrors {
 struct Raw {
     device_id: String,
     board: String,
+    preset: String,
     shift: RawShift,
     storage: RawStorage,
     breaks: RawBreaks,
@@ -289,6 +290,44 @@ pub struct MqttConfig {
     pub keep_alive: Span,
 }
 
+/// A regional preset: the scan modes a jurisdiction allows. A config asking for a mode
+/// its preset forbids is rejected.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Preset {
+    /// No restriction beyond the design's invariants.
+    None,
+    /// Unannounced spot checks are not allowed.
+    NoSpotChecks,
+    /// Only checks announced by the LED beforehand (`scheduled`), or none.
+    AnnouncedOnly,
+    /// Monitoring is not allowed at all: the camera is never opened.
+    NoMonitoring,
+}
+
+impl Preset {
+    pub const ALL: [Preset; 4] =
+        [Preset::None, Preset::NoSpotChecks, Preset::AnnouncedOnly, Preset::NoMonitoring];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Preset::None => "none",
+            Preset::NoSpotChecks => "no-spot-checks",
+            Preset::AnnouncedOnly => "announced-only",
+            Preset::NoMonitoring => "no-monitoring",
+        }
+    }
+
+    /// The modes this preset allows, by name.
+    pub fn allowed_modes(self) -> &'static [&'static str] {
+        match self {
+            Preset::None => &["continuous", "spot", "scheduled", "off"],
+            Preset::NoSpotChecks => &["continuous", "scheduled", "off"],
+            Preset::AnnouncedOnly => &["scheduled", "off"],
+            Preset::NoMonitoring => &["off"],
+        }
+    }
+}
+
 /// When the camera may look.
 #[derive(Clone, Debug, PartialEq)]
 pub enum ScanMode {
@@ -423,6 +462,7 @@ pub struct EvidenceConfig {
 pub struct Config {
     pub device_id: DeviceId,
     pub board: String,
+    pub preset: Preset,
     pub camera: CameraConfig,
     pub detector: DetectorConfig,
     pub mqtt: MqttConfig,
@@ -705,6 +745,27 @@ impl Validator {
             }
         };
 
+        let preset = Preset::ALL.into_iter().find(|p| p.name() == raw.preset).unwrap_or_else(|| {
+            self.err(
+                "preset",
+                format!("'{}' is not one of none, no-spot-checks, announced-only, no-monitoring", raw.preset),
+            );
+            Preset::None
+        });
+        // (An unknown mode has its own error above.)
+        let mode = raw.scan.mode.as_str();
+        if Preset::None.allowed_modes().contains(&mode) && !preset.allowed_modes().contains(&mode) {
+            self.err(
+                "scan.mode",
+                format!(
+                    "'{}' is not allowed by preset '{}' (allowed: {})",
+                    raw.scan.mode,
+                    preset.name(),
+                    preset.allowed_modes().join(", ")
+                ),
+            );
+        }
+
         let r = raw.rules;
         let rules = RulesConfig {
             phone: self.object_rule("rules.phone", r.phone),
@@ -817,6 +878,7 @@ impl Validator {
         Config {
             device_id: DeviceId(raw.device_id),
             board: raw.board,
+            preset,
             shift,
             max_break,
             data_dir: PathBuf::from(raw.storage.data_dir),
@@ -939,6 +1001,20 @@ redaction = "pixelate"
         .unwrap();
         assert_eq!(c.scan, ScanMode::Scheduled { times: vec![600, 930], warning: Span::from_secs(45) });
         assert_eq!(c.shift.timezone(), "Europe/Berlin");
+    }
+
+    #[test]
+    fn presets_reject_the_modes_they_forbid() {
+        let e = Config::from_toml("preset = \"no-spot-checks\"\n[scan]\nmode = \"spot\"\n").unwrap_err();
+        assert_eq!(keys(&e), vec!["scan.mode"]);
+        assert!(e.0[0].reason.contains("not allowed by preset 'no-spot-checks'"), "{e}");
+        let e = Config::from_toml("preset = \"no-monitoring\"\n[scan]\nmode = \"continuous\"\n").unwrap_err();
+        assert!(e.0[0].reason.contains("allowed: off"), "{e}");
+        assert!(Config::from_toml("preset = \"no-monitoring\"\n[scan]\nmode = \"off\"\n").is_ok());
+        assert!(Config::from_toml("preset = \"announced-only\"\n[scan]\nmode = \"scheduled\"\n").is_ok());
+        assert!(Config::from_toml("preset = \"announced-only\"\n[scan]\nmode = \"continuous\"\n").is_err());
+        let e = Config::from_toml("preset = \"lax\"\n").unwrap_err();
+        assert_eq!(keys(&e), vec!["preset"]);
     }
 
     #[test]
