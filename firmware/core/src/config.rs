@@ -180,6 +180,7 @@ struct RawEvidence {
     person_min_score: f64,
     region: Vec<Vec<f64>>,
     max_age: String,
+    max_bytes: i64,
     jpeg_quality: i64,
 }
 
@@ -454,6 +455,7 @@ pub struct EvidenceConfig {
     /// Everything outside this polygon is black in a still (empty: the whole frame).
     pub region: Region,
     pub max_age: Span,
+    pub max_bytes: u64,
     pub jpeg_quality: u8,
 }
 
@@ -872,6 +874,8 @@ impl Validator {
             person_min_score,
             region: self.region("evidence.region", &raw.evidence.region),
             max_age,
+            max_bytes: self.int_in("evidence.max_bytes", raw.evidence.max_bytes, 1 << 20, i64::from(u32::MAX))
+                as u64,
             jpeg_quality: self.int_in("evidence.jpeg_quality", raw.evidence.jpeg_quality, 1, 100) as u8,
         };
 

@@ -215,6 +215,13 @@ pub fn run_pipeline(
     let audit_out = Arc::new(DropOldest::new(AUDIT_QUEUE));
     let audit = crate::audit::AuditLog::open(&config.data_dir, config.audit_max_bytes)
         .with_context(|| format!("opening the audit log in {}", config.data_dir.display()))?;
+    let store_dir = config.data_dir.join("evidence");
+    let store = deskcam_uplink::store::EvidenceStore::open(
+        &store_dir,
+        config.evidence.max_age.as_millis(),
+        config.evidence.max_bytes,
+    )
+    .with_context(|| format!("opening the evidence store in {}", store_dir.display()))?;
     let (state_tx, state_rx) = tokio::sync::watch::channel(initial_state);
     let stats = Arc::new(UplinkStats::default());
     if let Some(out) = stats_out {
@@ -249,6 +256,7 @@ pub fn run_pipeline(
         hardware,
         events: events.clone(),
         audit,
+        store,
         audit_out,
         state: state_tx,
         report,

@@ -59,6 +59,8 @@ pub struct Pipeline {
     pub hardware: Hardware,
     pub events: Arc<DropOldest<Violation>>,
     pub audit: crate::audit::AuditLog,
+    /// Evidence kept until the server acknowledges it, never longer than `max_age`.
+    pub store: deskcam_uplink::store::EvidenceStore,
     pub audit_out: Arc<DropOldest<AuditEntry>>,
     pub state: tokio::sync::watch::Sender<State>,
     pub report: Report,
@@ -98,6 +100,14 @@ impl Pipeline {
         let mut faulted = false;
 
         'outer: loop {
+            // Retention is enforced continuously, not only when something new arrives.
+            match self.store.expire(now()) {
+                Ok(gone) if !gone.is_empty() => {
+                    tracing::info!("evidence past max_age deleted: {}", gone.join(", "))
+                }
+                Ok(_) => {}
+                Err(e) => tracing::error!("evidence store: {e}"),
+            }
             let enough = self.max_frames.is_some_and(|n| summary.frames >= n);
             if self.stop.load(Ordering::Relaxed) || enough {
                 pending = vec![Input::Shutdown];
@@ -264,7 +274,7 @@ impl Pipeline {
 
     /// Analyses one frame; returns the rules that fired.
     fn analyse(
-        &self,
+        &mut self,
         frame: &Frame,
         now: u64,
         seq: u64,
@@ -315,7 +325,7 @@ impl Pipeline {
     }
 
     fn emit(
-        &self,
+        &mut self,
         frame: &Frame,
         detections: &[Detection],
         finding: Finding,
@@ -376,6 +386,15 @@ impl Pipeline {
             format!("       {:<12} score {:.2} -> {what}", rule_label(finding.rule), finding.score),
             true,
         );
+        // On disk before it is queued for the broker: a crash loses nothing.
+        let json = serde_json::to_vec(&event).unwrap_or_default();
+        match self.store.put(time, &event.id, &json, still.as_ref().map(|s| s.jpeg.as_slice())) {
+            Ok(evicted) if !evicted.is_empty() => {
+                tracing::warn!("evidence store full: evicted the oldest {}", evicted.join(", "))
+            }
+            Ok(_) => {}
+            Err(e) => tracing::error!("evidence store: {e}"),
+        }
         self.events.push(Violation { event, still: still.map(|s| s.jpeg) });
     }
 

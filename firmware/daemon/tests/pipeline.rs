@@ -233,6 +233,18 @@ fn photos_to_violations_and_redacted_stills_over_mqtt() {
         }
     }
     println!("person regions checked for blur: {regions}");
+
+    // Everything published is also kept on the device until the server acknowledges it
+    // (no acks in this test): one event file per event, one still per still.
+    let kept: Vec<String> = std::fs::read_dir(work.join("data/evidence"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    assert_eq!(kept.iter().filter(|n| n.ends_with(".json")).count(), events.len());
+    assert_eq!(kept.iter().filter(|n| n.ends_with(".jpg")).count(), stills.len());
+    let e = &events[0];
+    let jpg = kept.iter().find(|n| n.ends_with(&format!("-{}.jpg", e.id))).expect("the first still is kept");
+    assert_eq!(std::fs::read(work.join("data/evidence").join(jpg)).unwrap(), stills[&e.id]);
     assert!(regions >= 1);
     let _ = std::fs::remove_dir_all(&work);
 }

@@ -7,6 +7,7 @@
 //! policy; what it publishes is built by the caller from the core's schema types.
 
 pub mod queue;
+pub mod store;
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;

@@ -1,0 +1,233 @@
+//! The on-device evidence store: each violation's event and still, kept until the
+//! server acknowledges it (`cmd/evidence/ack`) and never longer than `max_age`, within
+//! `max_bytes` (oldest evicted first, counted). Survives restarts.
+//!
+//! Layout: `<dir>/<created-ms>-<id>.json` (the event) and `.jpg` (the still), each
+//! written to a temporary name, synced and renamed, so a crash leaves whole entries or
+//! none. Time is an argument (`now_ms`), so expiry is tested with simulated time.
+
+use std::collections::BTreeMap;
+use std::fs::{self, File};
+use std::io::{self, Write};
+use std::path::{Path, PathBuf};
+
+/// One stored piece of evidence.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Stored {
+    pub id: String,
+    pub created_ms: u64,
+    pub bytes: u64,
+}
+
+/// An entry's contents.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Evidence {
+    pub event: Vec<u8>,
+    pub still: Option<Vec<u8>>,
+}
+
+pub struct EvidenceStore {
+    dir: PathBuf,
+    max_age_ms: u64,
+    max_bytes: u64,
+    /// (created_ms, id) → size on disk; ordered oldest first.
+    index: BTreeMap<(u64, String), u64>,
+    evicted: u64,
+}
+
+fn valid_id(id: &str) -> bool {
+    !id.is_empty() && id.len() <= 64 && id.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+}
+
+fn write_atomically(path: &Path, bytes: &[u8]) -> io::Result<()> {
+    let tmp = path.with_extension("tmp");
+    let mut f = File::create(&tmp)?;
+    f.write_all(bytes)?;
+    f.sync_all()?;
+    fs::rename(&tmp, path)
+}
+
+impl EvidenceStore {
+    /// Opens the store, creating the directory, dropping leftovers of an interrupted
+    /// write, and indexing what is there.
+    pub fn open(dir: &Path, max_age_ms: u64, max_bytes: u64) -> io::Result<Self> {
+        fs::create_dir_all(dir)?;
+        let mut index = BTreeMap::new();
+        for entry in fs::read_dir(dir)? {
+            let path = entry?.path();
+            let name = path.file_name().and_then(|n| n.to_str()).unwrap_or_default().to_string();
+            if name.ends_with(".tmp") {
+                fs::remove_file(&path)?;
+                continue;
+            }
+            let Some(stem) = name.strip_suffix(".json").or_else(|| name.strip_suffix(".jpg")) else {
+                continue;
+            };
+            let Some((created, id)) = stem.split_once('-') else { continue };
+            let (Ok(created), true) = (created.parse::<u64>(), valid_id(id)) else { continue };
+            *index.entry((created, id.to_string())).or_insert(0) += fs::metadata(&path)?.len();
+        }
+        Ok(EvidenceStore { dir: dir.to_path_buf(), max_age_ms, max_bytes, index, evicted: 0 })
+    }
+
+    fn path(&self, created_ms: u64, id: &str, ext: &str) -> PathBuf {
+        self.dir.join(format!("{created_ms:013}-{id}.{ext}"))
+    }
+
+    /// Stores an event (JSON) and its still. Returns the ids evicted to stay within
+    /// `max_bytes` (oldest first).
+    pub fn put(
+        &mut self,
+        now_ms: u64,
+        id: &str,
+        event_json: &[u8],
+        still: Option<&[u8]>,
+    ) -> io::Result<Vec<String>> {
+        if !valid_id(id) {
+            return Err(io::Error::new(io::ErrorKind::InvalidInput, format!("'{id}' is not an evidence id")));
+        }
+        // The still first: an event file is the entry's commit point.
+        if let Some(jpeg) = still {
+            write_atomically(&self.path(now_ms, id, "jpg"), jpeg)?;
+        }
+        write_atomically(&self.path(now_ms, id, "json"), event_json)?;
+        let size = event_json.len() as u64 + still.map_or(0, |s| s.len() as u64);
+        self.index.insert((now_ms, id.to_string()), size);
+        let mut evicted = Vec::new();
+        while self.total_bytes() > self.max_bytes && self.index.len() > 1 {
+            let Some(((created, oldest), _)) = self.index.iter().next().map(|(k, v)| (k.clone(), *v)) else {
+                break;
+            };
+            self.remove(created, &oldest)?;
+            self.evicted += 1;
+            evicted.push(oldest);
+        }
+        Ok(evicted)
+    }
+
+    fn remove(&mut self, created: u64, id: &str) -> io::Result<()> {
+        for ext in ["json", "jpg"] {
+            match fs::remove_file(self.path(created, id, ext)) {
+                Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(e),
+                _ => {}
+            }
+        }
+        self.index.remove(&(created, id.to_string()));
+        Ok(())
+    }
+
+    /// The server has the evidence: delete it at once. `false` if it was not here.
+    pub fn ack(&mut self, id: &str) -> io::Result<bool> {
+        let Some(created) = self.index.keys().find(|(_, i)| i == id).map(|(c, _)| *c) else {
+            return Ok(false);
+        };
+        self.remove(created, id)?;
+        Ok(true)
+    }
+
+    /// Deletes everything older than `max_age`; returns the ids deleted.
+    pub fn expire(&mut self, now_ms: u64) -> io::Result<Vec<String>> {
+        let old: Vec<(u64, String)> = self
+            .index
+            .keys()
+            .filter(|(c, _)| now_ms.saturating_sub(*c) >= self.max_age_ms)
+            .cloned()
+            .collect();
+        for (created, id) in &old {
+            self.remove(*created, id)?;
+        }
+        Ok(old.into_iter().map(|(_, id)| id).collect())
+    }
+
+    /// What is stored, oldest first.
+    pub fn list(&self) -> Vec<Stored> {
+        self.index.iter().map(|((c, id), b)| Stored { id: id.clone(), created_ms: *c, bytes: *b }).collect()
+    }
+
+    /// The event JSON and the still of an entry.
+    pub fn get(&self, id: &str) -> io::Result<Option<Evidence>> {
+        let Some(created) = self.index.keys().find(|(_, i)| i == id).map(|(c, _)| *c) else {
+            return Ok(None);
+        };
+        let event = fs::read(self.path(created, id, "json"))?;
+        let still = match fs::read(self.path(created, id, "jpg")) {
+            Ok(s) => Some(s),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => None,
+            Err(e) => return Err(e),
+        };
+        Ok(Some(Evidence { event, still }))
+    }
+
+    pub fn total_bytes(&self) -> u64 {
+        self.index.values().sum()
+    }
+
+    /// Entries evicted for space since the store was opened.
+    pub fn evicted(&self) -> u64 {
+        self.evicted
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const DAY: u64 = 86_400_000;
+
+    fn dir(name: &str) -> PathBuf {
+        let d = std::env::temp_dir().join(format!("deskcam-store-{name}-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&d);
+        d
+    }
+
+    #[test]
+    fn put_get_ack_and_survive_a_restart() {
+        let d = dir("basic");
+        let mut s = EvidenceStore::open(&d, 7 * DAY, 1 << 20).unwrap();
+        s.put(1000, "e1", b"{\"id\":\"e1\"}", Some(b"JPEG1")).unwrap();
+        s.put(2000, "e2", b"{\"id\":\"e2\"}", None).unwrap();
+        let e1 = Evidence { event: b"{\"id\":\"e1\"}".to_vec(), still: Some(b"JPEG1".to_vec()) };
+        assert_eq!(s.get("e1").unwrap(), Some(e1));
+        drop(s);
+        // A restart, with the leftover of an interrupted write.
+        fs::write(d.join("0000000003000-e3.json.tmp"), b"half").unwrap();
+        let mut s = EvidenceStore::open(&d, 7 * DAY, 1 << 20).unwrap();
+        let ids: Vec<String> = s.list().into_iter().map(|e| e.id).collect();
+        assert_eq!(ids, ["e1", "e2"]);
+        assert!(!d.join("0000000003000-e3.json.tmp").exists());
+        assert!(s.ack("e1").unwrap(), "ack deletes at once");
+        assert!(!s.ack("e1").unwrap());
+        assert_eq!(s.get("e1").unwrap(), None);
+        assert_eq!(fs::read_dir(&d).unwrap().count(), 1, "only e2's event file is left");
+        let _ = fs::remove_dir_all(&d);
+    }
+
+    #[test]
+    fn nothing_outlives_max_age_in_simulated_time() {
+        let d = dir("expiry");
+        let mut s = EvidenceStore::open(&d, 7 * DAY, 1 << 20).unwrap();
+        s.put(0, "old", b"{}", Some(b"x")).unwrap();
+        s.put(3 * DAY, "newer", b"{}", None).unwrap();
+        assert!(s.expire(7 * DAY - 1).unwrap().is_empty());
+        assert_eq!(s.expire(7 * DAY).unwrap(), ["old"]);
+        drop(s);
+        // Expiry also applies to what a restart finds.
+        let mut s = EvidenceStore::open(&d, 7 * DAY, 1 << 20).unwrap();
+        assert_eq!(s.expire(10 * DAY).unwrap(), ["newer"]);
+        assert_eq!(fs::read_dir(&d).unwrap().count(), 0);
+        let _ = fs::remove_dir_all(&d);
+    }
+
+    #[test]
+    fn max_bytes_evicts_oldest_and_counts() {
+        let d = dir("bytes");
+        let mut s = EvidenceStore::open(&d, 7 * DAY, 100).unwrap();
+        assert!(s.put(1, "a", &[b'x'; 40], None).unwrap().is_empty());
+        assert!(s.put(2, "b", &[b'x'; 40], None).unwrap().is_empty());
+        assert_eq!(s.put(3, "c", &[b'x'; 40], None).unwrap(), ["a"]);
+        assert_eq!(s.evicted(), 1);
+        assert!(s.total_bytes() <= 100);
+        assert!(s.put(4, "../evil", b"{}", None).is_err(), "ids cannot escape the directory");
+        let _ = fs::remove_dir_all(&d);
+    }
+}
