@@ -44,6 +44,20 @@ impl Topics {
     pub fn audit(&self) -> String {
         format!("{}/audit", self.root)
     }
+
+    /// The subscription filter for commands: `<root>/cmd/#`.
+    pub fn commands(&self) -> String {
+        format!("{}/cmd/#", self.root)
+    }
+
+    /// The command name of a topic under `cmd/`, e.g. `break/start`.
+    pub fn command_name<'a>(&self, topic: &'a str) -> Option<&'a str> {
+        topic.strip_prefix(self.root.as_str())?.strip_prefix("/cmd/")
+    }
+
+    pub fn reply(&self) -> String {
+        format!("{}/reply", self.root)
+    }
 }
 
 /// Payloads of the retained `status` topic (the last will says `offline`).
@@ -112,6 +126,17 @@ pub struct ViolationEvent {
     pub origin: String,
     /// `None` when the redaction level is `metadata-only`.
     pub still: Option<StillInfo>,
+}
+
+/// The answer to a command that carried an `id` (and to every refused one).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Reply {
+    pub v: u32,
+    pub id: Option<String>,
+    pub command: String,
+    pub ok: bool,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
 }
 
 /// What a scan came to, in the audit log.

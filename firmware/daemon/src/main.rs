@@ -32,6 +32,9 @@ const DEFAULT_CONFIG_PATH: &str = "/data/deskcam.toml";
 const UPLINK_QUEUE: usize = 64;
 /// Audit entries waiting for the broker (they are on disk already).
 const AUDIT_QUEUE: usize = 256;
+/// Replies waiting for the broker, and commands waiting for the scan loop.
+const REPLY_QUEUE: usize = 64;
+const COMMAND_INBOX: usize = 32;
 /// Lets `run` read a real camera with simulated shutter and LED pins (development only:
 /// on a device this would look without a physical shutter or LED).
 const ALLOW_SIM_GPIO_ENV: &str = "DESKCAM_ALLOW_SIMULATED_GPIO";
@@ -213,6 +216,8 @@ pub fn run_pipeline(
     };
     let events = Arc::new(DropOldest::new(UPLINK_QUEUE));
     let audit_out = Arc::new(DropOldest::new(AUDIT_QUEUE));
+    let replies = Arc::new(DropOldest::new(REPLY_QUEUE));
+    let (commands_tx, commands) = std::sync::mpsc::sync_channel(COMMAND_INBOX);
     let audit = crate::audit::AuditLog::open(&config.data_dir, config.audit_max_bytes)
         .with_context(|| format!("opening the audit log in {}", config.data_dir.display()))?;
     let store_dir = config.data_dir.join("evidence");
@@ -240,14 +245,14 @@ pub fn run_pipeline(
         .build()
         .context("starting the async runtime")?;
     let (shutdown_tx, shutdown_rx) = tokio::sync::watch::channel(false);
-    let uplink = runtime.spawn(deskcam_uplink::run(
-        uplink_cfg,
-        events.clone(),
-        audit_out.clone(),
-        state_rx,
-        stats.clone(),
-        shutdown_rx,
-    ));
+    let link = deskcam_uplink::Link {
+        events: events.clone(),
+        audit: audit_out.clone(),
+        replies: replies.clone(),
+        commands: commands_tx,
+        state: state_rx,
+    };
+    let uplink = runtime.spawn(deskcam_uplink::run(uplink_cfg, link, stats.clone(), shutdown_rx));
 
     let stop = Arc::new(AtomicBool::new(false));
     let pipeline = Pipeline {
@@ -257,6 +262,8 @@ pub fn run_pipeline(
         events: events.clone(),
         audit,
         store,
+        commands,
+        replies,
         audit_out,
         state: state_tx,
         report,

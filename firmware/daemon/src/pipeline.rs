@@ -8,11 +8,12 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
+use deskcam_core::command::Command;
 use deskcam_core::config::ScanMode;
 use deskcam_core::policy::{Action, Input, Policy, PolicyConfig, PolicyEvent};
 use deskcam_core::rules::{Finding, FrameFacts, RuleEngine, RuleKind};
 use deskcam_core::schema::{
-    AuditEntry, EventBox, FrameSize, ScanResult, State, StillInfo, ViolationEvent, SCHEMA_VERSION,
+    AuditEntry, EventBox, FrameSize, Reply, ScanResult, State, StillInfo, ViolationEvent, SCHEMA_VERSION,
 };
 use deskcam_core::{Config, Detection};
 use deskcam_hw::ShutterOpen;
@@ -21,6 +22,9 @@ use deskcam_vision::source::open_source;
 use deskcam_vision::{render_still, CaptureError, Detector, Frame, FrameSource};
 
 use crate::hardware::Hardware;
+
+/// An input for the policy; a command's carries its reply context (id, command name).
+type Pending = (Input, Option<(Option<String>, String)>);
 
 /// How the loop reports frames: one printed line each (demo) or log records (daemon).
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -61,6 +65,8 @@ pub struct Pipeline {
     pub audit: crate::audit::AuditLog,
     /// Evidence kept until the server acknowledges it, never longer than `max_age`.
     pub store: deskcam_uplink::store::EvidenceStore,
+    pub commands: std::sync::mpsc::Receiver<deskcam_uplink::IncomingCommand>,
+    pub replies: Arc<DropOldest<Reply>>,
     pub audit_out: Arc<DropOldest<AuditEntry>>,
     pub state: tokio::sync::watch::Sender<State>,
     pub report: Report,
@@ -94,7 +100,7 @@ impl Pipeline {
         let mut token: Option<ShutterOpen> = None;
         let mut summary = Summary::default();
         let mut seq = 0u64;
-        let mut pending: Vec<Input> = vec![Input::Tick];
+        let mut pending: Vec<Pending> = vec![(Input::Tick, None)];
         // The scan under way: frames analysed and rules fired since the shutter opened.
         let mut scan: Option<(u32, Vec<RuleKind>)> = None;
         let mut faulted = false;
@@ -110,11 +116,20 @@ impl Pipeline {
             }
             let enough = self.max_frames.is_some_and(|n| summary.frames >= n);
             if self.stop.load(Ordering::Relaxed) || enough {
-                pending = vec![Input::Shutdown];
+                pending = vec![(Input::Shutdown, None)];
             }
-            while let Some(input) = pending.pop() {
+            self.take_commands(&mut pending);
+            while let Some((input, ctx)) = pending.pop() {
                 let shutting_down = input == Input::Shutdown;
-                for action in policy.step(now(), input) {
+                let actions = policy.step(now(), input);
+                if let Some((id, name)) = ctx {
+                    let refused = actions.iter().find_map(|a| match a {
+                        Action::Refused(why) => Some(why.to_string()),
+                        _ => None,
+                    });
+                    self.reply(id, &name, refused);
+                }
+                for action in actions {
                     match action {
                         Action::SetLed(p) => {
                             if let Err(e) = self.hardware.set_led(p) {
@@ -130,7 +145,7 @@ impl Pipeline {
                                     self.record(ScanResult::Fault, 0, Vec::new());
                                 }
                                 tracing::error!("{e}; retrying in 5s");
-                                pending.push(Input::CameraFault);
+                                pending.push((Input::CameraFault, None));
                                 continue;
                             }
                             match self.hardware.open_shutter() {
@@ -142,7 +157,7 @@ impl Pipeline {
                                 }
                                 Err(e) => {
                                     tracing::error!("shutter: {e}");
-                                    pending.push(Input::CameraFault);
+                                    pending.push((Input::CameraFault, None));
                                 }
                             }
                         }
@@ -165,7 +180,7 @@ impl Pipeline {
                         }
                         Action::Capture => {
                             let Some(t) = token.as_ref() else {
-                                pending.push(Input::CameraFault);
+                                pending.push((Input::CameraFault, None));
                                 continue;
                             };
                             let outcome = match source.as_mut() {
@@ -208,7 +223,7 @@ impl Pipeline {
                                     Input::CameraFault
                                 }
                             };
-                            pending.push(input);
+                            pending.push((input, None));
                         }
                         Action::Event(e) => {
                             match &e {
@@ -220,7 +235,8 @@ impl Pipeline {
                             }
                             self.line(format!("policy: {e:?}"), true);
                         }
-                        Action::Refused(why) => tracing::warn!("command refused: {why}"),
+                        // Already answered in the command's reply.
+                        Action::Refused(_) => {}
                         Action::Finished => break 'outer,
                     }
                 }
@@ -230,7 +246,7 @@ impl Pipeline {
             if wait > 0 {
                 std::thread::sleep(Duration::from_millis(wait));
             }
-            pending.push(Input::Tick);
+            pending.push((Input::Tick, None));
         }
         if let Err(e) = self.hardware.safe_state() {
             tracing::error!("could not reach the safe state: {e}");
@@ -254,6 +270,50 @@ impl Pipeline {
             rules.restart_presence(now);
         }
         Ok(())
+    }
+
+    /// Takes the commands that arrived: policy commands become inputs (replied to when
+    /// the policy has answered), an evidence ack is done here, a bad one is refused.
+    fn take_commands(&mut self, pending: &mut Vec<Pending>) {
+        while let Ok((name, payload)) = self.commands.try_recv() {
+            let parsed = deskcam_core::command::parse(&name, &payload);
+            let input = match parsed.command {
+                Err(e) => {
+                    self.reply(parsed.id, &name, Some(e));
+                    continue;
+                }
+                Ok(Command::EvidenceAck { evidence }) => {
+                    let error = match self.store.ack(&evidence) {
+                        Ok(true) => None,
+                        Ok(false) => Some(format!("no evidence '{evidence}' on the device")),
+                        Err(e) => Some(format!("evidence store: {e}")),
+                    };
+                    self.reply(parsed.id, &name, error);
+                    continue;
+                }
+                Ok(Command::ScanNow) => Input::ScanNow,
+                Ok(Command::BreakStart { reason }) => Input::BreakStart { reason },
+                Ok(Command::BreakEnd) => Input::BreakEnd,
+            };
+            tracing::info!("command {name}");
+            pending.push((input, Some((parsed.id, name))));
+        }
+    }
+
+    /// Replies to a command that carried an id, and to every refused one.
+    fn reply(&self, id: Option<String>, command: &str, error: Option<String>) {
+        if let Some(e) = &error {
+            tracing::warn!("command {command} refused: {e}");
+        }
+        if id.is_some() || error.is_some() {
+            self.replies.push(Reply {
+                v: SCHEMA_VERSION,
+                id,
+                command: command.to_string(),
+                ok: error.is_none(),
+                error,
+            });
+        }
     }
 
     /// Writes one audit entry (synced to disk) and queues it for `audit`.

@@ -14,7 +14,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use deskcam_core::config::BrokerUrl;
-use deskcam_core::schema::{AuditEntry, State, Topics, ViolationEvent, STATUS_OFFLINE, STATUS_ONLINE};
+use deskcam_core::schema::{AuditEntry, Reply, State, Topics, ViolationEvent, STATUS_OFFLINE, STATUS_ONLINE};
 use rumqttc::{AsyncClient, Event, LastWill, MqttOptions, Packet, QoS};
 use tokio::sync::watch;
 
@@ -47,6 +47,8 @@ pub struct UplinkStats {
     pub connects: AtomicU64,
     /// Publish packets handed to the connection (QoS 1).
     pub published: AtomicU64,
+    /// Commands dropped because the daemon had not taken the previous ones.
+    pub commands_dropped: AtomicU64,
     /// PUBACKs received from the broker.
     pub acked: AtomicU64,
     /// Publishes the broker's fresh session discarded before acknowledging them.
@@ -58,6 +60,19 @@ impl UplinkStats {
         let done = self.acked.load(Ordering::Relaxed) + self.lost.load(Ordering::Relaxed);
         self.published.load(Ordering::Relaxed).saturating_sub(done)
     }
+}
+
+/// A command as it arrived: its name under `cmd/` and its payload.
+pub type IncomingCommand = (String, Vec<u8>);
+
+/// What joins the daemon to the uplink: bounded queues of what to publish, the latest
+/// state, and the inbox for commands.
+pub struct Link {
+    pub events: Arc<DropOldest<Violation>>,
+    pub audit: Arc<DropOldest<AuditEntry>>,
+    pub replies: Arc<DropOldest<Reply>>,
+    pub commands: std::sync::mpsc::SyncSender<IncomingCommand>,
+    pub state: watch::Receiver<State>,
 }
 
 pub struct UplinkConfig {
@@ -76,12 +91,11 @@ pub struct UplinkConfig {
 /// audit entries.
 pub async fn run(
     cfg: UplinkConfig,
-    events: Arc<DropOldest<Violation>>,
-    audit: Arc<DropOldest<AuditEntry>>,
-    mut state: watch::Receiver<State>,
+    link: Link,
     stats: Arc<UplinkStats>,
     mut shutdown: watch::Receiver<bool>,
 ) -> Result<(), UplinkError> {
+    let Link { events, audit, replies, commands, mut state } = link;
     if cfg.broker.tls {
         return Err(UplinkError::TlsUnsupported(cfg.broker.to_string()));
     }
@@ -94,8 +108,15 @@ pub async fn run(
     let (client, eventloop) = AsyncClient::new(opts, 64);
     let (connected_tx, mut connected) = watch::channel(false);
     let (disconnected_tx, disconnected) = tokio::sync::oneshot::channel();
-    let driver =
-        tokio::spawn(drive(eventloop, cfg.broker.clone(), stats.clone(), connected_tx, disconnected_tx));
+    let driver = tokio::spawn(drive(
+        eventloop,
+        cfg.broker.clone(),
+        cfg.topics.clone(),
+        commands,
+        stats.clone(),
+        connected_tx,
+        disconnected_tx,
+    ));
 
     let mut draining = false;
     let mut deadline = tokio::time::Instant::now() + Duration::from_secs(3600 * 24 * 365);
@@ -103,6 +124,7 @@ pub async fn run(
         let up = *connected.borrow();
         let settled = events.is_empty()
             && audit.is_empty()
+            && replies.is_empty()
             && !state.has_changed().unwrap_or(false)
             && stats.in_flight() == 0;
         if draining && (!up || settled) {
@@ -116,6 +138,9 @@ pub async fn run(
                 if *connected.borrow() {
                     // After every (re)connect: who we are and what state we are in.
                     let current = state.borrow_and_update().clone();
+                    if let Err(e) = client.subscribe(cfg.topics.commands(), QoS::AtLeastOnce).await {
+                        tracing::error!("could not subscribe to commands: {e}");
+                    }
                     publish(&client, cfg.topics.status(), true, STATUS_ONLINE.as_bytes().to_vec(), &stats).await;
                     publish(&client, cfg.topics.state(), true, json(&current), &stats).await;
                 }
@@ -131,6 +156,9 @@ pub async fn run(
                 if let Some(jpeg) = v.still {
                     publish(&client, cfg.topics.still(&v.event.id), false, jpeg, &stats).await;
                 }
+            }
+            r = replies.pop(), if up => {
+                publish(&client, cfg.topics.reply(), false, json(&r), &stats).await;
             }
             a = audit.pop(), if up => {
                 publish(&client, cfg.topics.audit(), false, json(&a), &stats).await;
@@ -167,6 +195,8 @@ pub async fn run(
 async fn drive(
     mut eventloop: rumqttc::EventLoop,
     broker: BrokerUrl,
+    topics: Topics,
+    commands: std::sync::mpsc::SyncSender<IncomingCommand>,
     stats: Arc<UplinkStats>,
     connected: watch::Sender<bool>,
     disconnected: tokio::sync::oneshot::Sender<()>,
@@ -192,6 +222,15 @@ async fn drive(
                 backoff = BACKOFF_START;
                 tracing::info!(broker = %broker, "connected to broker");
                 let _ = connected.send(true);
+            }
+            Ok(Event::Incoming(Packet::Publish(p))) => {
+                if let Some(name) = topics.command_name(&p.topic) {
+                    // Never block the connection on the daemon: a full inbox drops, counted.
+                    if commands.try_send((name.to_string(), p.payload.to_vec())).is_err() {
+                        stats.commands_dropped.fetch_add(1, Ordering::Relaxed);
+                        tracing::warn!("command {name} dropped: the daemon is busy");
+                    }
+                }
             }
             Ok(Event::Outgoing(rumqttc::Outgoing::Publish(pkid))) => {
                 unacked.insert(pkid);

@@ -1,0 +1,144 @@
+//! Commands from the fleet owner (`cmd/<name>` topics): parsed and validated here, so a
+//! bad command is refused with a clear reason before anything changes.
+
+use serde::Deserialize;
+use serde_json::Value;
+
+/// Larger payloads are refused unread.
+pub const MAX_COMMAND_BYTES: usize = 16 * 1024;
+
+/// A valid command.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Command {
+    ScanNow,
+    BreakStart { reason: String },
+    BreakEnd,
+    EvidenceAck { evidence: String },
+}
+
+/// A command as received: its `id` (echoed in the reply) and what it asks, or why it
+/// cannot be done.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Parsed {
+    pub id: Option<String>,
+    pub command: Result<Command, String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Empty {
+    // Accepted here so unknown fields can be refused; checked separately above.
+    #[serde(default, rename = "id")]
+    _id: Option<Value>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct BreakStart {
+    // Accepted here so unknown fields can be refused; checked separately above.
+    #[serde(default, rename = "id")]
+    _id: Option<Value>,
+    reason: String,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct EvidenceAck {
+    // Accepted here so unknown fields can be refused; checked separately above.
+    #[serde(default, rename = "id")]
+    _id: Option<Value>,
+    evidence: String,
+}
+
+fn token_ok(s: &str) -> bool {
+    !s.is_empty() && s.len() <= 64 && s.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+}
+
+/// Parses `cmd/<name>` with its payload (a JSON object; empty means `{}`).
+pub fn parse(name: &str, payload: &[u8]) -> Parsed {
+    if payload.len() > MAX_COMMAND_BYTES {
+        return Parsed {
+            id: None,
+            command: Err(format!("payload of {} bytes is over {MAX_COMMAND_BYTES}", payload.len())),
+        };
+    }
+    let value: Value = if payload.iter().all(u8::is_ascii_whitespace) {
+        Value::Object(Default::default())
+    } else {
+        match serde_json::from_slice(payload) {
+            Ok(v @ Value::Object(_)) => v,
+            Ok(_) => return Parsed { id: None, command: Err("payload must be a JSON object".into()) },
+            Err(e) => return Parsed { id: None, command: Err(format!("payload is not JSON: {e}")) },
+        }
+    };
+    // The id is echoed even when the rest is wrong, so the sender can match the error.
+    let id = value.get("id").and_then(Value::as_str).filter(|s| token_ok(s)).map(String::from);
+    if let Some(raw) = value.get("id") {
+        if !raw.as_str().is_some_and(token_ok) {
+            return Parsed { id: None, command: Err("id must be 1-64 letters, digits, '-' or '_'".into()) };
+        }
+    }
+    let bad = |e: serde_json::Error| format!("{name}: {e}");
+    let command = match name {
+        "scan-now" => serde_json::from_value::<Empty>(value).map(|_| Command::ScanNow).map_err(bad),
+        "break/end" => serde_json::from_value::<Empty>(value).map(|_| Command::BreakEnd).map_err(bad),
+        "break/start" => serde_json::from_value::<BreakStart>(value).map_err(bad).and_then(|b| {
+            let reason = b.reason.trim().to_string();
+            if reason.is_empty() || reason.chars().count() > 200 || reason.chars().any(char::is_control) {
+                Err("break/start: reason must be 1-200 printable characters".into())
+            } else {
+                Ok(Command::BreakStart { reason })
+            }
+        }),
+        "evidence/ack" => serde_json::from_value::<EvidenceAck>(value).map_err(bad).and_then(|a| {
+            if token_ok(&a.evidence) {
+                Ok(Command::EvidenceAck { evidence: a.evidence })
+            } else {
+                Err("evidence/ack: evidence must be an event id".into())
+            }
+        }),
+        other => {
+            Err(format!("unknown command '{other}' (known: scan-now, break/start, break/end, evidence/ack)"))
+        }
+    };
+    Parsed { id, command }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn good_commands() {
+        assert_eq!(parse("scan-now", b"").command, Ok(Command::ScanNow));
+        let p = parse("break/start", br#"{"id":"c1","reason":" lunch "}"#);
+        assert_eq!(p.id.as_deref(), Some("c1"));
+        assert_eq!(p.command, Ok(Command::BreakStart { reason: "lunch".into() }));
+        assert_eq!(
+            parse("evidence/ack", br#"{"evidence":"abc-1"}"#).command,
+            Ok(Command::EvidenceAck { evidence: "abc-1".into() })
+        );
+    }
+
+    #[test]
+    fn bad_commands_say_why_and_keep_their_id() {
+        let cases: [(&str, &[u8], &str); 9] = [
+            ("reboot", b"{}", "unknown command"),
+            ("scan-now", b"{not json", "not JSON"),
+            ("scan-now", b"[1]", "JSON object"),
+            ("scan-now", br#"{"id":"x","force":true}"#, "unknown field"),
+            ("break/start", br#"{"id":"x"}"#, "missing field `reason`"),
+            ("break/start", br#"{"id":"x","reason":42}"#, "invalid type"),
+            ("break/start", br#"{"id":"x","reason":""}"#, "1-200 printable"),
+            ("evidence/ack", br#"{"id":"x","evidence":"../../etc"}"#, "event id"),
+            ("scan-now", br#"{"id":"bad id!"}"#, "id must be"),
+        ];
+        for (name, payload, want) in cases {
+            let p = parse(name, payload);
+            let err = p.command.expect_err(name);
+            assert!(err.contains(want), "{name} {:?}: {err}", String::from_utf8_lossy(payload));
+        }
+        assert_eq!(parse("break/start", br#"{"id":"x"}"#).id.as_deref(), Some("x"));
+        assert!(parse("scan-now", &vec![b' '; MAX_COMMAND_BYTES + 1]).command.is_err());
+    }
+}
