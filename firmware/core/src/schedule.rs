@@ -10,6 +10,9 @@ use jiff::Timestamp;
 
 use crate::Millis;
 
+/// 2025-01-01T00:00:00Z: any real "now" of this firmware is later.
+pub const CLOCK_SET_AFTER: Millis = 1_735_689_600_000;
+
 const DAY_NAMES: [&str; 7] = ["mon", "tue", "wed", "thu", "fri", "sat", "sun"];
 
 /// Parses `"HH:MM"` (00:00 to 24:00) into minutes of the day.
@@ -101,9 +104,14 @@ impl Shift {
         Some((weekday_index(dt.weekday()), dt.hour() as u16 * 60 + dt.minute() as u16, dt.date()))
     }
 
-    /// Whether `unix_ms` lies within the shift.
+    /// Whether `unix_ms` lies within the shift. A clock before 2025 has not been set (a
+    /// Pi has no battery clock and boots in the past until NTP answers): nothing is in
+    /// the shift then, so the camera stays closed rather than look at the wrong hour.
     pub fn contains(&self, unix_ms: Millis) -> bool {
-        self.local(unix_ms).is_some_and(|(wd, min, _)| self.days[wd] && self.start <= min && min < self.end)
+        unix_ms >= CLOCK_SET_AFTER
+            && self
+                .local(unix_ms)
+                .is_some_and(|(wd, min, _)| self.days[wd] && self.start <= min && min < self.end)
     }
 
     /// The first moment after `unix_ms` at which the local clock shows `minute` on a
@@ -157,6 +165,8 @@ mod tests {
         assert!(s.contains(MON_0800_UTC + 8 * 3_600_000 - 60_000));
         assert!(!s.contains(MON_0800_UTC + 8 * 3_600_000), "17:00 Berlin is the end");
         assert!(!s.contains(MON_0800_UTC + 5 * 86_400_000), "Saturday");
+        assert!(!Shift::always().contains(1000), "an unset clock (1970) is never in the shift");
+        assert!(Shift::always().contains(CLOCK_SET_AFTER));
     }
 
     #[test]

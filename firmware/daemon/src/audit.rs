@@ -17,7 +17,14 @@ impl AuditLog {
     /// Opens (creating the directory if needed) `<dir>/audit.jsonl`.
     pub fn open(dir: &Path, max_bytes: u64) -> io::Result<Self> {
         std::fs::create_dir_all(dir)?;
-        Ok(AuditLog { path: dir.join("audit.jsonl"), max_bytes })
+        let path = dir.join("audit.jsonl");
+        // A line torn by a crash is ended, so the next entry starts on a line of its own.
+        if let Ok(bytes) = std::fs::read(&path) {
+            if bytes.last().is_some_and(|b| *b != b'\n') {
+                OpenOptions::new().append(true).open(&path)?.write_all(b"\n")?;
+            }
+        }
+        Ok(AuditLog { path, max_bytes })
     }
 
     pub fn path(&self) -> &Path {
@@ -95,10 +102,13 @@ mod tests {
             log.append(&entry(i)).unwrap();
             assert!(std::fs::metadata(log.path()).unwrap().len() <= 4096);
         }
+        // A crash tore the last line: it is ended on reopen and later entries stay whole.
+        OpenOptions::new().append(true).open(log.path()).unwrap().write_all(b"{\"v\":1,\"ti").unwrap();
         let again = AuditLog::open(&dir, 4096).unwrap();
+        again.append(&entry(500)).unwrap();
         let all = again.entries().unwrap();
         assert!(all.len() > 20, "kept {}", all.len());
-        assert_eq!(all.last().unwrap().frames, 499, "the newest entry is kept");
+        assert_eq!(all.last().unwrap().frames, 500, "the newest entry is kept");
         let frames: Vec<u32> = all.iter().map(|e| e.frames).collect();
         assert!(frames.windows(2).all(|w| w[1] == w[0] + 1), "a contiguous, ordered tail");
         let _ = std::fs::remove_dir_all(&dir);

@@ -118,7 +118,10 @@ impl Pipeline {
             if self.stop.load(Ordering::Relaxed) || enough {
                 pending = vec![(Input::Shutdown, None)];
             }
-            self.take_commands(&mut pending);
+            // Commands are taken while running, not once stopping has begun.
+            if !self.stop.load(Ordering::Relaxed) {
+                self.take_commands(&mut pending);
+            }
             while let Some((input, ctx)) = pending.pop() {
                 let shutting_down = input == Input::Shutdown;
                 let actions = policy.step(now(), input);
@@ -227,11 +230,16 @@ impl Pipeline {
                         }
                         Action::Event(e) => {
                             match &e {
-                                PolicyEvent::BreakEnded { .. } => rules.restart_presence(now()),
+                                PolicyEvent::BreakEnded { .. } => {
+                                    rules.restart_presence(now());
+                                    self.state.send_modify(|s| s.on_break = false);
+                                }
                                 PolicyEvent::ScanSkipped { .. } => {
                                     self.record(ScanResult::Skipped, 0, Vec::new())
                                 }
-                                PolicyEvent::BreakStarted { .. } => {}
+                                PolicyEvent::BreakStarted { .. } => {
+                                    self.state.send_modify(|s| s.on_break = true)
+                                }
                             }
                             self.line(format!("policy: {e:?}"), true);
                         }
@@ -275,6 +283,7 @@ impl Pipeline {
     /// Takes the commands that arrived: policy commands become inputs (replied to when
     /// the policy has answered), an evidence ack is done here, a bad one is refused.
     fn take_commands(&mut self, pending: &mut Vec<Pending>) {
+        let mut taken = Vec::new();
         while let Ok((name, payload)) = self.commands.try_recv() {
             let parsed = deskcam_core::command::parse(&name, &payload);
             let input = match parsed.command {
@@ -296,8 +305,10 @@ impl Pipeline {
                 Ok(Command::BreakEnd) => Input::BreakEnd,
             };
             tracing::info!("command {name}");
-            pending.push((input, Some((parsed.id, name))));
+            taken.push((input, Some((parsed.id, name))));
         }
+        // `pending` is popped from the end: push in reverse so commands run in order.
+        pending.extend(taken.into_iter().rev());
     }
 
     /// Replies to a command that carried an id, and to every refused one.
@@ -378,8 +389,8 @@ impl Pipeline {
             false,
         );
         let fired: Vec<RuleKind> = verdict.findings.iter().map(|f| f.rule).collect();
-        for finding in verdict.findings {
-            self.emit(frame, &detections, finding, seq, summary);
+        for (n, finding) in verdict.findings.into_iter().enumerate() {
+            self.emit(frame, &detections, finding, seq, n, summary);
         }
         fired
     }
@@ -390,10 +401,12 @@ impl Pipeline {
         detections: &[Detection],
         finding: Finding,
         seq: u64,
+        nth: usize,
         summary: &mut Summary,
     ) {
         let time = unix_ms();
-        let id = format!("{time:x}-{seq:x}");
+        // Unique per finding: several rules can fire on one frame.
+        let id = format!("{time:x}-{seq:x}-{nth}");
         let still = match render_still(frame, detections, &finding.objects, &self.config.evidence) {
             // Leave room for the topic and headers in the packet.
             Ok(Some(s)) if s.jpeg.len() > MAX_PACKET_BYTES - 4096 => {

@@ -26,6 +26,8 @@ const BACKOFF_START: Duration = Duration::from_millis(500);
 const BACKOFF_MAX: Duration = Duration::from_secs(30);
 /// On shutdown, how long to wait for the broker to acknowledge what is in flight.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long one publish may wait for room in rumqttc's request channel.
+const PUBLISH_TIMEOUT: Duration = Duration::from_secs(10);
 
 #[derive(Debug, thiserror::Error)]
 pub enum UplinkError {
@@ -225,8 +227,16 @@ async fn drive(
             }
             Ok(Event::Incoming(Packet::Publish(p))) => {
                 if let Some(name) = topics.command_name(&p.topic) {
+                    if p.retain {
+                        // A command left retained on the broker would run again at every
+                        // connect: commands are for now, not for later.
+                        tracing::warn!("ignored retained command {name}");
+                        continue;
+                    }
+                    // Only what parsing needs to refuse an oversized payload is kept.
+                    let keep = p.payload.len().min(deskcam_core::command::MAX_COMMAND_BYTES + 1);
                     // Never block the connection on the daemon: a full inbox drops, counted.
-                    if commands.try_send((name.to_string(), p.payload.to_vec())).is_err() {
+                    if commands.try_send((name.to_string(), p.payload[..keep].to_vec())).is_err() {
                         stats.commands_dropped.fetch_add(1, Ordering::Relaxed);
                         tracing::warn!("command {name} dropped: the daemon is busy");
                     }
@@ -267,11 +277,20 @@ async fn drive(
 }
 
 async fn publish(client: &AsyncClient, topic: String, retain: bool, payload: Vec<u8>, stats: &UplinkStats) {
-    match client.publish(topic.clone(), QoS::AtLeastOnce, retain, payload).await {
-        Ok(()) => {
+    // Bounded: with the broker gone and rumqttc's request channel full, waiting here
+    // forever would also stop this task from seeing the shutdown.
+    let queued = tokio::time::timeout(
+        PUBLISH_TIMEOUT,
+        client.publish(topic.clone(), QoS::AtLeastOnce, retain, payload),
+    );
+    match queued.await {
+        Ok(Ok(())) => {
             stats.published.fetch_add(1, Ordering::Relaxed);
         }
-        Err(e) => tracing::error!(topic, "could not queue publish: {e}"),
+        Ok(Err(e)) => tracing::error!(topic, "could not queue publish: {e}"),
+        Err(_) => {
+            tracing::error!(topic, "dropped: the connection did not take it within {PUBLISH_TIMEOUT:?}")
+        }
     }
 }
 

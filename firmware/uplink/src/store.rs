@@ -41,10 +41,24 @@ fn valid_id(id: &str) -> bool {
 
 fn write_atomically(path: &Path, bytes: &[u8]) -> io::Result<()> {
     let tmp = path.with_extension("tmp");
-    let mut f = File::create(&tmp)?;
-    f.write_all(bytes)?;
-    f.sync_all()?;
-    fs::rename(&tmp, path)
+    let written = File::create(&tmp).and_then(|mut f| {
+        f.write_all(bytes)?;
+        f.sync_all()
+    });
+    if let Err(e) = written.and_then(|()| fs::rename(&tmp, path)) {
+        let _ = fs::remove_file(&tmp);
+        return Err(e);
+    }
+    sync_dir(path)
+}
+
+/// Makes a rename or an unlink durable: after a power cut, acknowledged evidence must
+/// not come back, nor stored evidence vanish.
+fn sync_dir(path: &Path) -> io::Result<()> {
+    match path.parent() {
+        Some(dir) => File::open(dir)?.sync_all(),
+        None => Ok(()),
+    }
 }
 
 impl EvidenceStore {
@@ -66,6 +80,17 @@ impl EvidenceStore {
             let Some((created, id)) = stem.split_once('-') else { continue };
             let (Ok(created), true) = (created.parse::<u64>(), valid_id(id)) else { continue };
             *index.entry((created, id.to_string())).or_insert(0) += fs::metadata(&path)?.len();
+        }
+        // A still without its event file is an interrupted put: the event file is the
+        // commit point, so drop the orphan.
+        let orphans: Vec<(u64, String)> = index
+            .keys()
+            .filter(|(c, id)| !dir.join(format!("{c:013}-{id}.json")).exists())
+            .cloned()
+            .collect();
+        for (c, id) in orphans {
+            fs::remove_file(dir.join(format!("{c:013}-{id}.jpg")))?;
+            index.remove(&(c, id));
         }
         Ok(EvidenceStore { dir: dir.to_path_buf(), max_age_ms, max_bytes, index, evicted: 0 })
     }
@@ -90,7 +115,10 @@ impl EvidenceStore {
         if let Some(jpeg) = still {
             write_atomically(&self.path(now_ms, id, "jpg"), jpeg)?;
         }
-        write_atomically(&self.path(now_ms, id, "json"), event_json)?;
+        if let Err(e) = write_atomically(&self.path(now_ms, id, "json"), event_json) {
+            let _ = fs::remove_file(self.path(now_ms, id, "jpg"));
+            return Err(e);
+        }
         let size = event_json.len() as u64 + still.map_or(0, |s| s.len() as u64);
         self.index.insert((now_ms, id.to_string()), size);
         let mut evicted = Vec::new();
@@ -113,30 +141,43 @@ impl EvidenceStore {
             }
         }
         self.index.remove(&(created, id.to_string()));
-        Ok(())
+        sync_dir(&self.path(created, id, "json"))
     }
 
     /// The server has the evidence: delete it at once. `false` if it was not here.
     pub fn ack(&mut self, id: &str) -> io::Result<bool> {
-        let Some(created) = self.index.keys().find(|(_, i)| i == id).map(|(c, _)| *c) else {
-            return Ok(false);
-        };
-        self.remove(created, id)?;
-        Ok(true)
+        let stamps: Vec<u64> = self.index.keys().filter(|(_, i)| i == id).map(|(c, _)| *c).collect();
+        for created in &stamps {
+            self.remove(*created, id)?;
+        }
+        Ok(!stamps.is_empty())
     }
 
-    /// Deletes everything older than `max_age`; returns the ids deleted.
+    /// Deletes everything older than `max_age`, and anything stamped later than `now`
+    /// (the clock was set back: its age is unknown, so it is not kept); returns the ids
+    /// deleted. One failed deletion does not stop the others; the first error is
+    /// returned after trying them all.
     pub fn expire(&mut self, now_ms: u64) -> io::Result<Vec<String>> {
         let old: Vec<(u64, String)> = self
             .index
             .keys()
-            .filter(|(c, _)| now_ms.saturating_sub(*c) >= self.max_age_ms)
+            .filter(|(c, _)| *c > now_ms || now_ms - *c >= self.max_age_ms)
             .cloned()
             .collect();
-        for (created, id) in &old {
-            self.remove(*created, id)?;
+        let mut first_error = None;
+        let mut gone = Vec::new();
+        for (created, id) in old {
+            match self.remove(created, &id) {
+                Ok(()) => gone.push(id),
+                Err(e) => {
+                    first_error.get_or_insert(e);
+                }
+            }
         }
-        Ok(old.into_iter().map(|(_, id)| id).collect())
+        match first_error {
+            Some(e) => Err(e),
+            None => Ok(gone),
+        }
     }
 
     /// What is stored, oldest first.
@@ -191,10 +232,12 @@ mod tests {
         drop(s);
         // A restart, with the leftover of an interrupted write.
         fs::write(d.join("0000000003000-e3.json.tmp"), b"half").unwrap();
+        fs::write(d.join("0000000004000-e4.jpg"), b"still whose event was never written").unwrap();
         let mut s = EvidenceStore::open(&d, 7 * DAY, 1 << 20).unwrap();
         let ids: Vec<String> = s.list().into_iter().map(|e| e.id).collect();
         assert_eq!(ids, ["e1", "e2"]);
         assert!(!d.join("0000000003000-e3.json.tmp").exists());
+        assert!(!d.join("0000000004000-e4.jpg").exists(), "an orphan still is dropped");
         assert!(s.ack("e1").unwrap(), "ack deletes at once");
         assert!(!s.ack("e1").unwrap());
         assert_eq!(s.get("e1").unwrap(), None);
@@ -214,6 +257,9 @@ mod tests {
         // Expiry also applies to what a restart finds.
         let mut s = EvidenceStore::open(&d, 7 * DAY, 1 << 20).unwrap();
         assert_eq!(s.expire(10 * DAY).unwrap(), ["newer"]);
+        // A clock set back makes an entry look younger than zero: it is not kept.
+        s.put(20 * DAY, "future", b"{}", None).unwrap();
+        assert_eq!(s.expire(19 * DAY).unwrap(), ["future"]);
         assert_eq!(fs::read_dir(&d).unwrap().count(), 0);
         let _ = fs::remove_dir_all(&d);
     }

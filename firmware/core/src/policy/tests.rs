@@ -7,6 +7,9 @@ use crate::duration::Span;
 /// 2026-11-23 08:00 UTC, a Monday.
 const MON_0800: Millis = 1_795_420_800_000;
 const HOUR: Millis = 3_600_000;
+/// Start of the simulated time of tests that use an all-week shift (a clock before 2025
+/// counts as unset, and the camera never looks then).
+const T0: Millis = MON_0800;
 
 fn workdays() -> Shift {
     let days: Vec<String> = ["mon", "tue", "wed", "thu", "fri"].iter().map(|d| d.to_string()).collect();
@@ -76,15 +79,15 @@ impl Model {
 fn continuous_keeps_the_shutter_open_at_fps() {
     let mut p = policy(ScanMode::Continuous { fps: 2.0 }, 3, Shift::always(), 1);
     assert_eq!(
-        p.step(0, Input::Tick),
+        p.step(T0, Input::Tick),
         vec![Action::SetLed(LedPattern::Analysing), Action::OpenShutter, Action::Capture]
     );
-    assert_eq!(p.step(100, Input::FrameCaptured), vec![]);
-    assert_eq!(p.next_deadline(), Some(600));
-    assert_eq!(p.step(300, Input::Tick), vec![]);
-    assert_eq!(p.step(600, Input::Tick), vec![Action::Capture]);
+    assert_eq!(p.step(T0 + 100, Input::FrameCaptured), vec![]);
+    assert_eq!(p.next_deadline(), Some(T0 + 600));
+    assert_eq!(p.step(T0 + 300, Input::Tick), vec![]);
+    assert_eq!(p.step(T0 + 600, Input::Tick), vec![Action::Capture]);
     assert_eq!(
-        p.step(700, Input::Shutdown),
+        p.step(T0 + 700, Input::Shutdown),
         vec![Action::CloseShutter, Action::SetLed(LedPattern::Off), Action::Finished]
     );
 }
@@ -93,8 +96,8 @@ fn continuous_keeps_the_shutter_open_at_fps() {
 fn spot_checks_are_bursts_that_respect_min_gap_and_rate() {
     let min_gap = Span::from_secs(300);
     let mut p = policy(ScanMode::Spot { per_hour: 4.0, min_gap }, 3, Shift::always(), 42);
-    assert!(p.step(0, Input::Tick).is_empty());
-    let mut now = 0;
+    assert!(p.step(T0, Input::Tick).is_empty());
+    let mut now = T0;
     let mut gaps = Vec::new();
     for _ in 0..200 {
         let due = p.next_deadline().unwrap();
@@ -125,27 +128,27 @@ fn spot_checks_are_bursts_that_respect_min_gap_and_rate() {
 fn scan_now_takes_one_check_then_closes() {
     let mut p =
         policy(ScanMode::Spot { per_hour: 1.0, min_gap: Span::from_secs(600) }, 2, Shift::always(), 5);
-    p.step(0, Input::Tick);
+    p.step(T0, Input::Tick);
     assert_eq!(
-        p.step(10, Input::ScanNow),
+        p.step(T0 + 10, Input::ScanNow),
         vec![Action::SetLed(LedPattern::Analysing), Action::OpenShutter, Action::Capture]
     );
-    assert!(p.step(20, Input::FrameCaptured).is_empty());
-    assert_eq!(p.step(520, Input::Tick), vec![Action::Capture]);
+    assert!(p.step(T0 + 20, Input::FrameCaptured).is_empty());
+    assert_eq!(p.step(T0 + 520, Input::Tick), vec![Action::Capture]);
     assert_eq!(
-        p.step(530, Input::FrameCaptured),
+        p.step(T0 + 530, Input::FrameCaptured),
         vec![Action::CloseShutter, Action::SetLed(LedPattern::Off)]
     );
-    assert!(p.next_deadline().unwrap() >= 530 + 600_000, "the next spot check keeps min_gap");
+    assert!(p.next_deadline().unwrap() >= T0 + 530 + 600_000, "the next spot check keeps min_gap");
 }
 
 #[test]
 fn off_never_opens_and_refuses_scan_now() {
     let mut p = policy(ScanMode::Off, 3, Shift::always(), 1);
     for t in 0..100 {
-        assert!(p.step(t * 1000, Input::Tick).is_empty());
+        assert!(p.step(T0 + t * 1000, Input::Tick).is_empty());
         assert_eq!(
-            p.step(t * 1000, Input::ScanNow),
+            p.step(T0 + t * 1000, Input::ScanNow),
             vec![Action::Refused("monitoring is off (scan.mode = \"off\")")]
         );
     }
@@ -155,11 +158,14 @@ fn off_never_opens_and_refuses_scan_now() {
 #[test]
 fn camera_fault_closes_and_retries() {
     let mut p = policy(ScanMode::Continuous { fps: 1.0 }, 3, Shift::always(), 1);
-    p.step(0, Input::Tick);
-    assert_eq!(p.step(10, Input::CameraFault), vec![Action::CloseShutter, Action::SetLed(LedPattern::Fault)]);
-    assert_eq!(p.next_deadline(), Some(5_010));
+    p.step(T0, Input::Tick);
     assert_eq!(
-        p.step(5_010, Input::Tick),
+        p.step(T0 + 10, Input::CameraFault),
+        vec![Action::CloseShutter, Action::SetLed(LedPattern::Fault)]
+    );
+    assert_eq!(p.next_deadline(), Some(T0 + 5_010));
+    assert_eq!(
+        p.step(T0 + 5_010, Input::Tick),
         vec![Action::SetLed(LedPattern::Analysing), Action::OpenShutter, Action::Capture]
     );
 }
@@ -196,10 +202,10 @@ fn nothing_outside_the_shift() {
 #[test]
 fn breaks_close_the_shutter_and_end_by_command_button_or_max_break() {
     let mut p = policy(ScanMode::Continuous { fps: 1.0 }, 3, Shift::always(), 1);
-    p.step(0, Input::Tick);
-    p.step(10, Input::FrameCaptured);
+    p.step(T0, Input::Tick);
+    p.step(T0 + 10, Input::FrameCaptured);
     assert_eq!(
-        p.step(100, Input::BreakStart { reason: "lunch".into() }),
+        p.step(T0 + 100, Input::BreakStart { reason: "lunch".into() }),
         vec![
             Action::CloseShutter,
             Action::SetLed(LedPattern::Break),
@@ -207,12 +213,12 @@ fn breaks_close_the_shutter_and_end_by_command_button_or_max_break() {
         ]
     );
     assert_eq!(
-        p.step(200, Input::BreakStart { reason: "again".into() }),
+        p.step(T0 + 200, Input::BreakStart { reason: "again".into() }),
         vec![Action::Refused("already on a break")]
     );
-    assert_eq!(p.step(300, Input::ScanNow), vec![Action::Refused("the worker is on a break")]);
-    assert!(p.step(5_000, Input::Tick).is_empty(), "no scan during a break");
-    let ended = p.step(60_100, Input::BreakEnd);
+    assert_eq!(p.step(T0 + 300, Input::ScanNow), vec![Action::Refused("the worker is on a break")]);
+    assert!(p.step(T0 + 5_000, Input::Tick).is_empty(), "no scan during a break");
+    let ended = p.step(T0 + 60_100, Input::BreakEnd);
     assert_eq!(
         ended,
         vec![
@@ -224,15 +230,15 @@ fn breaks_close_the_shutter_and_end_by_command_button_or_max_break() {
             })
         ]
     );
-    assert_eq!(p.step(60_200, Input::BreakEnd), vec![Action::Refused("no break in progress")]);
-    assert!(p.step(60_300, Input::Tick).contains(&Action::OpenShutter), "work resumes");
-    p.step(60_310, Input::FrameCaptured);
+    assert_eq!(p.step(T0 + 60_200, Input::BreakEnd), vec![Action::Refused("no break in progress")]);
+    assert!(p.step(T0 + 60_300, Input::Tick).contains(&Action::OpenShutter), "work resumes");
+    p.step(T0 + 60_310, Input::FrameCaptured);
 
     // The button toggles; a break longer than max_break ends by itself, reported.
     assert!(p
-        .step(70_000, Input::ButtonLongPress)
+        .step(T0 + 70_000, Input::ButtonLongPress)
         .contains(&Action::Event(PolicyEvent::BreakStarted { reason: "button".into() })));
-    let overrun = p.step(70_000 + 30 * 60_000, Input::Tick);
+    let overrun = p.step(T0 + 70_000 + 30 * 60_000, Input::Tick);
     assert!(overrun.contains(&Action::Event(PolicyEvent::BreakEnded {
         reason: "button".into(),
         duration_ms: 30 * 60_000,
