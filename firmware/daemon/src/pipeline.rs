@@ -23,6 +23,33 @@ use deskcam_vision::{render_still, CaptureError, Detector, Frame, FrameSource};
 
 use crate::hardware::Hardware;
 
+/// A finding's event and still, ready to be stored and sent.
+struct Prepared {
+    time: u64,
+    event: ViolationEvent,
+    still: Option<Vec<u8>>,
+}
+
+/// The scan under way: frames analysed, rules fired, evidence waiting for the audit entry.
+#[derive(Default)]
+struct Scan {
+    frames: u32,
+    rules: Vec<RuleKind>,
+    evidence: Vec<Prepared>,
+}
+
+impl Scan {
+    fn add(&mut self, more: Scan) {
+        self.frames += more.frames;
+        for r in more.rules {
+            if !self.rules.contains(&r) {
+                self.rules.push(r);
+            }
+        }
+        self.evidence.extend(more.evidence);
+    }
+}
+
 /// An input for the policy; a command's carries its reply context (id, command name).
 type Pending = (Input, Option<(Option<String>, String)>);
 
@@ -101,8 +128,7 @@ impl Pipeline {
         let mut summary = Summary::default();
         let mut seq = 0u64;
         let mut pending: Vec<Pending> = vec![(Input::Tick, None)];
-        // The scan under way: frames analysed and rules fired since the shutter opened.
-        let mut scan: Option<(u32, Vec<RuleKind>)> = None;
+        let mut scan: Option<Scan> = None;
         let mut faulted = false;
 
         'outer: loop {
@@ -154,7 +180,7 @@ impl Pipeline {
                             match self.hardware.open_shutter() {
                                 Ok(t) => {
                                     token = Some(t);
-                                    scan = Some((0, Vec::new()));
+                                    scan = Some(Scan::default());
                                     rules.begin_check();
                                     self.publish_state("open");
                                 }
@@ -166,10 +192,8 @@ impl Pipeline {
                         }
                         Action::CloseShutter => {
                             token = None;
-                            if let Some((frames, fired)) = scan.take() {
-                                if frames > 0 {
-                                    self.record(ScanResult::from_rules(&fired), frames, fired);
-                                }
+                            if let Some(done) = scan.take() {
+                                self.finish_scan(done);
                             }
                             if let Some(s) = source.as_mut() {
                                 s.pause();
@@ -194,17 +218,18 @@ impl Pipeline {
                                 Ok(frame) => {
                                     seq += 1;
                                     faulted = false;
-                                    let fired = self.analyse(&frame, now(), seq, &mut rules, &mut summary);
-                                    if matches!(self.config.scan, ScanMode::Continuous { .. }) {
-                                        // A continuous watch is a scan per frame.
-                                        self.record(ScanResult::from_rules(&fired), 1, fired);
-                                    } else if let Some((frames, all)) = scan.as_mut() {
-                                        *frames += 1;
-                                        for r in fired {
-                                            if !all.contains(&r) {
-                                                all.push(r);
-                                            }
+                                    let (fired, prepared) =
+                                        self.analyse(&frame, now(), seq, &mut rules, &mut summary);
+                                    let looked = Scan { frames: 1, rules: fired, evidence: prepared };
+                                    match scan.as_mut() {
+                                        // A check (spot, scheduled, scan-now) is one scan.
+                                        Some(current)
+                                            if !matches!(self.config.scan, ScanMode::Continuous { .. }) =>
+                                        {
+                                            current.add(looked)
                                         }
+                                        // A continuous watch is a scan per frame.
+                                        _ => self.finish_scan(looked),
                                     }
                                     Input::FrameCaptured
                                 }
@@ -280,6 +305,17 @@ impl Pipeline {
         Ok(())
     }
 
+    /// Records a finished scan on the audit log, then stores and sends its evidence:
+    /// nothing leaves the device about a scan that is not on record.
+    fn finish_scan(&mut self, scan: Scan) {
+        if scan.frames > 0 {
+            self.record(ScanResult::from_rules(&scan.rules), scan.frames, scan.rules);
+        }
+        for p in scan.evidence {
+            self.commit(p);
+        }
+    }
+
     /// Takes the commands that arrived: policy commands become inputs (replied to when
     /// the policy has answered), an evidence ack is done here, a bad one is refused.
     fn take_commands(&mut self, pending: &mut Vec<Pending>) {
@@ -343,7 +379,7 @@ impl Pipeline {
         self.audit_out.push(entry);
     }
 
-    /// Analyses one frame; returns the rules that fired.
+    /// Analyses one frame; returns the rules that fired and their evidence, prepared.
     fn analyse(
         &mut self,
         frame: &Frame,
@@ -351,14 +387,14 @@ impl Pipeline {
         seq: u64,
         rules: &mut RuleEngine,
         summary: &mut Summary,
-    ) -> Vec<RuleKind> {
+    ) -> (Vec<RuleKind>, Vec<Prepared>) {
         summary.frames += 1;
         let t = Instant::now();
         let detections = match self.detector.detect(frame) {
             Ok(d) => d,
             Err(e) => {
                 tracing::error!("detector: {e}");
-                return Vec::new();
+                return (Vec::new(), Vec::new());
             }
         };
         let ms = t.elapsed().as_secs_f32() * 1000.0;
@@ -389,13 +425,16 @@ impl Pipeline {
             false,
         );
         let fired: Vec<RuleKind> = verdict.findings.iter().map(|f| f.rule).collect();
+        let mut prepared = Vec::new();
         for (n, finding) in verdict.findings.into_iter().enumerate() {
-            self.emit(frame, &detections, finding, seq, n, summary);
+            prepared.push(self.prepare(frame, &detections, finding, seq, n, summary));
         }
-        fired
+        (fired, prepared)
     }
 
-    fn emit(
+    /// Builds a finding's event and redacted still. Nothing is stored or sent yet: that
+    /// happens in [`Pipeline::commit`], after the scan is on the audit log.
+    fn prepare(
         &mut self,
         frame: &Frame,
         detections: &[Detection],
@@ -403,7 +442,7 @@ impl Pipeline {
         seq: u64,
         nth: usize,
         summary: &mut Summary,
-    ) {
+    ) -> Prepared {
         let time = unix_ms();
         // Unique per finding: several rules can fire on one frame.
         let id = format!("{time:x}-{seq:x}-{nth}");
@@ -459,16 +498,21 @@ impl Pipeline {
             format!("       {:<12} score {:.2} -> {what}", rule_label(finding.rule), finding.score),
             true,
         );
-        // On disk before it is queued for the broker: a crash loses nothing.
-        let json = serde_json::to_vec(&event).unwrap_or_default();
-        match self.store.put(time, &event.id, &json, still.as_ref().map(|s| s.jpeg.as_slice())) {
+        Prepared { time, event, still: still.map(|s| s.jpeg) }
+    }
+
+    /// Stores a prepared piece of evidence, then queues it for the broker: on disk
+    /// before it can leave, so a crash loses nothing.
+    fn commit(&mut self, p: Prepared) {
+        let json = serde_json::to_vec(&p.event).unwrap_or_default();
+        match self.store.put(p.time, &p.event.id, &json, p.still.as_deref()) {
             Ok(evicted) if !evicted.is_empty() => {
                 tracing::warn!("evidence store full: evicted the oldest {}", evicted.join(", "))
             }
             Ok(_) => {}
             Err(e) => tracing::error!("evidence store: {e}"),
         }
-        self.events.push(Violation { event, still: still.map(|s| s.jpeg) });
+        self.events.push(Violation { event: p.event, still: p.still });
     }
 
     fn publish_state(&mut self, shutter: &str) {

@@ -113,3 +113,51 @@ fn commands_are_answered_and_bad_ones_change_nothing() {
 
     assert!(d.0.try_wait().unwrap().is_none(), "the daemon keeps running through bad commands");
 }
+
+#[test]
+fn a_spot_check_ordered_by_scan_now_is_audited_before_its_evidence_leaves() {
+    let broker = Mosquitto::start();
+    let dir = tempdir("scannow");
+    std::fs::copy(demo_photos().join("basketball1.png"), dir.join("basketball1.png")).unwrap();
+    let device = "itest-scannow";
+    // Spot mode with checks an hour apart: only scan-now will look.
+    let extra = "[scan]\nmode = \"spot\"\nper_hour = 0.001\nmin_gap = \"1d\"\nframes_per_check = 3\n";
+    let config = write_config(&dir, device, &format!("dir:{}", dir.display()), true, broker.port, extra);
+    let rec = Recorder::start(broker.port, &format!("deskcam/{device}/#"));
+    let _d = Daemon(
+        std::process::Command::new(env!("CARGO_BIN_EXE_deskcam"))
+            .arg("run")
+            .arg("--config")
+            .arg(&config)
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    assert!(rec
+        .wait_for(Duration::from_secs(20), |m| m.topic.ends_with("/status") && m.payload == b"online")
+        .is_some());
+    let (client, mut conn) = Client::new(MqttOptions::new("test-scan-now", "127.0.0.1", broker.port), 16);
+    std::thread::spawn(move || for _ in conn.iter() {});
+    client
+        .publish(format!("deskcam/{device}/cmd/scan-now"), QoS::AtLeastOnce, false, r#"{"id":"n1"}"#)
+        .unwrap();
+
+    let event =
+        rec.wait_for(Duration::from_secs(20), |m| m.topic.ends_with("/event/violation")).expect("an event");
+    let msgs = rec.snapshot();
+    let audit_at = msgs.iter().position(|m| m.topic.ends_with("/audit")).expect("an audit entry");
+    let event_at = msgs.iter().position(|m| m.payload == event.payload).unwrap();
+    assert!(audit_at < event_at, "the scan is on record before its evidence is sent");
+    let audit: Value = serde_json::from_slice(&msgs[audit_at].payload).unwrap();
+    assert_eq!((audit["mode"].as_str(), audit["frames"].as_u64()), (Some("spot"), Some(3)), "{audit}");
+    assert_eq!(audit["result"], "violation");
+    assert_eq!(
+        audit["rules"][0], "extra_person",
+        "three positive frames in one check fire the debounced rule"
+    );
+    // After the check the shutter is closed again.
+    std::thread::sleep(Duration::from_millis(500));
+    let msgs = rec.snapshot();
+    let last_state = msgs.iter().rev().find(|m| m.topic.ends_with("/state")).unwrap();
+    assert!(String::from_utf8_lossy(&last_state.payload).contains("\"shutter\":\"closed\""));
+}
