@@ -17,41 +17,62 @@ impl Drop for Daemon {
     }
 }
 
+/// A running daemon analysing basketball1.png (two people) in a loop, its broker, a
+/// recorder of everything it publishes, and a client to send commands with.
+struct Device {
+    _broker: Mosquitto,
+    rec: Recorder,
+    daemon: Daemon,
+    client: Client,
+    dir: std::path::PathBuf,
+    id: String,
+}
+
+impl Device {
+    fn start(name: &str, extra: &str) -> Device {
+        let broker = Mosquitto::start();
+        let dir = tempdir(name);
+        std::fs::copy(demo_photos().join("basketball1.png"), dir.join("basketball1.png")).unwrap();
+        let id = format!("itest-{name}");
+        let config = write_config(&dir, &id, &format!("dir:{}", dir.display()), true, broker.port, extra);
+        let rec = Recorder::start(broker.port, &format!("deskcam/{id}/#"));
+        let daemon = Daemon(
+            std::process::Command::new(env!("CARGO_BIN_EXE_deskcam"))
+                .arg("run")
+                .arg("--config")
+                .arg(&config)
+                .stderr(Stdio::null())
+                .spawn()
+                .unwrap(),
+        );
+        assert!(rec
+            .wait_for(Duration::from_secs(20), |m| m.topic.ends_with("/status") && m.payload == b"online")
+            .is_some());
+        let (client, mut conn) =
+            Client::new(MqttOptions::new(format!("fleet-owner-{name}"), "127.0.0.1", broker.port), 16);
+        std::thread::spawn(move || for _ in conn.iter() {});
+        Device { _broker: broker, rec, daemon, client, dir, id }
+    }
+
+    fn send(&self, name: &str, payload: &str) {
+        let topic = format!("deskcam/{}/cmd/{name}", self.id);
+        self.client.publish(topic, QoS::AtLeastOnce, false, payload.to_string()).unwrap();
+    }
+}
+
 #[test]
 fn commands_are_answered_and_bad_ones_change_nothing() {
-    let broker = Mosquitto::start();
-    let dir = tempdir("commands");
-    std::fs::copy(demo_photos().join("basketball1.png"), dir.join("basketball1.png")).unwrap();
-    let device = "itest-commands";
     let extra =
         "[scan]\nmode = \"continuous\"\nfps = 4.0\n[rules.extra_person]\nframes = 1\ncooldown = \"0s\"\n";
-    let config = write_config(&dir, device, &format!("dir:{}", dir.display()), true, broker.port, extra);
-    let rec = Recorder::start(broker.port, &format!("deskcam/{device}/#"));
-    let mut d = Daemon(
-        std::process::Command::new(env!("CARGO_BIN_EXE_deskcam"))
-            .arg("run")
-            .arg("--config")
-            .arg(&config)
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap(),
-    );
-    assert!(rec
-        .wait_for(Duration::from_secs(20), |m| m.topic.ends_with("/status") && m.payload == b"online")
-        .is_some());
+    let dev = Device::start("commands", extra);
+    let (rec, dir) = (&dev.rec, &dev.dir);
     let event = rec
         .wait_for(Duration::from_secs(20), |m| m.topic.ends_with("/event/violation"))
         .expect("an extra_person event");
     let event_id =
         serde_json::from_slice::<Value>(&event.payload).unwrap()["id"].as_str().unwrap().to_string();
 
-    let (client, mut conn) = Client::new(MqttOptions::new("test-fleet-owner", "127.0.0.1", broker.port), 16);
-    std::thread::spawn(move || for _ in conn.iter() {});
-    let send = |name: &str, payload: &str| {
-        client
-            .publish(format!("deskcam/{device}/cmd/{name}"), QoS::AtLeastOnce, false, payload.to_string())
-            .unwrap();
-    };
+    let send = |name: &str, payload: &str| dev.send(name, payload);
     let reply = |id: &str| -> Value {
         let m = rec
             .wait_for(Duration::from_secs(10), |m| {
@@ -71,9 +92,9 @@ fn commands_are_answered_and_bad_ones_change_nothing() {
         .is_some());
     std::thread::sleep(Duration::from_millis(300));
     let audits = |r: &Recorder| r.snapshot().iter().filter(|m| m.topic.ends_with("/audit")).count();
-    let before = audits(&rec);
+    let before = audits(rec);
     std::thread::sleep(Duration::from_millis(1500));
-    assert_eq!(audits(&rec), before, "no scan during a break");
+    assert_eq!(audits(rec), before, "no scan during a break");
 
     send("break/start", r#"{"id":"b2","reason":"again"}"#);
     let r = reply("b2");
@@ -111,36 +132,17 @@ fn commands_are_answered_and_bad_ones_change_nothing() {
     send("evidence/ack", &format!(r#"{{"id":"a2","evidence":"{event_id}"}}"#));
     assert!(reply("a2")["error"].as_str().unwrap().contains("no evidence"));
 
-    assert!(d.0.try_wait().unwrap().is_none(), "the daemon keeps running through bad commands");
+    let mut daemon = dev.daemon;
+    assert!(daemon.0.try_wait().unwrap().is_none(), "the daemon keeps running through bad commands");
 }
 
 #[test]
 fn a_spot_check_ordered_by_scan_now_is_audited_before_its_evidence_leaves() {
-    let broker = Mosquitto::start();
-    let dir = tempdir("scannow");
-    std::fs::copy(demo_photos().join("basketball1.png"), dir.join("basketball1.png")).unwrap();
-    let device = "itest-scannow";
-    // Spot mode with checks an hour apart: only scan-now will look.
+    // Spot mode with checks a day apart: only scan-now will look.
     let extra = "[scan]\nmode = \"spot\"\nper_hour = 0.001\nmin_gap = \"1d\"\nframes_per_check = 3\n";
-    let config = write_config(&dir, device, &format!("dir:{}", dir.display()), true, broker.port, extra);
-    let rec = Recorder::start(broker.port, &format!("deskcam/{device}/#"));
-    let _d = Daemon(
-        std::process::Command::new(env!("CARGO_BIN_EXE_deskcam"))
-            .arg("run")
-            .arg("--config")
-            .arg(&config)
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap(),
-    );
-    assert!(rec
-        .wait_for(Duration::from_secs(20), |m| m.topic.ends_with("/status") && m.payload == b"online")
-        .is_some());
-    let (client, mut conn) = Client::new(MqttOptions::new("test-scan-now", "127.0.0.1", broker.port), 16);
-    std::thread::spawn(move || for _ in conn.iter() {});
-    client
-        .publish(format!("deskcam/{device}/cmd/scan-now"), QoS::AtLeastOnce, false, r#"{"id":"n1"}"#)
-        .unwrap();
+    let dev = Device::start("scannow", extra);
+    let rec = &dev.rec;
+    dev.send("scan-now", r#"{"id":"n1"}"#);
 
     let event =
         rec.wait_for(Duration::from_secs(20), |m| m.topic.ends_with("/event/violation")).expect("an event");
