@@ -1,7 +1,8 @@
 //! `deskcamctl`: manage a deskcam over MQTT. This first version watches a device:
 //! `status` prints its retained status and state; `watch` prints every event as it
-//! arrives; `audit` prints its audit entries. Commands (scan-now, breaks, config) come
-//! with the management plane.
+//! arrives; `audit` prints its audit entries; `scan-now`, `break start|end` and
+//! `evidence ack` send a command and wait for the device's reply. Config and the other
+//! commands come with the management plane.
 
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
@@ -9,7 +10,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
 use deskcam_core::config::BrokerUrl;
-use deskcam_core::schema::{AuditEntry, Topics, ViolationEvent};
+use deskcam_core::schema::{AuditEntry, Reply, Topics, ViolationEvent};
 use rumqttc::{Client, Event, MqttOptions, Packet, QoS};
 
 #[derive(Parser)]
@@ -27,6 +28,9 @@ struct Cli {
     /// Print JSON instead of text.
     #[arg(long)]
     json: bool,
+    /// Seconds to wait for a command's reply.
+    #[arg(long, default_value_t = 10)]
+    timeout: u64,
     #[command(subcommand)]
     command: Cmd,
 }
@@ -43,7 +47,36 @@ enum Cmd {
         #[arg(long)]
         count: Option<u64>,
     },
+    /// Ask for one check now (refused outside the shift, in a break, in mode off).
+    ScanNow,
+    /// Start or end the worker's break.
+    #[command(subcommand)]
+    Break(BreakCmd),
+    /// Manage evidence kept on the device.
+    #[command(subcommand)]
+    Evidence(EvidenceCmd),
 }
+
+#[derive(Subcommand)]
+enum BreakCmd {
+    /// Start a break, with the worker's reason.
+    Start {
+        #[arg(long)]
+        reason: String,
+    },
+    /// End the break.
+    End,
+}
+
+#[derive(Subcommand)]
+enum EvidenceCmd {
+    /// Tell the device the server has this evidence: it deletes it at once.
+    Ack { id: String },
+}
+
+/// Exit codes a script can rely on.
+const EXIT_REFUSED: u8 = 4;
+const EXIT_NO_REPLY: u8 = 5;
 
 fn main() -> ExitCode {
     match run(Cli::parse()) {
@@ -99,6 +132,30 @@ fn run(cli: Cli) -> Result<ExitCode> {
             }
             Ok(ExitCode::SUCCESS)
         }
+        Cmd::ScanNow => {
+            command(&client, &mut conn, &topics, cli.timeout, "scan-now", serde_json::json!({}), cli.json)
+        }
+        Cmd::Break(BreakCmd::Start { reason }) => command(
+            &client,
+            &mut conn,
+            &topics,
+            cli.timeout,
+            "break/start",
+            serde_json::json!({ "reason": reason }),
+            cli.json,
+        ),
+        Cmd::Break(BreakCmd::End) => {
+            command(&client, &mut conn, &topics, cli.timeout, "break/end", serde_json::json!({}), cli.json)
+        }
+        Cmd::Evidence(EvidenceCmd::Ack { id }) => command(
+            &client,
+            &mut conn,
+            &topics,
+            cli.timeout,
+            "evidence/ack",
+            serde_json::json!({ "evidence": id }),
+            cli.json,
+        ),
         Cmd::Audit { count } => {
             client.subscribe(topics.audit(), QoS::AtLeastOnce).context("subscribe")?;
             let mut seen = 0;
@@ -161,4 +218,58 @@ fn run(cli: Cli) -> Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
     }
+}
+
+/// Sends `cmd/<name>` with a fresh id and waits for the device's reply to it.
+/// Exit: 0 done, 4 refused by the device (its reason printed), 5 no reply in time.
+fn command(
+    client: &Client,
+    conn: &mut rumqttc::Connection,
+    topics: &Topics,
+    timeout_s: u64,
+    name: &str,
+    mut body: serde_json::Value,
+    json: bool,
+) -> Result<ExitCode> {
+    let nanos =
+        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or(0);
+    let id = format!("ctl-{}-{nanos}", std::process::id());
+    body["id"] = serde_json::Value::String(id.clone());
+    // Subscribe first, so the reply cannot come before we listen.
+    client.subscribe(topics.reply(), QoS::AtLeastOnce).context("subscribe")?;
+    let topic = format!("{}/cmd/{name}", topics.root());
+    let mut sent = false;
+    let until = Instant::now() + Duration::from_secs(timeout_s);
+    while Instant::now() < until {
+        match conn.recv_timeout(Duration::from_millis(200)) {
+            Ok(Ok(Event::Incoming(Packet::SubAck(_)))) if !sent => {
+                client
+                    .publish(topic.clone(), QoS::AtLeastOnce, false, body.to_string())
+                    .context("publish")?;
+                sent = true;
+            }
+            Ok(Ok(Event::Incoming(Packet::Publish(p)))) if p.topic == topics.reply() => {
+                let Ok(reply) = serde_json::from_slice::<Reply>(&p.payload) else { continue };
+                if reply.id.as_deref() != Some(id.as_str()) {
+                    continue;
+                }
+                if json {
+                    println!("{}", String::from_utf8_lossy(&p.payload));
+                }
+                return Ok(if reply.ok {
+                    if !json {
+                        println!("{name}: ok");
+                    }
+                    ExitCode::SUCCESS
+                } else {
+                    eprintln!("deskcamctl: {name} refused: {}", reply.error.unwrap_or_default());
+                    ExitCode::from(EXIT_REFUSED)
+                });
+            }
+            Ok(Err(e)) => anyhow::bail!("broker: {e}"),
+            _ => {}
+        }
+    }
+    eprintln!("deskcamctl: no reply to {name} within {timeout_s}s (is the device online?)");
+    Ok(ExitCode::from(EXIT_NO_REPLY))
 }

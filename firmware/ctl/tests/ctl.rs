@@ -83,3 +83,47 @@ fn audit_prints_entries_as_they_arrive() {
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(text.contains("violation") && text.contains("phone") && text.contains("frames 3"), "{text}");
 }
+
+/// Stands in for a device's command handling: answers `break/start` with ok and
+/// `break/end` with the refusal the daemon gives when no break is running.
+fn fake_device(broker: &Mosquitto, device: &'static str) {
+    let (client, mut conn) = Client::new(MqttOptions::new("fake-device", "127.0.0.1", broker.port), 8);
+    client.subscribe(format!("deskcam/{device}/cmd/#"), QoS::AtLeastOnce).unwrap();
+    std::thread::spawn(move || {
+        for ev in conn.iter() {
+            let Ok(rumqttc::Event::Incoming(rumqttc::Packet::Publish(p))) = ev else { continue };
+            let body: serde_json::Value = serde_json::from_slice(&p.payload).unwrap_or_default();
+            let name = p.topic.rsplit_once("/cmd/").map(|(_, n)| n.to_string()).unwrap_or_default();
+            let reply = match name.as_str() {
+                "break/start" if body["reason"] == "lunch" => {
+                    serde_json::json!({"v": 1, "id": body["id"], "command": name, "ok": true})
+                }
+                _ => {
+                    serde_json::json!({"v": 1, "id": body["id"], "command": name, "ok": false, "error": "no break in progress"})
+                }
+            };
+            client
+                .publish(format!("deskcam/{device}/reply"), QoS::AtLeastOnce, false, reply.to_string())
+                .unwrap();
+        }
+    });
+    std::thread::sleep(Duration::from_millis(300));
+}
+
+#[test]
+fn commands_wait_for_the_reply_and_exit_by_outcome() {
+    let broker = Mosquitto::start();
+    fake_device(&broker, "desk-c");
+    let ok =
+        ctl(&broker).args(["--device", "desk-c", "break", "start", "--reason", "lunch"]).output().unwrap();
+    assert!(ok.status.success(), "{}", String::from_utf8_lossy(&ok.stderr));
+    assert!(String::from_utf8_lossy(&ok.stdout).contains("break/start: ok"));
+
+    let refused = ctl(&broker).args(["--device", "desk-c", "break", "end"]).output().unwrap();
+    assert_eq!(refused.status.code(), Some(4));
+    assert!(String::from_utf8_lossy(&refused.stderr).contains("no break in progress"));
+
+    let silent = ctl(&broker).args(["--device", "nobody", "--timeout", "1", "scan-now"]).output().unwrap();
+    assert_eq!(silent.status.code(), Some(5));
+    assert!(String::from_utf8_lossy(&silent.stderr).contains("no reply"));
+}
