@@ -11,9 +11,17 @@ pub const MAX_COMMAND_BYTES: usize = 16 * 1024;
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Command {
     ScanNow,
-    BreakStart { reason: String },
+    BreakStart {
+        reason: String,
+    },
     BreakEnd,
-    EvidenceAck { evidence: String },
+    EvidenceAck {
+        evidence: String,
+    },
+    /// Show the identify LED pattern for this many seconds (1-60).
+    Identify {
+        seconds: u32,
+    },
 }
 
 /// A command as received: its `id` (echoed in the reply) and what it asks, or why it
@@ -39,6 +47,20 @@ struct BreakStart {
     #[serde(default, rename = "id")]
     _id: Option<Value>,
     reason: String,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Identify {
+    // Accepted here so unknown fields can be refused; checked separately above.
+    #[serde(default, rename = "id")]
+    _id: Option<Value>,
+    #[serde(default = "identify_default")]
+    seconds: u32,
+}
+
+fn identify_default() -> u32 {
+    10
 }
 
 #[derive(Deserialize)]
@@ -97,9 +119,16 @@ pub fn parse(name: &str, payload: &[u8]) -> Parsed {
                 Err("evidence/ack: evidence must be an event id".into())
             }
         }),
-        other => {
-            Err(format!("unknown command '{other}' (known: scan-now, break/start, break/end, evidence/ack)"))
-        }
+        "identify" => serde_json::from_value::<Identify>(value).map_err(bad).and_then(|i| {
+            if (1..=60).contains(&i.seconds) {
+                Ok(Command::Identify { seconds: i.seconds })
+            } else {
+                Err("identify: seconds must be 1-60".into())
+            }
+        }),
+        other => Err(format!(
+            "unknown command '{other}' (known: scan-now, break/start, break/end, evidence/ack, identify)"
+        )),
     };
     Parsed { id, command }
 }
@@ -118,6 +147,9 @@ mod tests {
             parse("evidence/ack", br#"{"evidence":"abc-1"}"#).command,
             Ok(Command::EvidenceAck { evidence: "abc-1".into() })
         );
+        assert_eq!(parse("identify", b"").command, Ok(Command::Identify { seconds: 10 }));
+        assert!(parse("identify", br#"{"seconds":-3}"#).command.is_err(), "negative durations are refused");
+        assert!(parse("identify", br#"{"seconds":600}"#).command.unwrap_err().contains("1-60"));
     }
 
     #[test]

@@ -22,6 +22,8 @@ pub enum LedPattern {
     /// The worker is on a break: nothing is looked at.
     Break,
     Fault,
+    /// `cmd/identify`: "this is the device you mean", for a few seconds.
+    Identify,
 }
 
 /// Something that happened, fed to [`Policy::step`].
@@ -37,6 +39,8 @@ pub enum Input {
     BreakEnd,
     /// A long press of the button: starts a break, or ends the current one.
     ButtonLongPress,
+    /// `cmd/identify`: show the identify pattern for this long (not while looking).
+    Identify { duration_ms: Millis },
     /// The frame requested by [`Action::Capture`] was read and handed to analysis.
     FrameCaptured,
     /// The camera failed (missing, unplugged, stalled).
@@ -141,6 +145,8 @@ pub struct Policy {
     /// Scheduled mode: when the pre-warning of the next scan began.
     prewarn_since: Option<Millis>,
     on_break: Option<OnBreak>,
+    /// Until when the identify pattern shows.
+    identify_until: Option<Millis>,
     finished: bool,
 }
 
@@ -156,6 +162,7 @@ impl Policy {
             next_scan: None,
             prewarn_since: None,
             on_break: None,
+            identify_until: None,
             finished: false,
         }
     }
@@ -193,10 +200,7 @@ impl Policy {
             _ => due,
         });
         let break_end = self.on_break.as_ref().map(|b| b.since.saturating_add(self.cfg.max_break_ms));
-        match (scan, break_end) {
-            (Some(a), Some(b)) => Some(a.min(b)),
-            (a, b) => a.or(b),
-        }
+        [scan, break_end, self.identify_until].into_iter().flatten().min()
     }
 
     pub fn step(&mut self, now: Millis, input: Input) -> Vec<Action> {
@@ -238,6 +242,15 @@ impl Policy {
                     self.begin_capture(&mut out);
                 }
             }
+            Input::Identify { duration_ms } => {
+                if self.shutter_open {
+                    // The LED must keep saying that the camera looks.
+                    out.push(Action::Refused("the camera is looking; try again after the scan"));
+                } else {
+                    self.identify_until = Some(now.saturating_add(duration_ms));
+                    self.set_led(&mut out, LedPattern::Identify);
+                }
+            }
             Input::BreakStart { reason } => self.start_break(now, reason, &mut out),
             Input::BreakEnd => self.end_break(now, false, &mut out),
             Input::ButtonLongPress => {
@@ -270,6 +283,13 @@ impl Policy {
     }
 
     fn tick(&mut self, now: Millis, out: &mut Vec<Action>) {
+        if self.identify_until.is_some_and(|until| now >= until) {
+            self.identify_until = None;
+            if self.led == LedPattern::Identify {
+                let idle = self.idle_led();
+                self.set_led(out, idle);
+            }
+        }
         if let Some(b) = &self.on_break {
             if now.saturating_sub(b.since) >= self.cfg.max_break_ms {
                 self.end_break(now, true, out);

@@ -55,6 +55,11 @@ enum Cmd {
     /// Manage evidence kept on the device.
     #[command(subcommand)]
     Evidence(EvidenceCmd),
+    /// Make the device's LED show the identify pattern.
+    Identify {
+        #[arg(long, default_value_t = 10)]
+        seconds: u32,
+    },
 }
 
 #[derive(Subcommand)]
@@ -154,6 +159,15 @@ fn run(cli: Cli) -> Result<ExitCode> {
             cli.timeout,
             "evidence/ack",
             serde_json::json!({ "evidence": id }),
+            cli.json,
+        ),
+        Cmd::Identify { seconds } => command(
+            &client,
+            &mut conn,
+            &topics,
+            cli.timeout,
+            "identify",
+            serde_json::json!({ "seconds": seconds }),
             cli.json,
         ),
         Cmd::Audit { count } => {

@@ -68,5 +68,6 @@ pub fn led_name(p: LedPattern) -> &'static str {
         LedPattern::PreWarning => "pre-warning",
         LedPattern::Break => "break",
         LedPattern::Fault => "fault",
+        LedPattern::Identify => "identify",
     }
 }

@@ -339,6 +339,9 @@ impl Pipeline {
                 Ok(Command::ScanNow) => Input::ScanNow,
                 Ok(Command::BreakStart { reason }) => Input::BreakStart { reason },
                 Ok(Command::BreakEnd) => Input::BreakEnd,
+                Ok(Command::Identify { seconds }) => {
+                    Input::Identify { duration_ms: u64::from(seconds) * 1000 }
+                }
             };
             tracing::info!("command {name}");
             taken.push((input, Some((parsed.id, name))));

@@ -171,6 +171,25 @@ fn camera_fault_closes_and_retries() {
 }
 
 #[test]
+fn identify_shows_for_its_time_but_never_over_a_scan() {
+    let mut p =
+        policy(ScanMode::Spot { per_hour: 1.0, min_gap: Span::from_secs(3600) }, 1, Shift::always(), 3);
+    p.step(T0, Input::Tick);
+    assert_eq!(
+        p.step(T0 + 10, Input::Identify { duration_ms: 5_000 }),
+        vec![Action::SetLed(LedPattern::Identify)]
+    );
+    assert_eq!(p.next_deadline(), Some(T0 + 5_010));
+    assert_eq!(p.step(T0 + 5_010, Input::Tick), vec![Action::SetLed(LedPattern::Off)]);
+    // While the camera looks, the LED keeps saying so.
+    p.step(T0 + 6_000, Input::ScanNow);
+    assert_eq!(
+        p.step(T0 + 6_010, Input::Identify { duration_ms: 5_000 }),
+        vec![Action::Refused("the camera is looking; try again after the scan")]
+    );
+}
+
+#[test]
 fn nothing_outside_the_shift() {
     let mut p = policy(ScanMode::Continuous { fps: 1.0 }, 3, workdays(), 1);
     assert!(p.step(MON_0800 - 1000, Input::Tick).is_empty(), "07:59:59");
@@ -300,7 +319,8 @@ fn random_input_sequences_keep_the_invariants() {
         let mut now = MON_0800 - HOUR + rng.next_u64() % (2 * HOUR);
         for _ in 0..400 {
             now += rng.next_u64() % 120_000;
-            let input = match rng.next_u64() % 16 {
+            let input = match rng.next_u64() % 17 {
+                16 => Input::Identify { duration_ms: rng.next_u64() % 20_000 },
                 0 => Input::ScanNow,
                 1 => Input::CameraFault,
                 2 => Input::BreakStart { reason: "r".into() },
