@@ -334,7 +334,7 @@ fn random_input_sequences_keep_the_invariants() {
             assert_eq!(m.shutter, p.shutter_open());
             // Usually the daemon answers a capture at once; sometimes other inputs (a
             // break, the shift's end, a fault) arrive while the frame is in flight.
-            if actions.contains(&Action::Capture) && rng.next_u64() % 3 != 0 {
+            if actions.contains(&Action::Capture) && !rng.next_u64().is_multiple_of(3) {
                 now += 50;
                 let actions = p.step(now, Input::FrameCaptured);
                 m.apply(&p, now, &actions, &shift, scheduled);
