@@ -12,6 +12,7 @@ use clap::{Parser, Subcommand};
 use deskcam_core::config::BrokerUrl;
 use deskcam_core::schema::{AuditEntry, Reply, Topics, ViolationEvent};
 use rumqttc::{Client, Event, MqttOptions, Packet, QoS};
+use serde_json::json;
 
 #[derive(Parser)]
 #[command(name = "deskcamctl", version, about = "Manage deskcam devices over MQTT")]
@@ -137,39 +138,16 @@ fn run(cli: Cli) -> Result<ExitCode> {
             }
             Ok(ExitCode::SUCCESS)
         }
-        Cmd::ScanNow => {
-            command(&client, &mut conn, &topics, cli.timeout, "scan-now", serde_json::json!({}), cli.json)
+        Cmd::ScanNow | Cmd::Break(_) | Cmd::Evidence(_) | Cmd::Identify { .. } => {
+            let (name, body) = match cli.command {
+                Cmd::Break(BreakCmd::Start { reason }) => ("break/start", json!({ "reason": reason })),
+                Cmd::Break(BreakCmd::End) => ("break/end", json!({})),
+                Cmd::Evidence(EvidenceCmd::Ack { id }) => ("evidence/ack", json!({ "evidence": id })),
+                Cmd::Identify { seconds } => ("identify", json!({ "seconds": seconds })),
+                _ => ("scan-now", json!({})),
+            };
+            command(&client, &mut conn, &topics, cli.timeout, name, body, cli.json)
         }
-        Cmd::Break(BreakCmd::Start { reason }) => command(
-            &client,
-            &mut conn,
-            &topics,
-            cli.timeout,
-            "break/start",
-            serde_json::json!({ "reason": reason }),
-            cli.json,
-        ),
-        Cmd::Break(BreakCmd::End) => {
-            command(&client, &mut conn, &topics, cli.timeout, "break/end", serde_json::json!({}), cli.json)
-        }
-        Cmd::Evidence(EvidenceCmd::Ack { id }) => command(
-            &client,
-            &mut conn,
-            &topics,
-            cli.timeout,
-            "evidence/ack",
-            serde_json::json!({ "evidence": id }),
-            cli.json,
-        ),
-        Cmd::Identify { seconds } => command(
-            &client,
-            &mut conn,
-            &topics,
-            cli.timeout,
-            "identify",
-            serde_json::json!({ "seconds": seconds }),
-            cli.json,
-        ),
         Cmd::Audit { count } => {
             client.subscribe(topics.audit(), QoS::AtLeastOnce).context("subscribe")?;
             let mut seen = 0;

@@ -8,21 +8,12 @@ use deskcam_testkit::*;
 use rumqttc::{Client, MqttOptions, QoS};
 use serde_json::Value;
 
-struct Daemon(std::process::Child);
-
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
 /// A running daemon analysing basketball1.png (two people) in a loop, its broker, a
 /// recorder of everything it publishes, and a client to send commands with.
 struct Device {
     _broker: Mosquitto,
     rec: Recorder,
-    daemon: Daemon,
+    daemon: ChildGuard,
     client: Client,
     dir: std::path::PathBuf,
     id: String,
@@ -36,7 +27,7 @@ impl Device {
         let id = format!("itest-{name}");
         let config = write_config(&dir, &id, &format!("dir:{}", dir.display()), true, broker.port, extra);
         let rec = Recorder::start(broker.port, &format!("deskcam/{id}/#"));
-        let daemon = Daemon(
+        let daemon = ChildGuard(
             std::process::Command::new(env!("CARGO_BIN_EXE_deskcam"))
                 .arg("run")
                 .arg("--config")

@@ -12,16 +12,6 @@ fn deskcam() -> std::process::Command {
     c
 }
 
-/// Kills the child on drop so a failing test leaves no daemon behind.
-struct Daemon(std::process::Child);
-
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
 fn one_photo_dir(name: &str) -> std::path::PathBuf {
     let dir = tempdir(name);
     std::fs::copy(demo_photos().join("basketball1.png"), dir.join("basketball1.png")).unwrap();
@@ -99,7 +89,7 @@ fn missing_camera_is_reported_and_retried_while_the_device_stays_online() {
         .spawn()
         .unwrap();
     let err = capture_stderr(&mut child);
-    let mut d = Daemon(child);
+    let mut d = ChildGuard(child);
     assert!(
         wait_text(&err, "camera /dev/video-missing-42: no such device", Duration::from_secs(20)),
         "no clear error: {}",
@@ -150,7 +140,7 @@ fn broker_down_at_start_is_retried_until_it_comes_up() {
     let config = write_config(&dir, device, &format!("dir:{}", dir.display()), true, port, extra);
     let mut child = deskcam().arg("run").arg("--config").arg(&config).stderr(Stdio::piped()).spawn().unwrap();
     let err = capture_stderr(&mut child);
-    let _d = Daemon(child);
+    let _d = ChildGuard(child);
     assert!(wait_text(&err, "broker unreachable", Duration::from_secs(20)), "{}", err.lock().unwrap());
     assert!(err.lock().unwrap().contains(&format!("127.0.0.1:{port}")), "the message names the broker");
 
@@ -167,7 +157,7 @@ fn broker_down_at_start_is_retried_until_it_comes_up() {
 
 /// A daemon analysing one photo in a loop (continuous mode), with a broker and a
 /// recorder of the device's top-level topics.
-fn looping_daemon(name: &str) -> (Mosquitto, Recorder, Daemon) {
+fn looping_daemon(name: &str) -> (Mosquitto, Recorder, ChildGuard) {
     let broker = Mosquitto::start();
     let dir = one_photo_dir(name);
     let device = format!("itest-{name}");
@@ -175,7 +165,7 @@ fn looping_daemon(name: &str) -> (Mosquitto, Recorder, Daemon) {
     let config = write_config(&dir, &device, &source, true, broker.port, "[scan]\nmode = \"continuous\"\n");
     let rec = Recorder::start(broker.port, &format!("deskcam/{device}/+"));
     let child = deskcam().arg("run").arg("--config").arg(&config).stderr(Stdio::null()).spawn().unwrap();
-    (broker, rec, Daemon(child))
+    (broker, rec, ChildGuard(child))
 }
 
 #[test]

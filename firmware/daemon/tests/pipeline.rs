@@ -19,7 +19,6 @@ fn deskcam() -> std::process::Command {
 use deskcam_core::schema::{AuditEntry, ScanResult, ViolationEvent};
 use deskcam_core::BBox;
 use serde_json::Value;
-use sha2::{Digest, Sha256};
 
 struct Labelled {
     name: String,
@@ -207,7 +206,7 @@ fn photos_to_violations_and_redacted_stills_over_mqtt() {
         let info = e.still.as_ref().expect("blur-people sends a still");
         let jpeg = stills.get(&e.id).unwrap_or_else(|| panic!("still of {} not received", e.id));
         assert_eq!(jpeg.len(), info.size);
-        let sha: String = Sha256::digest(jpeg).iter().map(|b| format!("{b:02x}")).collect();
+        let sha = deskcam_vision::sha256_hex(jpeg);
         assert_eq!(sha, info.sha256);
         let still = image::load_from_memory_with_format(jpeg, image::ImageFormat::Jpeg)
             .expect("still is a JPEG")

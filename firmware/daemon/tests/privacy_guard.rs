@@ -5,9 +5,7 @@
 
 use std::path::{Path, PathBuf};
 
-fn repo() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..")
-}
+use deskcam_testkit::repo;
 
 /// Crates that capture or play audio, or detect/recognise faces.
 const BANNED: &[&str] = &[

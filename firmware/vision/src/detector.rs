@@ -9,7 +9,6 @@ use std::sync::Arc;
 
 use deskcam_core::detection::PERSON;
 use deskcam_core::{BBox, Detection, COCO_CLASSES};
-use sha2::{Digest, Sha256};
 use tract_onnx::prelude::*;
 
 use crate::Frame;
@@ -76,7 +75,7 @@ impl Detector {
     pub fn load(path: &Path, min_score: f32, nms_iou: f32) -> Result<Self, DetectorError> {
         let bytes =
             std::fs::read(path).map_err(|source| DetectorError::Read { path: path.into(), source })?;
-        let sha256 = hex(&Sha256::digest(&bytes));
+        let sha256 = crate::sha256_hex(&bytes);
         let load_err = |e: TractError| DetectorError::Load { path: path.into(), reason: format!("{e:#}") };
         let model = tract_onnx::onnx().model_for_read(&mut bytes.as_slice()).map_err(load_err)?;
         let input_size = model
@@ -163,10 +162,6 @@ impl HeadOutputs {
             .map_err(|e| DetectorError::Run(format!("{e:#}")))?;
         pair_levels(&views, self.input_size).map_err(DetectorError::Run)
     }
-}
-
-fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 /// Resizes keeping the aspect ratio into a `size`×`size` square (centred; the padding

@@ -5,7 +5,6 @@ use deskcam_core::detection::PERSON;
 use deskcam_core::{BBox, Detection};
 use image::codecs::jpeg::JpegEncoder;
 use image::RgbImage;
-use sha2::{Digest, Sha256};
 
 use crate::Frame;
 
@@ -54,7 +53,7 @@ pub fn render_still(
     JpegEncoder::new_with_quality(&mut jpeg, cfg.jpeg_quality)
         .encode_image(&image)
         .map_err(|e| EvidenceError::Encode(e.to_string()))?;
-    let sha256 = Sha256::digest(&jpeg).iter().map(|b| format!("{b:02x}")).collect();
+    let sha256 = crate::sha256_hex(&jpeg);
     Ok(Some(Still { jpeg, sha256, width: image.width(), height: image.height(), redacted }))
 }
 

@@ -15,3 +15,9 @@ pub use detector::{Detector, DetectorError};
 pub use evidence::{render_redacted, render_still, EvidenceError, Still};
 pub use frame::Frame;
 pub use source::{open_source, CaptureError, FrameSource};
+
+/// Lower-case hex sha256, as checksums are written in events, `state` and models/.
+pub fn sha256_hex(bytes: &[u8]) -> String {
+    use sha2::{Digest, Sha256};
+    Sha256::digest(bytes).iter().map(|b| format!("{b:02x}")).collect()
+}

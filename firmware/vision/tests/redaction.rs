@@ -4,8 +4,6 @@
 //! and nothing outside the desk region survives at all. Checked on the image the still
 //! is encoded from, pixel by pixel.
 
-use std::path::PathBuf;
-
 use deskcam_core::config::{Config, Region};
 use deskcam_core::detection::PERSON;
 use deskcam_core::{BBox, Detection};
@@ -13,14 +11,9 @@ use deskcam_vision::render_redacted;
 use deskcam_vision::source::{DirSource, FrameSource};
 use serde_json::Value;
 
-fn frames_dir() -> Option<PathBuf> {
-    let d = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../../shared/data/frames");
-    d.join("labels.json").is_file().then_some(d)
-}
-
 #[test]
 fn no_person_patch_and_nothing_outside_the_region_survives() {
-    let Some(dir) = frames_dir() else {
+    let Some(dir) = deskcam_testkit::shared_frames() else {
         println!("skipped: no ../shared/data/frames");
         return;
     };

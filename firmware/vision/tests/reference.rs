@@ -2,24 +2,13 @@
 //! results for the same model and photos (models/reference/, made by
 //! models/make_reference.py). Needs the demo photos: scripts/fetch-demo-photos.
 
-use std::path::PathBuf;
-
 use deskcam_core::BBox;
+use deskcam_testkit::{demo_photos, repo};
 use deskcam_vision::detector::{decode, nms, HeadLevel};
+use deskcam_vision::sha256_hex;
 use deskcam_vision::source::{DirSource, FrameSource};
 use deskcam_vision::Detector;
 use serde_json::Value;
-use sha2::{Digest, Sha256};
-
-fn repo() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..")
-}
-
-fn demo_photos() -> PathBuf {
-    std::env::var_os("DESKCAM_DEMO_PHOTOS").map(PathBuf::from).unwrap_or_else(|| {
-        PathBuf::from(std::env::var("HOME").unwrap_or_default()).join(".cache/deskcam/demo-photos")
-    })
-}
 
 fn reference() -> Value {
     let text = std::fs::read_to_string(repo().join("models/reference/nanodet_reference.json")).unwrap();
@@ -38,7 +27,7 @@ fn bbox(v: &Value) -> BBox {
 #[test]
 fn reference_belongs_to_the_committed_model() {
     let model = std::fs::read(repo().join("models/nanodet.onnx")).unwrap();
-    let sha: String = Sha256::digest(&model).iter().map(|b| format!("{b:02x}")).collect();
+    let sha = sha256_hex(&model);
     assert_eq!(reference()["model_sha256"].as_str().unwrap(), sha, "re-run models/make_reference.py");
     let pinned = std::fs::read_to_string(repo().join("models/nanodet.onnx.sha256")).unwrap();
     assert!(pinned.starts_with(&sha), "models/nanodet.onnx does not match its pinned checksum");
@@ -58,7 +47,7 @@ fn tract_matches_onnxruntime_on_demo_photos() {
         let path = dir.join(name);
         let bytes = std::fs::read(&path)
             .unwrap_or_else(|e| panic!("{}: {e}: run scripts/fetch-demo-photos", path.display()));
-        let sha: String = Sha256::digest(&bytes).iter().map(|b| format!("{b:02x}")).collect();
+        let sha = sha256_hex(&bytes);
         assert_eq!(sha, photo["sha256"].as_str().unwrap(), "{name} differs from the reference photo");
 
         // One-photo directory, so the frame is read exactly as the daemon reads it.
