@@ -19,6 +19,12 @@ pub const DEFAULT_TOML: &str = include_str!("../default.toml");
 /// Retention can be shortened but never stretched beyond this (privacy invariant 5).
 pub const MAX_RETENTION: Span = Span(20 * 86_400_000);
 
+/// Whether evidence made at `created_ms` must be gone at `now_ms`: older than `max_age`,
+/// or stamped in the future (the clock was set back, so its age is unknown).
+pub fn past_retention(created_ms: u64, now_ms: u64, max_age_ms: u64) -> bool {
+    created_ms > now_ms || now_ms - created_ms >= max_age_ms
+}
+
 /// One problem in a config file: the dotted key and why it is wrong.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ConfigError {

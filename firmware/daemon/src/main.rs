@@ -237,6 +237,7 @@ pub fn run_pipeline(
         client_id: format!("deskcam-{}", config.device_id),
         topics: Topics::new(&config.mqtt.base_topic, config.device_id.as_str()),
         keep_alive: Duration::from_millis(config.mqtt.keep_alive.as_millis()),
+        max_age: Duration::from_millis(config.evidence.max_age.as_millis()),
     };
 
     let runtime = tokio::runtime::Builder::new_multi_thread()

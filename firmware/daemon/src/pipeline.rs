@@ -515,7 +515,7 @@ impl Pipeline {
             Ok(_) => {}
             Err(e) => tracing::error!("evidence store: {e}"),
         }
-        self.events.push(Violation { event: p.event, still: p.still });
+        self.events.push(Violation { event: p.event, still: p.still, created_ms: p.time });
     }
 
     fn publish_state(&mut self, shutter: &str) {

@@ -40,6 +40,16 @@ pub enum UplinkError {
 pub struct Violation {
     pub event: ViolationEvent,
     pub still: Option<Vec<u8>>,
+    /// When it was found (wall clock, ms): nothing older than `max_age` is sent.
+    pub created_ms: u64,
+}
+
+impl Violation {
+    /// Past the retention limit (or from a clock that was set back): the evidence store
+    /// has deleted it, and its queued copy must not leave the device either.
+    pub fn expired(&self, now_ms: u64, max_age: Duration) -> bool {
+        deskcam_core::config::past_retention(self.created_ms, now_ms, max_age.as_millis() as u64)
+    }
 }
 
 /// Counters shared with the daemon (for logs, the demo summary and telemetry).
@@ -55,6 +65,8 @@ pub struct UplinkStats {
     pub acked: AtomicU64,
     /// Publishes the broker's fresh session discarded before acknowledging them.
     pub lost: AtomicU64,
+    /// Queued events dropped unsent because they passed the retention limit.
+    pub expired: AtomicU64,
 }
 
 impl UplinkStats {
@@ -82,6 +94,8 @@ pub struct UplinkConfig {
     pub client_id: String,
     pub topics: Topics,
     pub keep_alive: Duration,
+    /// Evidence retention (`evidence.max_age`): queued events older than this are dropped.
+    pub max_age: Duration,
 }
 
 /// Runs the MQTT connection until `shutdown` turns true, then drains what is queued
@@ -154,6 +168,15 @@ pub async fn run(
                 }
             }
             v = events.pop(), if up => {
+                let now_ms = std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map(|d| d.as_millis() as u64)
+                    .unwrap_or(0);
+                if v.expired(now_ms, cfg.max_age) {
+                    stats.expired.fetch_add(1, Ordering::Relaxed);
+                    tracing::warn!("event {} passed evidence.max_age while the broker was away: not sent", v.event.id);
+                    continue;
+                }
                 publish(&client, cfg.topics.violation(), false, json(&v.event), &stats).await;
                 if let Some(jpeg) = v.still {
                     publish(&client, cfg.topics.still(&v.event.id), false, jpeg, &stats).await;
@@ -307,4 +330,35 @@ fn jittered(d: Duration) -> Duration {
         .unwrap_or(0);
     let factor = 0.8 + 0.4 * (nanos % 1000) as f64 / 1000.0;
     d.mul_f64(factor)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use deskcam_core::rules::RuleKind;
+    use deskcam_core::schema::{FrameSize, SCHEMA_VERSION};
+
+    #[test]
+    fn queued_evidence_past_retention_is_not_sent() {
+        let v = Violation {
+            event: ViolationEvent {
+                v: SCHEMA_VERSION,
+                id: "e".into(),
+                device_id: "d".into(),
+                time: "t".into(),
+                rule: RuleKind::Phone,
+                score: 0.5,
+                boxes: vec![],
+                frame: FrameSize { width: 1, height: 1 },
+                origin: "o".into(),
+                still: None,
+            },
+            still: None,
+            created_ms: 1_000,
+        };
+        let week = Duration::from_secs(7 * 86_400);
+        assert!(!v.expired(1_000 + 7 * 86_400_000 - 1, week));
+        assert!(v.expired(1_000 + 7 * 86_400_000, week));
+        assert!(v.expired(999, week), "a clock set back: age unknown, not sent");
+    }
 }

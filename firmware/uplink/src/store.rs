@@ -11,6 +11,8 @@ use std::fs::{self, File};
 use std::io::{self, Write};
 use std::path::{Path, PathBuf};
 
+use deskcam_core::config::past_retention;
+
 /// One stored piece of evidence.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Stored {
@@ -158,12 +160,8 @@ impl EvidenceStore {
     /// deleted. One failed deletion does not stop the others; the first error is
     /// returned after trying them all.
     pub fn expire(&mut self, now_ms: u64) -> io::Result<Vec<String>> {
-        let old: Vec<(u64, String)> = self
-            .index
-            .keys()
-            .filter(|(c, _)| *c > now_ms || now_ms - *c >= self.max_age_ms)
-            .cloned()
-            .collect();
+        let old: Vec<(u64, String)> =
+            self.index.keys().filter(|(c, _)| past_retention(*c, now_ms, self.max_age_ms)).cloned().collect();
         let mut first_error = None;
         let mut gone = Vec::new();
         for (created, id) in old {
