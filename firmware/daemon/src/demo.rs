@@ -220,9 +220,11 @@ fn print_summary(s: &Summary, stats: &UplinkStats, r: &Received, out: &Path) {
     println!();
     let events: u64 = s.events.values().sum();
     println!(
-        "published   {events} events, {} stills ({} kB); broker acknowledged {} of {} messages",
+        "published   {events} events, {} stills ({} kB); {} delivered (acknowledged by the broker); \
+         control messages acknowledged {} of {}",
         s.stills,
         s.still_bytes / 1024,
+        stats.evidence_delivered.load(Relaxed),
         stats.acked.load(Relaxed),
         stats.published.load(Relaxed)
     );

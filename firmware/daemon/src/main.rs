@@ -28,8 +28,6 @@ use crate::hardware::Hardware;
 use crate::pipeline::{Pipeline, Report, Summary};
 
 const DEFAULT_CONFIG_PATH: &str = "/data/deskcam.toml";
-/// Events waiting for the broker: beyond this the oldest is dropped and counted.
-const UPLINK_QUEUE: usize = 64;
 /// Audit entries waiting for the broker (they are on disk already).
 const AUDIT_QUEUE: usize = 256;
 /// Replies waiting for the broker, and commands waiting for the scan loop.
@@ -214,7 +212,6 @@ pub fn run_pipeline(
             sha256: detector.sha256().to_string(),
         },
     };
-    let events = Arc::new(DropOldest::new(UPLINK_QUEUE));
     let audit_out = Arc::new(DropOldest::new(AUDIT_QUEUE));
     let replies = Arc::new(DropOldest::new(REPLY_QUEUE));
     let (commands_tx, commands) = std::sync::mpsc::sync_channel(COMMAND_INBOX);
@@ -227,6 +224,12 @@ pub fn run_pipeline(
         config.evidence.max_bytes,
     )
     .with_context(|| format!("opening the evidence store in {}", store_dir.display()))?;
+    let undelivered = store.undelivered();
+    if undelivered > 0 {
+        tracing::info!("{undelivered} pieces of evidence from an earlier run wait for the broker");
+    }
+    let store = Arc::new(std::sync::Mutex::new(store));
+    let evidence_ready = Arc::new(tokio::sync::Notify::new());
     let (state_tx, state_rx) = tokio::sync::watch::channel(initial_state);
     let stats = Arc::new(UplinkStats::default());
     if let Some(out) = stats_out {
@@ -237,7 +240,6 @@ pub fn run_pipeline(
         client_id: format!("deskcam-{}", config.device_id),
         topics: Topics::new(&config.mqtt.base_topic, config.device_id.as_str()),
         keep_alive: Duration::from_millis(config.mqtt.keep_alive.as_millis()),
-        max_age: Duration::from_millis(config.evidence.max_age.as_millis()),
     };
 
     let runtime = tokio::runtime::Builder::new_multi_thread()
@@ -247,7 +249,8 @@ pub fn run_pipeline(
         .context("starting the async runtime")?;
     let (shutdown_tx, shutdown_rx) = tokio::sync::watch::channel(false);
     let link = deskcam_uplink::Link {
-        events: events.clone(),
+        store: store.clone(),
+        evidence_ready: evidence_ready.clone(),
         audit: audit_out.clone(),
         replies: replies.clone(),
         commands: commands_tx,
@@ -260,9 +263,9 @@ pub fn run_pipeline(
         config,
         detector,
         hardware,
-        events: events.clone(),
         audit,
-        store,
+        store: store.clone(),
+        evidence_ready,
         commands,
         replies,
         audit_out,
@@ -300,9 +303,11 @@ pub fn run_pipeline(
         Ok(Err(e)) => return Err(e).context("MQTT uplink"),
         Err(e) => anyhow::bail!("MQTT uplink task failed: {e}"),
     }
-    let dropped = events.dropped();
-    if dropped > 0 {
-        tracing::warn!("{dropped} events were dropped because the broker could not keep up");
+    let left = deskcam_uplink::lock_store(&store).undelivered();
+    if left > 0 {
+        tracing::info!(
+            "{left} pieces of evidence wait on disk for the broker; they are sent after the restart"
+        );
     }
     summary.map_err(|_| anyhow::anyhow!("the scan thread panicked (shutter and LED were reset)"))
 }

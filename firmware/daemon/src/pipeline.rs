@@ -17,7 +17,7 @@ use deskcam_core::schema::{
 };
 use deskcam_core::{Config, Detection};
 use deskcam_hw::ShutterOpen;
-use deskcam_uplink::{DropOldest, Violation, MAX_PACKET_BYTES};
+use deskcam_uplink::{lock_store, DropOldest, SharedStore, MAX_PACKET_BYTES};
 use deskcam_vision::source::open_source;
 use deskcam_vision::{render_still, CaptureError, Detector, Frame, FrameSource};
 
@@ -88,10 +88,12 @@ pub struct Pipeline {
     pub config: Config,
     pub detector: Detector,
     pub hardware: Hardware,
-    pub events: Arc<DropOldest<Violation>>,
     pub audit: crate::audit::AuditLog,
-    /// Evidence kept until the server acknowledges it, never longer than `max_age`.
-    pub store: deskcam_uplink::store::EvidenceStore,
+    /// Evidence kept until the server acknowledges it, never longer than `max_age`; the
+    /// uplink sends from it.
+    pub store: SharedStore,
+    /// Tells the uplink that new evidence is stored.
+    pub evidence_ready: Arc<tokio::sync::Notify>,
     pub commands: std::sync::mpsc::Receiver<deskcam_uplink::IncomingCommand>,
     pub replies: Arc<DropOldest<Reply>>,
     pub audit_out: Arc<DropOldest<AuditEntry>>,
@@ -133,7 +135,8 @@ impl Pipeline {
 
         'outer: loop {
             // Retention is enforced continuously, not only when something new arrives.
-            match self.store.expire(now()) {
+            let expired = lock_store(&self.store).expire(now());
+            match expired {
                 Ok(gone) if !gone.is_empty() => {
                     tracing::info!("evidence past max_age deleted: {}", gone.join(", "))
                 }
@@ -328,7 +331,8 @@ impl Pipeline {
                     continue;
                 }
                 Ok(Command::EvidenceAck { evidence }) => {
-                    let error = match self.store.ack(&evidence) {
+                    let acked = lock_store(&self.store).ack(&evidence);
+                    let error = match acked {
                         Ok(true) => None,
                         Ok(false) => Some(format!("no evidence '{evidence}' on the device")),
                         Err(e) => Some(format!("evidence store: {e}")),
@@ -504,18 +508,21 @@ impl Pipeline {
         Prepared { time, event, still: still.map(|s| s.jpeg) }
     }
 
-    /// Stores a prepared piece of evidence, then queues it for the broker: on disk
-    /// before it can leave, so a crash loses nothing.
+    /// Stores a prepared piece of evidence and tells the uplink, which sends it from the
+    /// store: on disk before it can leave, so a crash loses nothing.
     fn commit(&mut self, p: Prepared) {
         let json = serde_json::to_vec(&p.event).unwrap_or_default();
-        match self.store.put(p.time, &p.event.id, &json, p.still.as_deref()) {
+        let stored = lock_store(&self.store).put(p.time, &p.event.id, &json, p.still.as_deref());
+        match stored {
             Ok(evicted) if !evicted.is_empty() => {
                 tracing::warn!("evidence store full: evicted the oldest {}", evicted.join(", "))
             }
             Ok(_) => {}
-            Err(e) => tracing::error!("evidence store: {e}"),
+            // Not stored means not sent: nothing leaves that could not be kept to the
+            // retention and ack rules.
+            Err(e) => tracing::error!("evidence {} not stored, so not sent: {e}", p.event.id),
         }
-        self.events.push(Violation { event: p.event, still: p.still, created_ms: p.time });
+        self.evidence_ready.notify_one();
     }
 
     fn publish_state(&mut self, shutter: &str) {

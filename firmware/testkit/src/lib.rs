@@ -34,7 +34,10 @@ pub fn tempdir(name: &str) -> PathBuf {
 
 /// The repository root (this crate lives in firmware/testkit).
 pub fn repo() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..")
+    // Cargo sets the running test's package directory (two levels below the root);
+    // the compile-time one can name another checkout whose build was reused.
+    let package = std::env::var_os("CARGO_MANIFEST_DIR").unwrap_or_else(|| env!("CARGO_MANIFEST_DIR").into());
+    PathBuf::from(package).join("../..")
 }
 
 pub fn shared_frames() -> Option<PathBuf> {
@@ -58,7 +61,8 @@ pub fn demo_photos() -> PathBuf {
 pub struct Mosquitto {
     pub port: u16,
     child: Child,
-    _dir: PathBuf,
+    conf: PathBuf,
+    pub dir: PathBuf,
 }
 
 impl Mosquitto {
@@ -66,17 +70,41 @@ impl Mosquitto {
         Self::start_on(free_port())
     }
 
+    /// Anonymous, in memory only.
     pub fn start_on(port: u16) -> Mosquitto {
+        Self::start_with(
+            port,
+            &format!("listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\n"),
+        )
+    }
+
+    /// Anonymous, with its sessions and queued messages saved in `dir` when it stops
+    /// (SIGTERM), so a restarted broker still has a subscriber's session.
+    pub fn start_persistent(port: u16, dir: &Path) -> Mosquitto {
+        Self::start_with(
+            port,
+            &format!(
+                // As root mosquitto drops to its own user, which cannot write a test's
+                // directory; `user` is ignored when not started as root.
+                "listener {port} 127.0.0.1\nallow_anonymous true\nuser root\npersistence true\npersistence_location {}/\n",
+                dir.display()
+            ),
+        )
+    }
+
+    /// With the given configuration (its listeners must include 127.0.0.1:`port`).
+    pub fn start_with(port: u16, conf_body: &str) -> Mosquitto {
         let dir = tempdir(&format!("mosquitto-{port}"));
         let conf = dir.join("mosquitto.conf");
-        std::fs::write(
-            &conf,
-            format!("listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\nmessage_size_limit 0\nlog_dest stderr\n"),
-        )
-        .unwrap();
+        std::fs::write(&conf, format!("{conf_body}message_size_limit 0\nlog_dest stderr\n")).unwrap();
+        let child = Self::spawn(&conf, port);
+        Mosquitto { port, child, conf, dir }
+    }
+
+    fn spawn(conf: &Path, port: u16) -> Child {
         let child = Command::new("mosquitto")
             .arg("-c")
-            .arg(&conf)
+            .arg(conf)
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
@@ -86,11 +114,28 @@ impl Mosquitto {
             assert!(Instant::now() < deadline, "mosquitto did not listen on {port}");
             std::thread::sleep(Duration::from_millis(20));
         }
-        Mosquitto { port, child, _dir: dir }
+        child
     }
 
     pub fn url(&self) -> String {
         format!("mqtt://127.0.0.1:{}", self.port)
+    }
+
+    /// Sends a signal (`TERM`, `KILL`, `STOP`, `CONT`) to the broker.
+    pub fn signal(&self, sig: &str) {
+        let ok = Command::new("kill").arg(format!("-{sig}")).arg(self.child.id().to_string()).status();
+        assert!(ok.map(|s| s.success()).unwrap_or(false), "kill -{sig} mosquitto");
+    }
+
+    /// Stops the broker (SIGTERM: it saves what it persists) and waits for it.
+    pub fn stop(&mut self) {
+        self.signal("TERM");
+        let _ = self.child.wait();
+    }
+
+    /// Starts the stopped broker again with the same configuration and port.
+    pub fn restart(&mut self) {
+        self.child = Self::spawn(&self.conf, self.port);
     }
 }
 
@@ -116,7 +161,21 @@ pub struct Recorder {
 
 impl Recorder {
     pub fn start(port: u16, filter: &str) -> Recorder {
-        let mut opts = MqttOptions::new(format!("test-recorder-{}", free_port()), "127.0.0.1", port);
+        Self::start_opts(
+            MqttOptions::new(format!("test-recorder-{}", free_port()), "127.0.0.1", port),
+            filter,
+        )
+    }
+
+    /// A subscriber whose session the broker keeps while it is away (clean session
+    /// off, fixed client id): nothing published meanwhile is missed.
+    pub fn start_session(port: u16, filter: &str, client_id: &str) -> Recorder {
+        let mut opts = MqttOptions::new(client_id, "127.0.0.1", port);
+        opts.set_clean_session(false);
+        Self::start_opts(opts, filter)
+    }
+
+    fn start_opts(mut opts: MqttOptions, filter: &str) -> Recorder {
         opts.set_max_packet_size(16 << 20, 1 << 16);
         let (client, mut conn) = Client::new(opts, 64);
         client.subscribe(filter, QoS::AtLeastOnce).unwrap();

@@ -1,11 +1,15 @@
 //! deskcam uplink: the MQTT side. Publishes `status` (with a last will), `state`,
 //! violation events and their stills to the employer's broker, and nothing else.
 //!
-//! The event loop is driven here, in one task that owns the connection: it reconnects
-//! with backoff, re-announces `status` and `state` after every connect, and drains the
-//! bounded outgoing queue only while connected. It must not look at frames or decide
-//! policy; what it publishes is built by the caller from the core's schema types.
+//! Two connections: the control connection (status with its last will, state, audit,
+//! command replies, commands in) and the evidence connection ([`outbox`]: events and
+//! stills from the on-disk store, marked delivered on PUBACK). Each event loop is
+//! driven by a task that owns it: it reconnects with backoff and jitter, and the
+//! control side re-announces `status` and `state` after every connect. The uplink
+//! must not look at frames or decide policy; what it publishes is built by the caller
+//! from the core's schema types.
 
+pub mod outbox;
 pub mod queue;
 pub mod store;
 
@@ -14,10 +18,11 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use deskcam_core::config::BrokerUrl;
-use deskcam_core::schema::{AuditEntry, Reply, State, Topics, ViolationEvent, STATUS_OFFLINE, STATUS_ONLINE};
+use deskcam_core::schema::{AuditEntry, Reply, State, Topics, STATUS_OFFLINE, STATUS_ONLINE};
 use rumqttc::{AsyncClient, Event, LastWill, MqttOptions, Packet, QoS};
-use tokio::sync::watch;
+use tokio::sync::{watch, Notify};
 
+pub use outbox::{lock_store, SharedStore};
 pub use queue::DropOldest;
 
 /// Largest packet we send or accept: a still at 1080p and quality 95 fits well.
@@ -35,23 +40,6 @@ pub enum UplinkError {
     TlsUnsupported(String),
 }
 
-/// A violation event and its still, queued for the uplink.
-#[derive(Clone, Debug)]
-pub struct Violation {
-    pub event: ViolationEvent,
-    pub still: Option<Vec<u8>>,
-    /// When it was found (wall clock, ms): nothing older than `max_age` is sent.
-    pub created_ms: u64,
-}
-
-impl Violation {
-    /// Past the retention limit (or from a clock that was set back): the evidence store
-    /// has deleted it, and its queued copy must not leave the device either.
-    pub fn expired(&self, now_ms: u64, max_age: Duration) -> bool {
-        deskcam_core::config::past_retention(self.created_ms, now_ms, max_age.as_millis() as u64)
-    }
-}
-
 /// Counters shared with the daemon (for logs, the demo summary and telemetry).
 #[derive(Debug, Default)]
 pub struct UplinkStats {
@@ -65,8 +53,15 @@ pub struct UplinkStats {
     pub acked: AtomicU64,
     /// Publishes the broker's fresh session discarded before acknowledging them.
     pub lost: AtomicU64,
-    /// Queued events dropped unsent because they passed the retention limit.
+    /// Stored evidence deleted unsent because it passed the retention limit.
     pub expired: AtomicU64,
+    /// The evidence connection is up.
+    pub evidence_connected: AtomicBool,
+    /// Evidence packets (events and stills) handed to the evidence connection,
+    /// resends after a reconnect included.
+    pub evidence_sent: AtomicU64,
+    /// Evidence entries the broker acknowledged completely.
+    pub evidence_delivered: AtomicU64,
 }
 
 impl UplinkStats {
@@ -79,10 +74,12 @@ impl UplinkStats {
 /// A command as it arrived: its name under `cmd/` and its payload.
 pub type IncomingCommand = (String, Vec<u8>);
 
-/// What joins the daemon to the uplink: bounded queues of what to publish, the latest
-/// state, and the inbox for commands.
+/// What joins the daemon to the uplink: the evidence store with its doorbell, bounded
+/// queues of what else to publish, the latest state, and the inbox for commands.
 pub struct Link {
-    pub events: Arc<DropOldest<Violation>>,
+    pub store: SharedStore,
+    /// Rung by the daemon after it stores new evidence.
+    pub evidence_ready: Arc<Notify>,
     pub audit: Arc<DropOldest<AuditEntry>>,
     pub replies: Arc<DropOldest<Reply>>,
     pub commands: std::sync::mpsc::SyncSender<IncomingCommand>,
@@ -94,8 +91,15 @@ pub struct UplinkConfig {
     pub client_id: String,
     pub topics: Topics,
     pub keep_alive: Duration,
-    /// Evidence retention (`evidence.max_age`): queued events older than this are dropped.
-    pub max_age: Duration,
+}
+
+impl UplinkConfig {
+    fn options(&self, client_id: &str) -> MqttOptions {
+        let mut opts = MqttOptions::new(client_id, &self.broker.host, self.broker.port);
+        opts.set_keep_alive(self.keep_alive);
+        opts.set_max_packet_size(MAX_PACKET_BYTES, MAX_PACKET_BYTES);
+        opts
+    }
 }
 
 /// Runs the MQTT connection until `shutdown` turns true, then drains what is queued
@@ -111,17 +115,26 @@ pub async fn run(
     stats: Arc<UplinkStats>,
     mut shutdown: watch::Receiver<bool>,
 ) -> Result<(), UplinkError> {
-    let Link { events, audit, replies, commands, mut state } = link;
+    let Link { store, evidence_ready, audit, replies, commands, mut state } = link;
     if cfg.broker.tls {
         return Err(UplinkError::TlsUnsupported(cfg.broker.to_string()));
     }
-    let mut opts = MqttOptions::new(&cfg.client_id, &cfg.broker.host, cfg.broker.port);
-    opts.set_keep_alive(cfg.keep_alive);
-    opts.set_max_packet_size(MAX_PACKET_BYTES, MAX_PACKET_BYTES);
+    let mut opts = cfg.options(&cfg.client_id);
     // Commands sent while the device was offline must still arrive (QoS 1 sessions).
     opts.set_clean_session(false);
     opts.set_last_will(LastWill::new(cfg.topics.status(), STATUS_OFFLINE, QoS::AtLeastOnce, true));
     let (client, eventloop) = AsyncClient::new(opts, 64);
+    let (evidence_client, evidence_loop) = AsyncClient::new(evidence_options(&cfg), outbox::CHANNEL);
+    let outbox = Arc::new(std::sync::Mutex::new(outbox::Outbox::new(
+        store,
+        evidence_client.clone(),
+        cfg.topics.clone(),
+        stats.clone(),
+        unix_ms,
+    )));
+    let evidence_driver =
+        tokio::spawn(drive_evidence(evidence_loop, outbox.clone(), cfg.broker.clone(), stats.clone()));
+    let doorbell = tokio::spawn(ring_outbox(outbox.clone(), evidence_ready));
     let (connected_tx, mut connected) = watch::channel(false);
     let (disconnected_tx, disconnected) = tokio::sync::oneshot::channel();
     let driver = tokio::spawn(drive(
@@ -138,7 +151,8 @@ pub async fn run(
     let mut deadline = tokio::time::Instant::now() + Duration::from_secs(3600 * 24 * 365);
     loop {
         let up = *connected.borrow();
-        let settled = events.is_empty()
+        let evidence_up = stats.evidence_connected.load(Ordering::Relaxed);
+        let settled = (!evidence_up || lock_outbox(&outbox).settled())
             && audit.is_empty()
             && replies.is_empty()
             && !state.has_changed().unwrap_or(false)
@@ -167,21 +181,6 @@ pub async fn run(
                     publish(&client, cfg.topics.state(), true, json(&current), &stats).await;
                 }
             }
-            v = events.pop(), if up => {
-                let now_ms = std::time::SystemTime::now()
-                    .duration_since(std::time::UNIX_EPOCH)
-                    .map(|d| d.as_millis() as u64)
-                    .unwrap_or(0);
-                if v.expired(now_ms, cfg.max_age) {
-                    stats.expired.fetch_add(1, Ordering::Relaxed);
-                    tracing::warn!("event {} passed evidence.max_age while the broker was away: not sent", v.event.id);
-                    continue;
-                }
-                publish(&client, cfg.topics.violation(), false, json(&v.event), &stats).await;
-                if let Some(jpeg) = v.still {
-                    publish(&client, cfg.topics.still(&v.event.id), false, jpeg, &stats).await;
-                }
-            }
             r = replies.pop(), if up => {
                 publish(&client, cfg.topics.reply(), false, json(&r), &stats).await;
             }
@@ -196,7 +195,11 @@ pub async fn run(
                 }
             }
             _ = tokio::time::sleep_until(deadline), if draining => {
-                tracing::warn!("gave up waiting for {} acknowledgements and {} queued events", stats.in_flight(), events.len());
+                tracing::warn!(
+                    "gave up waiting for {} acknowledgements and {} evidence packets in flight",
+                    stats.in_flight(),
+                    lock_outbox(&outbox).in_flight()
+                );
                 break;
             }
             // Re-check the drain condition as acknowledgements arrive.
@@ -210,9 +213,95 @@ pub async fn run(
         let _ = client.disconnect().await;
         let _ = tokio::time::timeout(Duration::from_secs(2), disconnected).await;
     }
+    doorbell.abort();
+    if stats.evidence_connected.load(Ordering::Relaxed) {
+        let _ = evidence_client.disconnect().await;
+        let _ = tokio::time::timeout(Duration::from_secs(2), async {
+            while stats.evidence_connected.load(Ordering::Relaxed) {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        })
+        .await;
+    }
+    evidence_driver.abort();
     driver.abort();
     stats.connected.store(false, Ordering::Relaxed);
+    stats.evidence_connected.store(false, Ordering::Relaxed);
     Ok(())
+}
+
+fn unix_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+fn lock_outbox(outbox: &std::sync::Mutex<outbox::Outbox>) -> std::sync::MutexGuard<'_, outbox::Outbox> {
+    outbox.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+/// The evidence connection: a clean session (the store, not the broker or rumqttc,
+/// holds what is unsent) and no last will (the control connection has it).
+fn evidence_options(cfg: &UplinkConfig) -> MqttOptions {
+    let mut opts = cfg.options(&format!("{}-evidence", cfg.client_id));
+    opts.set_clean_session(true);
+    opts.set_inflight(4 * outbox::WINDOW as u16);
+    opts
+}
+
+/// Sends newly stored evidence when the daemon rings, and looks at the store every
+/// second anyway (a missed ring, or entries left by an earlier run).
+async fn ring_outbox(outbox: Arc<std::sync::Mutex<outbox::Outbox>>, ready: Arc<Notify>) {
+    loop {
+        tokio::select! {
+            _ = ready.notified() => {}
+            _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+        }
+        lock_outbox(&outbox).fill();
+    }
+}
+
+/// Polls the evidence connection's event loop: ties packet ids to the outbox's packets
+/// and PUBACKs to deliveries; when the connection drops, resets the outbox and then
+/// empties rumqttc's queues, in that order (see [`outbox`]).
+async fn drive_evidence(
+    mut eventloop: rumqttc::EventLoop,
+    outbox: Arc<std::sync::Mutex<outbox::Outbox>>,
+    broker: BrokerUrl,
+    stats: Arc<UplinkStats>,
+) {
+    let mut backoff = BACKOFF_START;
+    loop {
+        match eventloop.poll().await {
+            Ok(Event::Incoming(Packet::ConnAck(_))) => {
+                backoff = BACKOFF_START;
+                stats.evidence_connected.store(true, Ordering::Relaxed);
+                tracing::info!(broker = %broker, "evidence connection up");
+                lock_outbox(&outbox).connected();
+            }
+            Ok(Event::Outgoing(rumqttc::Outgoing::Publish(pkid))) => lock_outbox(&outbox).sent(pkid),
+            Ok(Event::Incoming(Packet::PubAck(ack))) => lock_outbox(&outbox).acked(ack.pkid),
+            Ok(Event::Outgoing(rumqttc::Outgoing::Disconnect)) => {
+                lock_outbox(&outbox).disconnected();
+                stats.evidence_connected.store(false, Ordering::Relaxed);
+                return;
+            }
+            Ok(_) => {}
+            Err(e) => {
+                lock_outbox(&outbox).disconnected();
+                // Whatever was queued before the reset is dropped here; what is queued
+                // after it waits for `connected`, which starts from the store again.
+                eventloop.clean();
+                eventloop.pending.clear();
+                if stats.evidence_connected.swap(false, Ordering::Relaxed) {
+                    tracing::warn!(broker = %broker, "evidence connection lost: {e}; reconnecting");
+                }
+                tokio::time::sleep(jittered(backoff)).await;
+                backoff = (backoff * 2).min(BACKOFF_MAX);
+            }
+        }
+    }
 }
 
 /// Polls the event loop forever: reports connection changes and counts each packet's
@@ -330,35 +419,4 @@ fn jittered(d: Duration) -> Duration {
         .unwrap_or(0);
     let factor = 0.8 + 0.4 * (nanos % 1000) as f64 / 1000.0;
     d.mul_f64(factor)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use deskcam_core::rules::RuleKind;
-    use deskcam_core::schema::{FrameSize, SCHEMA_VERSION};
-
-    #[test]
-    fn queued_evidence_past_retention_is_not_sent() {
-        let v = Violation {
-            event: ViolationEvent {
-                v: SCHEMA_VERSION,
-                id: "e".into(),
-                device_id: "d".into(),
-                time: "t".into(),
-                rule: RuleKind::Phone,
-                score: 0.5,
-                boxes: vec![],
-                frame: FrameSize { width: 1, height: 1 },
-                origin: "o".into(),
-                still: None,
-            },
-            still: None,
-            created_ms: 1_000,
-        };
-        let week = Duration::from_secs(7 * 86_400);
-        assert!(!v.expired(1_000 + 7 * 86_400_000 - 1, week));
-        assert!(v.expired(1_000 + 7 * 86_400_000, week));
-        assert!(v.expired(999, week), "a clock set back: age unknown, not sent");
-    }
 }

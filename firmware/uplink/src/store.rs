@@ -2,9 +2,16 @@
 //! server acknowledges it (`cmd/evidence/ack`) and never longer than `max_age`, within
 //! `max_bytes` (oldest evicted first, counted). Survives restarts.
 //!
-//! Layout: `<dir>/<created-ms>-<id>.json` (the event) and `.jpg` (the still), each
-//! written to a temporary name, synced and renamed, so a crash leaves whole entries or
-//! none. Time is an argument (`now_ms`), so expiry is tested with simulated time.
+//! It is also the uplink's outbox: an entry is written here before anything is
+//! published, and marked delivered only once the broker has acknowledged every packet
+//! of it, so after a broker outage, a crash or a reboot the undelivered ones are sent
+//! again, oldest first.
+//!
+//! Layout: `<dir>/<created-ms>-<id>.json` (the event), `.jpg` (the still) and `.sent`
+//! (the delivery mark), each written to a temporary name, synced and renamed, so a
+//! crash leaves whole entries or none. Stamps are unique and increasing, so they are
+//! the delivery order. Time is an argument (`now_ms`), so expiry is tested with
+//! simulated time.
 
 use std::collections::BTreeMap;
 use std::fs::{self, File};
@@ -19,6 +26,8 @@ pub struct Stored {
     pub id: String,
     pub created_ms: u64,
     pub bytes: u64,
+    /// The broker has acknowledged the event and its still.
+    pub delivered: bool,
 }
 
 /// An entry's contents.
@@ -32,9 +41,15 @@ pub struct EvidenceStore {
     dir: PathBuf,
     max_age_ms: u64,
     max_bytes: u64,
-    /// (created_ms, id) → size on disk; ordered oldest first.
-    index: BTreeMap<(u64, String), u64>,
+    /// (created_ms, id) → size on disk and delivery; ordered oldest first.
+    index: BTreeMap<(u64, String), Entry>,
     evicted: u64,
+}
+
+#[derive(Clone, Copy, Debug, Default)]
+struct Entry {
+    bytes: u64,
+    delivered: bool,
 }
 
 fn valid_id(id: &str) -> bool {
@@ -76,33 +91,39 @@ impl EvidenceStore {
                 fs::remove_file(&path)?;
                 continue;
             }
-            let Some(stem) = name.strip_suffix(".json").or_else(|| name.strip_suffix(".jpg")) else {
+            let Some((stem, ext)) = name.rsplit_once('.') else { continue };
+            if !matches!(ext, "json" | "jpg" | "sent") {
                 continue;
-            };
+            }
             let Some((created, id)) = stem.split_once('-') else { continue };
             let (Ok(created), true) = (created.parse::<u64>(), valid_id(id)) else { continue };
-            *index.entry((created, id.to_string())).or_insert(0) += fs::metadata(&path)?.len();
+            let entry: &mut Entry = index.entry((created, id.to_string())).or_default();
+            if ext == "sent" {
+                entry.delivered = true;
+            } else {
+                entry.bytes += fs::metadata(&path)?.len();
+            }
         }
-        // A still without its event file is an interrupted put: the event file is the
-        // commit point, so drop the orphan.
+        // A still or a mark without its event file is an interrupted put or removal:
+        // the event file is the commit point, so drop the orphan.
         let orphans: Vec<(u64, String)> = index
             .keys()
             .filter(|(c, id)| !dir.join(format!("{c:013}-{id}.json")).exists())
             .cloned()
             .collect();
+        let mut store = EvidenceStore { dir: dir.to_path_buf(), max_age_ms, max_bytes, index, evicted: 0 };
         for (c, id) in orphans {
-            fs::remove_file(dir.join(format!("{c:013}-{id}.jpg")))?;
-            index.remove(&(c, id));
+            store.remove(c, &id)?;
         }
-        Ok(EvidenceStore { dir: dir.to_path_buf(), max_age_ms, max_bytes, index, evicted: 0 })
+        Ok(store)
     }
 
     fn path(&self, created_ms: u64, id: &str, ext: &str) -> PathBuf {
         self.dir.join(format!("{created_ms:013}-{id}.{ext}"))
     }
 
-    /// Stores an event (JSON) and its still. Returns the ids evicted to stay within
-    /// `max_bytes` (oldest first).
+    /// Stores an event (JSON) and its still, not yet delivered. Returns the ids evicted
+    /// to stay within `max_bytes` (oldest first).
     pub fn put(
         &mut self,
         now_ms: u64,
@@ -113,6 +134,17 @@ impl EvidenceStore {
         if !valid_id(id) {
             return Err(io::Error::new(io::ErrorKind::InvalidInput, format!("'{id}' is not an evidence id")));
         }
+        if self.index.keys().any(|(_, i)| i == id) {
+            return Err(io::Error::new(
+                io::ErrorKind::AlreadyExists,
+                format!("evidence '{id}' is already stored"),
+            ));
+        }
+        // Stamps are the delivery order: two entries in one millisecond stay in order.
+        let now_ms = match self.index.keys().next_back() {
+            Some((last, _)) if *last >= now_ms => last + 1,
+            _ => now_ms,
+        };
         // The still first: an event file is the entry's commit point.
         if let Some(jpeg) = still {
             write_atomically(&self.path(now_ms, id, "jpg"), jpeg)?;
@@ -121,8 +153,8 @@ impl EvidenceStore {
             let _ = fs::remove_file(self.path(now_ms, id, "jpg"));
             return Err(e);
         }
-        let size = event_json.len() as u64 + still.map_or(0, |s| s.len() as u64);
-        self.index.insert((now_ms, id.to_string()), size);
+        let bytes = event_json.len() as u64 + still.map_or(0, |s| s.len() as u64);
+        self.index.insert((now_ms, id.to_string()), Entry { bytes, delivered: false });
         let mut evicted = Vec::new();
         while self.total_bytes() > self.max_bytes && self.index.len() > 1 {
             let Some(((created, oldest), _)) = self.index.iter().next().map(|(k, v)| (k.clone(), *v)) else {
@@ -136,7 +168,8 @@ impl EvidenceStore {
     }
 
     fn remove(&mut self, created: u64, id: &str) -> io::Result<()> {
-        for ext in ["json", "jpg"] {
+        // The event file last: it is the commit point of the entry.
+        for ext in ["sent", "jpg", "json"] {
             match fs::remove_file(self.path(created, id, ext)) {
                 Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(e),
                 _ => {}
@@ -180,7 +213,33 @@ impl EvidenceStore {
 
     /// What is stored, oldest first.
     pub fn list(&self) -> Vec<Stored> {
-        self.index.iter().map(|((c, id), b)| Stored { id: id.clone(), created_ms: *c, bytes: *b }).collect()
+        self.index.iter().map(|(k, e)| stored(k, e)).collect()
+    }
+
+    /// The oldest entry not yet delivered that is younger than `after` (a stamp), if any.
+    pub fn next_undelivered(&self, after: Option<u64>) -> Option<Stored> {
+        let from = after.map_or(0, |a| a.saturating_add(1));
+        self.index.range((from, String::new())..).find(|(_, e)| !e.delivered).map(|(k, e)| stored(k, e))
+    }
+
+    /// Entries waiting for the broker.
+    pub fn undelivered(&self) -> usize {
+        self.index.values().filter(|e| !e.delivered).count()
+    }
+
+    /// The broker has acknowledged every packet of the entry: it is not sent again.
+    /// `false` if the entry is gone (acknowledged, expired or evicted meanwhile).
+    pub fn mark_delivered(&mut self, id: &str) -> io::Result<bool> {
+        let Some(((created, _), entry)) = self.index.iter_mut().find(|((_, i), _)| i == id) else {
+            return Ok(false);
+        };
+        if !entry.delivered {
+            // Synced: a mark lost in a power cut would only mean one duplicate, but a
+            // half-written directory entry must not be mistaken for anything else.
+            write_atomically(&self.dir.join(format!("{created:013}-{id}.sent")), b"")?;
+            entry.delivered = true;
+        }
+        Ok(true)
     }
 
     /// The event JSON and the still of an entry.
@@ -198,13 +257,17 @@ impl EvidenceStore {
     }
 
     pub fn total_bytes(&self) -> u64 {
-        self.index.values().sum()
+        self.index.values().map(|e| e.bytes).sum()
     }
 
     /// Entries evicted for space since the store was opened.
     pub fn evicted(&self) -> u64 {
         self.evicted
     }
+}
+
+fn stored((created_ms, id): &(u64, String), e: &Entry) -> Stored {
+    Stored { id: id.clone(), created_ms: *created_ms, bytes: e.bytes, delivered: e.delivered }
 }
 
 #[cfg(test)]
@@ -272,6 +335,36 @@ mod tests {
         assert_eq!(s.evicted(), 1);
         assert!(s.total_bytes() <= 100);
         assert!(s.put(4, "../evil", b"{}", None).is_err(), "ids cannot escape the directory");
+        let _ = fs::remove_dir_all(&d);
+    }
+
+    #[test]
+    fn delivery_marks_survive_a_restart_and_keep_the_order() {
+        let d = dir("outbox");
+        let mut s = EvidenceStore::open(&d, 7 * DAY, 1 << 20).unwrap();
+        // Three entries in one millisecond: the stamps still order them.
+        for id in ["a", "b", "c"] {
+            s.put(5000, id, b"{}", Some(b"JPEG")).unwrap();
+        }
+        assert!(s.put(5000, "b", b"{}", None).is_err(), "an id is stored once");
+        let order: Vec<(String, u64)> = s.list().into_iter().map(|e| (e.id, e.created_ms)).collect();
+        assert_eq!(order, [("a".into(), 5000), ("b".into(), 5001), ("c".into(), 5002)]);
+        let first = s.next_undelivered(None).unwrap();
+        assert_eq!(first.id, "a");
+        assert_eq!(s.next_undelivered(Some(first.created_ms)).unwrap().id, "b");
+        assert!(s.mark_delivered("a").unwrap());
+        assert!(!s.mark_delivered("zz").unwrap());
+        assert_eq!(s.undelivered(), 2);
+        drop(s);
+        let mut s = EvidenceStore::open(&d, 7 * DAY, 1 << 20).unwrap();
+        assert_eq!(s.next_undelivered(None).unwrap().id, "b", "a stays delivered after a restart");
+        assert!(s.list()[0].delivered);
+        assert_eq!(s.list()[0].bytes, 6, "the mark takes no room");
+        // A later put never goes before what is stored, even with a clock set back.
+        s.put(10, "d", b"{}", None).unwrap();
+        assert_eq!(s.list().last().unwrap().id, "d");
+        assert!(s.ack("a").unwrap());
+        assert!(!d.join("0000000005000-a.sent").exists(), "ack removes the mark too");
         let _ = fs::remove_dir_all(&d);
     }
 }
