@@ -18,6 +18,21 @@ pub enum Command {
     EvidenceAck {
         evidence: String,
     },
+    /// What evidence the device holds.
+    EvidenceList,
+    /// One piece of evidence: its event in the reply, its still published again.
+    EvidenceGet {
+        evidence: String,
+    },
+    /// Switch the scan mode (saved in the config, like `config/set`).
+    Mode {
+        mode: String,
+    },
+    ConfigGet,
+    /// A JSON merge patch of the config (from `patch`, or from `toml` text).
+    ConfigSet {
+        patch: serde_json::Map<String, Value>,
+    },
     /// Show the identify LED pattern for this many seconds (1-60).
     Identify {
         seconds: u32,
@@ -72,9 +87,45 @@ struct EvidenceAck {
     evidence: String,
 }
 
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Mode {
+    // Accepted here so unknown fields can be refused; checked separately above.
+    #[serde(default, rename = "id")]
+    _id: Option<Value>,
+    mode: String,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ConfigSet {
+    // Accepted here so unknown fields can be refused; checked separately above.
+    #[serde(default, rename = "id")]
+    _id: Option<Value>,
+    patch: Option<serde_json::Map<String, Value>>,
+    toml: Option<String>,
+}
+
+/// The scan modes a `mode` command may name.
+pub const MODES: [&str; 4] = ["continuous", "spot", "scheduled", "off"];
+
 fn token_ok(s: &str) -> bool {
     !s.is_empty() && s.len() <= 64 && s.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
 }
+
+/// Every command name, for help and errors.
+pub const KNOWN: [&str; 10] = [
+    "scan-now",
+    "break/start",
+    "break/end",
+    "mode",
+    "config/get",
+    "config/set",
+    "evidence/list",
+    "evidence/get",
+    "evidence/ack",
+    "identify",
+];
 
 /// Parses `cmd/<name>` with its payload (a JSON object; empty means `{}`).
 pub fn parse(name: &str, payload: &[u8]) -> Parsed {
@@ -112,13 +163,39 @@ pub fn parse(name: &str, payload: &[u8]) -> Parsed {
                 Ok(Command::BreakStart { reason })
             }
         }),
-        "evidence/ack" => serde_json::from_value::<EvidenceAck>(value).map_err(bad).and_then(|a| {
-            if token_ok(&a.evidence) {
-                Ok(Command::EvidenceAck { evidence: a.evidence })
+        "evidence/ack" | "evidence/get" => {
+            serde_json::from_value::<EvidenceAck>(value).map_err(bad).and_then(|a| {
+                if !token_ok(&a.evidence) {
+                    Err(format!("{name}: evidence must be an event id"))
+                } else if name == "evidence/ack" {
+                    Ok(Command::EvidenceAck { evidence: a.evidence })
+                } else {
+                    Ok(Command::EvidenceGet { evidence: a.evidence })
+                }
+            })
+        }
+        "evidence/list" => serde_json::from_value::<Empty>(value).map(|_| Command::EvidenceList).map_err(bad),
+        "config/get" => serde_json::from_value::<Empty>(value).map(|_| Command::ConfigGet).map_err(bad),
+        "mode" => serde_json::from_value::<Mode>(value).map_err(bad).and_then(|m| {
+            if MODES.contains(&m.mode.as_str()) {
+                Ok(Command::Mode { mode: m.mode })
             } else {
-                Err("evidence/ack: evidence must be an event id".into())
+                Err(format!("mode: '{}' is not one of {}", m.mode, MODES.join(", ")))
             }
         }),
+        "config/set" => {
+            serde_json::from_value::<ConfigSet>(value).map_err(bad).and_then(|c| match (c.patch, c.toml) {
+                (Some(patch), None) => Ok(Command::ConfigSet { patch }),
+                (None, Some(text)) => match text.parse::<toml::Table>() {
+                    Ok(table) => match serde_json::to_value(table) {
+                        Ok(Value::Object(patch)) => Ok(Command::ConfigSet { patch }),
+                        _ => Err("config/set: the TOML cannot be expressed as a patch".into()),
+                    },
+                    Err(e) => Err(format!("config/set: toml is not valid TOML: {}", e.message())),
+                },
+                _ => Err("config/set: give exactly one of `patch` (a JSON object) or `toml` (text)".into()),
+            })
+        }
         "identify" => serde_json::from_value::<Identify>(value).map_err(bad).and_then(|i| {
             if (1..=60).contains(&i.seconds) {
                 Ok(Command::Identify { seconds: i.seconds })
@@ -126,9 +203,7 @@ pub fn parse(name: &str, payload: &[u8]) -> Parsed {
                 Err("identify: seconds must be 1-60".into())
             }
         }),
-        other => Err(format!(
-            "unknown command '{other}' (known: scan-now, break/start, break/end, evidence/ack, identify)"
-        )),
+        other => Err(format!("unknown command '{other}' (known: {})", KNOWN.join(", "))),
     };
     Parsed { id, command }
 }
@@ -150,6 +225,30 @@ mod tests {
         assert_eq!(parse("identify", b"").command, Ok(Command::Identify { seconds: 10 }));
         assert!(parse("identify", br#"{"seconds":-3}"#).command.is_err(), "negative durations are refused");
         assert!(parse("identify", br#"{"seconds":600}"#).command.unwrap_err().contains("1-60"));
+    }
+
+    #[test]
+    fn management_commands() {
+        assert_eq!(parse("mode", br#"{"mode":"off"}"#).command, Ok(Command::Mode { mode: "off".into() }));
+        assert!(parse("mode", br#"{"mode":"sometimes"}"#).command.unwrap_err().contains("not one of"));
+        assert_eq!(parse("config/get", b"").command, Ok(Command::ConfigGet));
+        assert_eq!(parse("evidence/list", b"{}").command, Ok(Command::EvidenceList));
+        assert_eq!(
+            parse("evidence/get", br#"{"evidence":"e-1"}"#).command,
+            Ok(Command::EvidenceGet { evidence: "e-1".into() })
+        );
+        let from_json = parse("config/set", br#"{"patch":{"scan":{"mode":"off"}}}"#).command.unwrap();
+        let from_toml = parse("config/set", br#"{"toml":"[scan]\nmode = \"off\"\n"}"#).command.unwrap();
+        assert_eq!(from_json, from_toml);
+        for (payload, want) in [
+            (&br#"{"patch":{},"toml":""}"#[..], "exactly one"),
+            (br#"{}"#, "exactly one"),
+            (br#"{"patch":[1]}"#, "invalid type"),
+            (br#"{"toml":"[scan"}"#, "not valid TOML"),
+        ] {
+            let err = parse("config/set", payload).command.unwrap_err();
+            assert!(err.contains(want), "{err}");
+        }
     }
 
     #[test]

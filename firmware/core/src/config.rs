@@ -486,6 +486,39 @@ pub struct Config {
     pub evidence: EvidenceConfig,
     /// The merged TOML this config was validated from (for `config` reporting).
     effective: toml::Table,
+    /// What the config file said (the keys it changes), for patches.
+    user: toml::Table,
+}
+
+/// Keys that a running daemon cannot change: they name the device, its camera, broker
+/// and storage, or the model. A patch of them is saved and applies at the next start.
+pub const RESTART_KEYS: &[&str] = &[
+    "device_id",
+    "board",
+    "camera",
+    "mqtt",
+    "storage",
+    "detector.model",
+    "evidence.max_age",
+    "evidence.max_bytes",
+];
+
+/// Keys that are not set over MQTT: the regional preset is the device owner's legal
+/// limit, set in the file on the device.
+pub const LOCAL_ONLY_KEYS: &[&str] = &["preset"];
+
+/// A validated patch: the config to run now, the file to save, and which changed keys
+/// wait for a restart.
+#[derive(Clone, Debug)]
+pub struct Patched {
+    /// The new config with the [`RESTART_KEYS`] kept as they are running.
+    pub live: Config,
+    /// The config file's new contents (TOML): the old file's keys with the patch.
+    pub file: String,
+    /// Changed keys that take effect at the next start.
+    pub restart: Vec<String>,
+    /// Every key whose effective value changed.
+    pub changed: Vec<String>,
 }
 
 impl Default for Config {
@@ -510,7 +543,7 @@ impl Config {
     pub fn from_table(user: toml::Table) -> Result<Config, ConfigErrors> {
         let mut merged: toml::Table = DEFAULT_TOML.parse().expect("embedded default is TOML");
         let mut errors = Vec::new();
-        merge(&mut merged, user, "", &mut errors);
+        merge(&mut merged, user.clone(), "", &mut errors);
         let mut unknown = Vec::new();
         let raw: Result<Raw, _> = serde_ignored::deserialize(toml::Value::Table(merged.clone()), |path| {
             unknown.push(path.to_string())
@@ -526,7 +559,8 @@ impl Config {
             }
         };
         let mut v = Validator { errors };
-        let config = v.validate(raw, merged);
+        let mut config = v.validate(raw, merged);
+        config.user = user;
         if v.errors.is_empty() {
             Ok(config)
         } else {
@@ -542,6 +576,129 @@ impl Config {
     /// The effective configuration as JSON, with secrets removed.
     pub fn effective_json(&self) -> serde_json::Value {
         serde_json::to_value(&self.effective).unwrap_or(serde_json::Value::Null)
+    }
+
+    /// Applies a JSON merge patch (RFC 7386: an object's keys are set, `null` removes a
+    /// key so it falls back to its default) to the config file's keys, and validates
+    /// the result as a whole. Nothing changes unless everything is valid.
+    pub fn patched(
+        &self,
+        patch: &serde_json::Map<String, serde_json::Value>,
+    ) -> Result<Patched, ConfigErrors> {
+        let mut errors = Vec::new();
+        for key in LOCAL_ONLY_KEYS {
+            if patch.contains_key(*key) {
+                errors.push(ConfigError {
+                    key: (*key).into(),
+                    reason: "is set in the config file on the device, not over MQTT".into(),
+                });
+            }
+        }
+        let mut user = self.user.clone();
+        apply_patch(&mut user, patch, "", &mut errors);
+        if !errors.is_empty() {
+            return Err(ConfigErrors(errors));
+        }
+        let file = toml::to_string(&user).map_err(|e| ConfigErrors::one("", e.to_string()))?;
+        let next = Config::from_table(user)?;
+        // Changed relative to the file, not to what runs: a key already saved and
+        // waiting for a restart is not reported again.
+        let before = Config::from_table(self.user.clone())?;
+        let mut changed = Vec::new();
+        diff(&before.effective, &next.effective, "", &mut changed);
+        let restart: Vec<String> = changed
+            .iter()
+            .filter(|k| RESTART_KEYS.iter().any(|r| *k == r || k.starts_with(&format!("{r}."))))
+            .cloned()
+            .collect();
+        // The running daemon keeps its restart keys: rebuild the live config from the
+        // new effective table with those values put back.
+        let mut live_table = next.effective.clone();
+        for key in RESTART_KEYS {
+            set_path(&mut live_table, key, get_path(&self.effective, key).cloned());
+        }
+        let mut live = Config::from_table(live_table)?;
+        live.user = next.user.clone();
+        Ok(Patched { live, file, restart, changed })
+    }
+}
+
+/// `a.b.c` in a table.
+fn get_path<'a>(t: &'a toml::Table, path: &str) -> Option<&'a toml::Value> {
+    let mut parts = path.split('.');
+    let mut v = t.get(parts.next()?)?;
+    for p in parts {
+        v = v.as_table()?.get(p)?;
+    }
+    Some(v)
+}
+
+fn set_path(t: &mut toml::Table, path: &str, value: Option<toml::Value>) {
+    let (parent, last) = match path.rsplit_once('.') {
+        Some((parent, last)) => (Some(parent), last),
+        None => (None, path),
+    };
+    let mut table = t;
+    if let Some(parent) = parent {
+        for p in parent.split('.') {
+            let Some(toml::Value::Table(next)) = table.get_mut(p) else { return };
+            table = next;
+        }
+    }
+    match value {
+        Some(v) => {
+            table.insert(last.to_string(), v);
+        }
+        None => {
+            table.remove(last);
+        }
+    }
+}
+
+/// The keys (dotted, down to values) whose values differ between two tables.
+fn diff(a: &toml::Table, b: &toml::Table, prefix: &str, out: &mut Vec<String>) {
+    let keys: std::collections::BTreeSet<&String> = a.keys().chain(b.keys()).collect();
+    for k in keys {
+        let key = if prefix.is_empty() { k.clone() } else { format!("{prefix}.{k}") };
+        match (a.get(k), b.get(k)) {
+            (Some(toml::Value::Table(x)), Some(toml::Value::Table(y))) => diff(x, y, &key, out),
+            (x, y) if x != y => out.push(key),
+            _ => {}
+        }
+    }
+}
+
+/// RFC 7386 merge of a JSON object into a TOML table.
+fn apply_patch(
+    t: &mut toml::Table,
+    patch: &serde_json::Map<String, serde_json::Value>,
+    prefix: &str,
+    errors: &mut Vec<ConfigError>,
+) {
+    for (k, v) in patch {
+        let key = if prefix.is_empty() { k.clone() } else { format!("{prefix}.{k}") };
+        match v {
+            serde_json::Value::Null => {
+                t.remove(k);
+            }
+            serde_json::Value::Object(inner) => {
+                let entry = t.entry(k.clone()).or_insert_with(|| toml::Value::Table(toml::Table::new()));
+                match entry {
+                    toml::Value::Table(sub) => apply_patch(sub, inner, &key, errors),
+                    // A table where the file has a value: let validation name the key.
+                    other => match toml::Value::try_from(v) {
+                        Ok(value) => *other = value,
+                        Err(e) => errors.push(ConfigError { key, reason: e.to_string() }),
+                    },
+                }
+            }
+            _ => match toml::Value::try_from(v) {
+                Ok(value) => {
+                    t.insert(k.clone(), value);
+                }
+                Err(e) => errors.push(ConfigError { key, reason: format!("cannot be stored in TOML: {e}") }),
+            },
+        }
     }
 }
 
@@ -901,6 +1058,7 @@ impl Validator {
             rules,
             evidence,
             effective,
+            user: toml::Table::new(),
         }
     }
 }
@@ -1057,5 +1215,56 @@ redaction = "pixelate"
         assert!(Region::default().contains(0.1, 0.1));
         let e = Config::from_toml("[rules.phone]\nregion = [[0.0, 0.5], [2.0, 0.5]]").unwrap_err();
         assert_eq!(keys(&e), vec!["rules.phone.region", "rules.phone.region"]);
+    }
+
+    fn patch(json: &str) -> serde_json::Map<String, serde_json::Value> {
+        serde_json::from_str(json).unwrap()
+    }
+
+    #[test]
+    fn patches_apply_live_or_at_restart_and_keep_the_file_keys() {
+        let c = Config::from_toml("device_id = \"d1\"\n[scan]\nmode = \"off\"\n").unwrap();
+        let p = c.patched(&patch(r#"{"scan": {"mode": "continuous", "fps": 2}}"#)).unwrap();
+        assert_eq!(p.live.scan, ScanMode::Continuous { fps: 2.0 });
+        assert_eq!(p.changed, ["scan.fps", "scan.mode"]);
+        assert!(p.restart.is_empty());
+        let saved = Config::from_toml(&p.file).unwrap();
+        assert_eq!(saved.device_id.as_str(), "d1", "the file's own keys stay");
+        assert_eq!(saved.scan, p.live.scan);
+
+        // A broker change is saved but waits for a restart; live keys in the same patch apply.
+        let p = c
+            .patched(&patch(
+                r#"{"mqtt": {"url": "mqtt://10.0.0.9:1883"}, "rules": {"phone": {"frames": 1}}}"#,
+            ))
+            .unwrap();
+        assert_eq!(p.restart, ["mqtt.url"]);
+        assert_eq!(p.live.mqtt.url, c.mqtt.url, "the running daemon keeps its broker");
+        assert_eq!(p.live.rules.phone.frames, 1);
+        assert_eq!(Config::from_toml(&p.file).unwrap().mqtt.url.to_string(), "mqtt://10.0.0.9:1883");
+
+        // null removes the file's key: back to the default.
+        let p = c.patched(&patch(r#"{"scan": {"mode": null}}"#)).unwrap();
+        assert_eq!(p.live.scan.name(), "spot");
+        assert_eq!(c.patched(&patch("{}")).unwrap().changed, Vec::<String>::new());
+    }
+
+    #[test]
+    fn bad_patches_change_nothing_and_name_the_key() {
+        let c = Config::from_toml("preset = \"no-spot-checks\"\n[scan]\nmode = \"off\"\n").unwrap();
+        let e = c.patched(&patch(r#"{"scan": {"mode": "spot"}}"#)).unwrap_err();
+        assert!(e.to_string().contains("not allowed by preset 'no-spot-checks'"), "{e}");
+        let e = c.patched(&patch(r#"{"preset": "none"}"#)).unwrap_err();
+        assert_eq!(keys(&e), ["preset"]);
+        let e = c
+            .patched(&patch(r#"{"scan": {"fps": "fast"}, "evidence": {"max_age": "30d"}, "nope": 1}"#))
+            .unwrap_err();
+        let k = keys(&e);
+        for want in ["scan.fps", "evidence.max_age", "nope"] {
+            assert!(k.contains(&want), "{want} in {k:?}");
+        }
+        let e = c.patched(&patch(r#"{"scan": {"times": [null]}}"#)).unwrap_err();
+        assert_eq!(keys(&e), ["scan.times"]);
+        assert_eq!(c.scan, ScanMode::Off, "the running config is untouched");
     }
 }

@@ -19,7 +19,8 @@ pub enum LedPattern {
     Analysing,
     /// A scheduled scan is about to start.
     PreWarning,
-    /// The worker is on a break: nothing is looked at.
+    /// A break has begun: shown for [`BREAK_ACK_MS`] to acknowledge the command or
+    /// button, then the LED goes off for the rest of the break (invariant 1).
     Break,
     Fault,
     /// `cmd/identify`: "this is the device you mean", for a few seconds.
@@ -49,6 +50,9 @@ pub enum Input {
     SourceExhausted,
     /// The daemon is stopping.
     Shutdown,
+    /// The config changed (`cmd/mode`, `cmd/config/set`): the new mode, shift and
+    /// limits apply from now; a check under way ends.
+    Reconfigure(PolicyConfig),
 }
 
 /// Something the policy reports, for the audit log and MQTT.
@@ -109,6 +113,8 @@ impl Rng {
     }
 }
 
+/// How long the break pattern acknowledges the start of a break before the LED goes off.
+pub const BREAK_ACK_MS: Millis = 3_000;
 /// How long to wait before retrying a failed camera.
 const FAULT_RETRY_MS: Millis = 5_000;
 /// Frames of one check (spot check or scan-now) are this far apart: close enough to be
@@ -116,7 +122,7 @@ const FAULT_RETRY_MS: Millis = 5_000;
 const BURST_GAP_MS: Millis = 500;
 
 /// Everything the policy needs from the config.
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, PartialEq)]
 pub struct PolicyConfig {
     pub mode: ScanMode,
     pub frames_per_check: u32,
@@ -147,6 +153,8 @@ pub struct Policy {
     on_break: Option<OnBreak>,
     /// Until when the identify pattern shows.
     identify_until: Option<Millis>,
+    /// Until when the break pattern acknowledges a new break.
+    break_ack_until: Option<Millis>,
     finished: bool,
 }
 
@@ -163,6 +171,7 @@ impl Policy {
             prewarn_since: None,
             on_break: None,
             identify_until: None,
+            break_ack_until: None,
             finished: false,
         }
     }
@@ -200,7 +209,7 @@ impl Policy {
             _ => due,
         });
         let break_end = self.on_break.as_ref().map(|b| b.since.saturating_add(self.cfg.max_break_ms));
-        [scan, break_end, self.identify_until].into_iter().flatten().min()
+        [scan, break_end, self.identify_until, self.break_ack_until].into_iter().flatten().min()
     }
 
     pub fn step(&mut self, now: Millis, input: Input) -> Vec<Action> {
@@ -208,6 +217,8 @@ impl Policy {
         if self.finished {
             return out;
         }
+        // Temporary LED patterns end on time whatever the input.
+        self.expire_led(now, &mut out);
         match input {
             Input::Shutdown => {
                 self.close(&mut out, LedPattern::Off);
@@ -278,11 +289,26 @@ impl Policy {
                 }
             }
             Input::Tick => self.tick(now, &mut out),
+            Input::Reconfigure(cfg) => {
+                self.cfg = cfg;
+                // The check under way ends (a frame in flight finishes it), and the next
+                // one is planned under the new mode, announced again if scheduled.
+                self.burst_left = 0;
+                self.next_scan = None;
+                self.prewarn_since = None;
+                // Where the camera may no longer look, it stops now, as for a break.
+                if !self.capturing || !self.may_look(now) {
+                    self.capturing = false;
+                    let idle = self.idle_led();
+                    self.close(&mut out, idle);
+                }
+                self.tick(now, &mut out);
+            }
         }
         out
     }
 
-    fn tick(&mut self, now: Millis, out: &mut Vec<Action>) {
+    fn expire_led(&mut self, now: Millis, out: &mut Vec<Action>) {
         if self.identify_until.is_some_and(|until| now >= until) {
             self.identify_until = None;
             if self.led == LedPattern::Identify {
@@ -290,6 +316,15 @@ impl Policy {
                 self.set_led(out, idle);
             }
         }
+        if self.break_ack_until.is_some_and(|until| now >= until) {
+            self.break_ack_until = None;
+            if self.led == LedPattern::Break {
+                self.set_led(out, LedPattern::Off);
+            }
+        }
+    }
+
+    fn tick(&mut self, now: Millis, out: &mut Vec<Action>) {
         if let Some(b) = &self.on_break {
             if now.saturating_sub(b.since) >= self.cfg.max_break_ms {
                 self.end_break(now, true, out);
@@ -357,7 +392,7 @@ impl Policy {
     }
 
     fn idle_led(&self) -> LedPattern {
-        if self.on_break.is_some() {
+        if self.on_break.is_some() && self.break_ack_until.is_some() {
             LedPattern::Break
         } else {
             LedPattern::Off
@@ -373,6 +408,7 @@ impl Policy {
         self.burst_left = 0;
         self.prewarn_since = None;
         self.on_break = Some(OnBreak { since: now, reason: reason.clone() });
+        self.break_ack_until = Some(now.saturating_add(BREAK_ACK_MS));
         self.close(out, LedPattern::Break);
         out.push(Action::Event(PolicyEvent::BreakStarted { reason }));
     }
@@ -382,6 +418,7 @@ impl Policy {
             out.push(Action::Refused("no break in progress"));
             return;
         };
+        self.break_ack_until = None;
         self.set_led(out, LedPattern::Off);
         out.push(Action::Event(PolicyEvent::BreakEnded {
             reason: b.reason,

@@ -45,6 +45,15 @@ impl Topics {
         format!("{}/audit", self.root)
     }
 
+    /// The effective config, retained, secrets removed.
+    pub fn config(&self) -> String {
+        format!("{}/config", self.root)
+    }
+
+    pub fn telemetry(&self) -> String {
+        format!("{}/telemetry", self.root)
+    }
+
     /// The subscription filter for commands: `<root>/cmd/#`.
     pub fn commands(&self) -> String {
         format!("{}/cmd/#", self.root)
@@ -135,8 +144,11 @@ pub struct Reply {
     pub id: Option<String>,
     pub command: String,
     pub ok: bool,
-    #[serde(skip_serializing_if = "Option::is_none")]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
+    /// What the command returns (`config/get`, `config/set`, `evidence/list`, ...).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub data: Option<serde_json::Value>,
 }
 
 /// What a scan came to, in the audit log.

@@ -144,7 +144,7 @@ pub fn run(args: DemoArgs) -> Result<ExitCode> {
     subscribe(&url, &topics, &args.out, received.clone())?;
 
     let mut stats = Arc::new(UplinkStats::default());
-    let summary = crate::run_pipeline(config, Report::Print, Some(&mut stats), args.frames)?;
+    let summary = crate::run_pipeline(config, None, Report::Print, Some(&mut stats), args.frames)?;
 
     // Give the subscriber a moment to receive what the broker acknowledged.
     let want = summary.events.values().sum::<u64>();

@@ -6,6 +6,7 @@
 
 mod audit;
 mod broker;
+mod config_file;
 mod demo;
 mod hardware;
 mod model;
@@ -176,7 +177,7 @@ fn run_daemon(config: Option<PathBuf>) -> Result<ExitCode> {
         );
         return Ok(ExitCode::from(2));
     }
-    let summary = run_pipeline(config, Report::Log, None, None)?;
+    let summary = run_pipeline(config, Some(path), Report::Log, None, None)?;
     tracing::info!(frames = summary.frames, events = summary.events.values().sum::<u64>(), "stopped");
     Ok(ExitCode::SUCCESS)
 }
@@ -186,6 +187,7 @@ fn run_daemon(config: Option<PathBuf>) -> Result<ExitCode> {
 /// hardware safe state first, then the uplink drains and says `offline`).
 pub fn run_pipeline(
     config: Config,
+    config_path: Option<PathBuf>,
     report: Report,
     stats_out: Option<&mut Arc<UplinkStats>>,
     max_frames: Option<u64>,
@@ -231,6 +233,7 @@ pub fn run_pipeline(
     let store = Arc::new(std::sync::Mutex::new(store));
     let evidence_ready = Arc::new(tokio::sync::Notify::new());
     let (state_tx, state_rx) = tokio::sync::watch::channel(initial_state);
+    let (config_tx, config_rx) = tokio::sync::watch::channel(config.effective_json());
     let stats = Arc::new(UplinkStats::default());
     if let Some(out) = stats_out {
         *out = stats.clone();
@@ -255,6 +258,7 @@ pub fn run_pipeline(
         replies: replies.clone(),
         commands: commands_tx,
         state: state_rx,
+        config: config_rx,
     };
     let uplink = runtime.spawn(deskcam_uplink::run(uplink_cfg, link, stats.clone(), shutdown_rx));
 
@@ -270,6 +274,8 @@ pub fn run_pipeline(
         replies,
         audit_out,
         state: state_tx,
+        config_out: config_tx,
+        config_path,
         report,
         stop: stop.clone(),
         max_frames,

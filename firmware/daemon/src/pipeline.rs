@@ -98,6 +98,10 @@ pub struct Pipeline {
     pub replies: Arc<DropOldest<Reply>>,
     pub audit_out: Arc<DropOldest<AuditEntry>>,
     pub state: tokio::sync::watch::Sender<State>,
+    /// The effective config (secrets removed), for the retained `config` topic.
+    pub config_out: tokio::sync::watch::Sender<serde_json::Value>,
+    /// Where `config/set` saves the config; `None` (the demo) applies it unsaved.
+    pub config_path: Option<std::path::PathBuf>,
     pub report: Report,
     pub stop: Arc<AtomicBool>,
     /// Stop after this many analysed frames (demo on a camera, tests).
@@ -115,15 +119,7 @@ impl Pipeline {
         // Wall-clock time: the shift is a wall-clock schedule.
         let now = unix_ms;
         let seed = unix_ms() ^ u64::from(std::process::id());
-        let mut policy = Policy::new(
-            PolicyConfig {
-                mode: self.config.scan.clone(),
-                frames_per_check: self.config.frames_per_check,
-                shift: self.config.shift.clone(),
-                max_break_ms: self.config.max_break.as_millis(),
-            },
-            seed,
-        );
+        let mut policy = Policy::new(policy_config(&self.config), seed);
         let mut rules = RuleEngine::new(self.config.rules.clone());
         let mut source: Option<Box<dyn FrameSource>> = None;
         let mut token: Option<ShutterOpen> = None;
@@ -149,7 +145,7 @@ impl Pipeline {
             }
             // Commands are taken while running, not once stopping has begun.
             if !self.stop.load(Ordering::Relaxed) {
-                self.take_commands(&mut pending);
+                self.take_commands(&mut pending, &mut rules);
             }
             while let Some((input, ctx)) = pending.pop() {
                 let shutting_down = input == Input::Shutdown;
@@ -159,7 +155,7 @@ impl Pipeline {
                         Action::Refused(why) => Some(why.to_string()),
                         _ => None,
                     });
-                    self.reply(id, &name, refused);
+                    self.reply(id, &name, refused.map_or(Ok(None), Err));
                 }
                 for action in actions {
                     match action {
@@ -320,45 +316,144 @@ impl Pipeline {
     }
 
     /// Takes the commands that arrived: policy commands become inputs (replied to when
-    /// the policy has answered), an evidence ack is done here, a bad one is refused.
-    fn take_commands(&mut self, pending: &mut Vec<Pending>) {
+    /// the policy has answered); the others are done here and answered at once.
+    fn take_commands(&mut self, pending: &mut Vec<Pending>, rules: &mut RuleEngine) {
         let mut taken = Vec::new();
         while let Ok((name, payload)) = self.commands.try_recv() {
             let parsed = deskcam_core::command::parse(&name, &payload);
-            let input = match parsed.command {
+            let id = parsed.id;
+            let command = match parsed.command {
+                Ok(c) => c,
                 Err(e) => {
-                    self.reply(parsed.id, &name, Some(e));
+                    self.reply(id, &name, Err(e));
                     continue;
-                }
-                Ok(Command::EvidenceAck { evidence }) => {
-                    let acked = lock_store(&self.store).ack(&evidence);
-                    let error = match acked {
-                        Ok(true) => None,
-                        Ok(false) => Some(format!("no evidence '{evidence}' on the device")),
-                        Err(e) => Some(format!("evidence store: {e}")),
-                    };
-                    self.reply(parsed.id, &name, error);
-                    continue;
-                }
-                Ok(Command::ScanNow) => Input::ScanNow,
-                Ok(Command::BreakStart { reason }) => Input::BreakStart { reason },
-                Ok(Command::BreakEnd) => Input::BreakEnd,
-                Ok(Command::Identify { seconds }) => {
-                    Input::Identify { duration_ms: u64::from(seconds) * 1000 }
                 }
             };
             tracing::info!("command {name}");
-            taken.push((input, Some((parsed.id, name))));
+            let input = match command {
+                Command::ScanNow => Input::ScanNow,
+                Command::BreakStart { reason } => Input::BreakStart { reason },
+                Command::BreakEnd => Input::BreakEnd,
+                Command::Identify { seconds } => Input::Identify { duration_ms: u64::from(seconds) * 1000 },
+                Command::Mode { mode } => {
+                    let patch = serde_json::json!({ "scan": { "mode": mode } });
+                    let patch = patch.as_object().cloned().unwrap_or_default();
+                    let result = self.apply_config(&patch, rules, &mut taken);
+                    self.reply(id, &name, result);
+                    continue;
+                }
+                Command::ConfigSet { patch } => {
+                    let result = self.apply_config(&patch, rules, &mut taken);
+                    self.reply(id, &name, result);
+                    continue;
+                }
+                other => {
+                    let result = self.evidence_command(other);
+                    self.reply(id, &name, result);
+                    continue;
+                }
+            };
+            taken.push((input, Some((id, name))));
         }
         // `pending` is popped from the end: push in reverse so commands run in order.
         pending.extend(taken.into_iter().rev());
     }
 
-    /// Replies to a command that carried an id, and to every refused one.
-    fn reply(&self, id: Option<String>, command: &str, error: Option<String>) {
-        if let Some(e) = &error {
-            tracing::warn!("command {command} refused: {e}");
+    /// `config/get` and the evidence commands: answered from the config and the store.
+    fn evidence_command(&mut self, command: Command) -> Result<Option<serde_json::Value>, String> {
+        let mut store = lock_store(&self.store);
+        match command {
+            Command::ConfigGet => Ok(Some(self.config.effective_json())),
+            Command::EvidenceAck { evidence } => match store.ack(&evidence) {
+                Ok(true) => Ok(None),
+                Ok(false) => Err(format!("no evidence '{evidence}' on the device")),
+                Err(e) => Err(format!("evidence store: {e}")),
+            },
+            Command::EvidenceList => {
+                let list: Vec<serde_json::Value> = store
+                    .list()
+                    .into_iter()
+                    .map(|e| {
+                        serde_json::json!({
+                            "id": e.id,
+                            "time": deskcam_core::time::rfc3339_utc(e.created_ms),
+                            "bytes": e.bytes,
+                            "delivered": e.delivered,
+                        })
+                    })
+                    .collect();
+                Ok(Some(serde_json::Value::Array(list)))
+            }
+            Command::EvidenceGet { evidence } => match store.get(&evidence) {
+                Ok(Some(e)) => {
+                    let event: serde_json::Value = serde_json::from_slice(&e.event)
+                        .map_err(|e| format!("stored event unreadable: {e}"))?;
+                    use base64::Engine as _;
+                    let still = e.still.map(|jpeg| base64::engine::general_purpose::STANDARD.encode(jpeg));
+                    Ok(Some(serde_json::json!({ "event": event, "still_base64": still })))
+                }
+                Ok(None) => Err(format!("no evidence '{evidence}' on the device")),
+                Err(e) => Err(format!("evidence store: {e}")),
+            },
+            other => Err(format!("{other:?} is not answered here")),
         }
+    }
+
+    /// Validates a config patch, saves the new file atomically (the old one stays if
+    /// anything fails), and applies what can change while running: the policy's mode,
+    /// shift and limits, the rules, redaction and the detector's thresholds.
+    fn apply_config(
+        &mut self,
+        patch: &serde_json::Map<String, serde_json::Value>,
+        rules: &mut RuleEngine,
+        taken: &mut Vec<Pending>,
+    ) -> Result<Option<serde_json::Value>, String> {
+        let patched = self.config.patched(patch).map_err(|e| e.to_string().trim_end().replace('\n', "; "))?;
+        let saved = match &self.config_path {
+            Some(path) if !patched.changed.is_empty() => {
+                crate::config_file::save(path, &patched.file)
+                    .map_err(|e| format!("could not save {}: {e}; nothing changed", path.display()))?;
+                true
+            }
+            _ => false,
+        };
+        let old = std::mem::replace(&mut self.config, patched.live);
+        let new = &self.config;
+        self.detector.set_thresholds(new.detector.min_score, new.detector.nms_iou);
+        if old.rules != new.rules {
+            *rules = RuleEngine::new(new.rules.clone());
+            rules.restart_presence(unix_ms());
+        }
+        let policy = policy_config(new);
+        if policy != policy_config(&old) {
+            taken.push((Input::Reconfigure(policy), None));
+        }
+        let mode = new.scan.name().to_string();
+        self.state.send_if_modified(|s| std::mem::replace(&mut s.mode, mode.clone()) != mode);
+        self.config_out.send_replace(new.effective_json());
+        if !patched.changed.is_empty() {
+            tracing::info!(
+                "config changed: {} (waiting for a restart: {})",
+                patched.changed.join(", "),
+                if patched.restart.is_empty() { "none".into() } else { patched.restart.join(", ") }
+            );
+        }
+        Ok(Some(serde_json::json!({
+            "changed": patched.changed,
+            "restart_required": patched.restart,
+            "saved": saved,
+        })))
+    }
+
+    /// Replies to a command that carried an id, and to every refused one.
+    fn reply(&self, id: Option<String>, command: &str, result: Result<Option<serde_json::Value>, String>) {
+        let (data, error) = match result {
+            Ok(data) => (data, None),
+            Err(e) => {
+                tracing::warn!("command {command} refused: {e}");
+                (None, Some(e))
+            }
+        };
         if id.is_some() || error.is_some() {
             self.replies.push(Reply {
                 v: SCHEMA_VERSION,
@@ -366,6 +461,7 @@ impl Pipeline {
                 command: command.to_string(),
                 ok: error.is_none(),
                 error,
+                data,
             });
         }
     }
@@ -384,6 +480,8 @@ impl Pipeline {
             tracing::error!("audit log {}: {e}", self.audit.path().display());
         }
         self.audit_out.push(entry);
+        // The audit entries leave on the evidence connection, ahead of the evidence.
+        self.evidence_ready.notify_one();
     }
 
     /// Analyses one frame; returns the rules that fired and their evidence, prepared.
@@ -539,6 +637,16 @@ impl Pipeline {
             Report::Log if notable => tracing::info!("{}", text.trim_start()),
             Report::Log => tracing::debug!("{}", text.trim_start()),
         }
+    }
+}
+
+/// What the policy needs from the config.
+fn policy_config(c: &Config) -> PolicyConfig {
+    PolicyConfig {
+        mode: c.scan.clone(),
+        frames_per_check: c.frames_per_check,
+        shift: c.shift.clone(),
+        max_break_ms: c.max_break.as_millis(),
     }
 }
 

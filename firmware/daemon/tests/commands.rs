@@ -154,3 +154,107 @@ fn a_spot_check_ordered_by_scan_now_is_audited_before_its_evidence_leaves() {
     let last_state = msgs.iter().rev().find(|m| m.topic.ends_with("/state")).unwrap();
     assert!(String::from_utf8_lossy(&last_state.payload).contains("\"shutter\":\"closed\""));
 }
+
+fn reply_to(rec: &Recorder, id: &str) -> Value {
+    let m = rec
+        .wait_for(Duration::from_secs(10), |m| {
+            m.topic.ends_with("/reply")
+                && serde_json::from_slice::<Value>(&m.payload).is_ok_and(|v| v["id"] == id)
+        })
+        .unwrap_or_else(|| panic!("no reply to {id}"));
+    serde_json::from_slice(&m.payload).unwrap()
+}
+
+#[test]
+fn config_and_evidence_are_managed_over_mqtt_and_saved_atomically() {
+    let extra =
+        "[scan]\nmode = \"continuous\"\nfps = 4.0\n[rules.extra_person]\nframes = 1\ncooldown = \"0s\"\n";
+    let dev = Device::start("manage", extra);
+    let rec = &dev.rec;
+    let file = dev.dir.join("deskcam.toml");
+    let retained_config = |mode: &str| {
+        let want = format!("\"mode\":\"{mode}\"");
+        rec.wait_for(Duration::from_secs(10), |m| {
+            m.topic.ends_with("/config") && m.retain == (mode == "continuous")
+                || m.topic.ends_with("/config") && String::from_utf8_lossy(&m.payload).contains(&want)
+        })
+        .is_some()
+    };
+    assert!(retained_config("continuous"), "the effective config is published, retained");
+    let event =
+        rec.wait_for(Duration::from_secs(20), |m| m.topic.ends_with("/event/violation")).expect("an event");
+    let event: Value = serde_json::from_slice(&event.payload).unwrap();
+    let event_id = event["id"].as_str().unwrap();
+
+    // mode: applied at once (the shutter closes), saved, published.
+    dev.send("mode", r#"{"id":"m1","mode":"off"}"#);
+    let r = reply_to(rec, "m1");
+    assert_eq!(r["ok"], true, "{r}");
+    assert_eq!(r["data"]["changed"], serde_json::json!(["scan.mode"]));
+    assert_eq!(r["data"]["saved"], true);
+    assert!(rec
+        .wait_for(Duration::from_secs(5), |m| m.topic.ends_with("/state")
+            && String::from_utf8_lossy(&m.payload).contains("\"mode\":\"off\"")
+            && String::from_utf8_lossy(&m.payload).contains("\"shutter\":\"closed\""))
+        .is_some());
+    assert!(retained_config("off"));
+    assert!(std::fs::read_to_string(&file).unwrap().contains("mode = \"off\""));
+    dev.send("scan-now", r#"{"id":"s1"}"#);
+    assert!(reply_to(rec, "s1")["error"].as_str().unwrap().contains("monitoring is off"));
+
+    // config/set: live keys apply, a broker key waits for a restart.
+    dev.send(
+        "config/set",
+        r#"{"id":"c1","patch":{"mqtt":{"keep_alive":"45s"},"rules":{"phone":{"min_score":0.5}}}}"#,
+    );
+    let r = reply_to(rec, "c1");
+    assert_eq!(r["ok"], true, "{r}");
+    assert_eq!(r["data"]["restart_required"], serde_json::json!(["mqtt.keep_alive"]));
+    dev.send("config/set", r#"{"id":"c2","toml":"[breaks]\nmax_break = \"45m\"\n"}"#);
+    assert_eq!(reply_to(rec, "c2")["data"]["changed"], serde_json::json!(["breaks.max_break"]));
+
+    // Bad patches: refused with the key named, the file untouched.
+    let saved = std::fs::read(&file).unwrap();
+    for (id, payload, want) in [
+        ("x1", r#"{"id":"x1","patch":{"scan":{"fps":"fast"}}}"#, "scan.fps"),
+        ("x2", r#"{"id":"x2","patch":{"preset":"none"}}"#, "preset"),
+        ("x3", r#"{"id":"x3","patch":{"evidence":{"max_age":"60d"}}}"#, "evidence.max_age"),
+        ("x4", r#"{"id":"x4","mode":"sometimes"}"#, "not one of"),
+    ] {
+        dev.send(if id == "x4" { "mode" } else { "config/set" }, payload);
+        let r = reply_to(rec, id);
+        assert!(r["error"].as_str().is_some_and(|e| e.contains(want)), "{id}: {r}");
+    }
+    assert_eq!(std::fs::read(&file).unwrap(), saved, "a refused patch leaves the file as it was");
+
+    dev.send("config/get", r#"{"id":"g1"}"#);
+    let r = reply_to(rec, "g1");
+    assert_eq!(r["data"]["scan"]["mode"], "off");
+    assert_eq!(r["data"]["rules"]["phone"]["min_score"], 0.5);
+    assert_eq!(r["data"]["mqtt"]["keep_alive"], "30s", "the running value until a restart");
+
+    // Evidence: listed with its delivery, fetched whole.
+    dev.send("evidence/list", r#"{"id":"l1"}"#);
+    let r = reply_to(rec, "l1");
+    let list = r["data"].as_array().unwrap();
+    let entry = list.iter().find(|e| e["id"] == event_id).expect("the event is listed");
+    assert_eq!(entry["delivered"], true);
+    dev.send("evidence/get", &format!(r#"{{"id":"v1","evidence":"{event_id}"}}"#));
+    let r = reply_to(rec, "v1");
+    assert_eq!(r["data"]["event"]["id"], event_id);
+    use base64::Engine as _;
+    let jpeg = base64::engine::general_purpose::STANDARD
+        .decode(r["data"]["still_base64"].as_str().unwrap())
+        .unwrap();
+    assert_eq!(Some(deskcam_vision::sha256_hex(&jpeg).as_str()), event["still"]["sha256"].as_str());
+
+    // The saved file is what the next start runs with.
+    let check = std::process::Command::new(env!("CARGO_BIN_EXE_deskcam"))
+        .args(["config", "check"])
+        .arg(&file)
+        .output()
+        .unwrap();
+    assert!(check.status.success(), "{}", String::from_utf8_lossy(&check.stderr));
+    let mut daemon = dev.daemon;
+    assert!(daemon.0.try_wait().unwrap().is_none(), "the daemon keeps running");
+}

@@ -1,9 +1,9 @@
 //! deskcam uplink: the MQTT side. Publishes `status` (with a last will), `state`,
 //! violation events and their stills to the employer's broker, and nothing else.
 //!
-//! Two connections: the control connection (status with its last will, state, audit,
-//! command replies, commands in) and the evidence connection ([`outbox`]: events and
-//! stills from the on-disk store, marked delivered on PUBACK). Each event loop is
+//! Two connections: the control connection (status with its last will, state, config,
+//! command replies, commands in) and the record connection ([`outbox`]: audit entries,
+//! then events and stills from the on-disk store, marked delivered on PUBACK). Each event loop is
 //! driven by a task that owns it: it reconnects with backoff and jitter, and the
 //! control side re-announces `status` and `state` after every connect. The uplink
 //! must not look at frames or decide policy; what it publishes is built by the caller
@@ -62,6 +62,8 @@ pub struct UplinkStats {
     pub evidence_sent: AtomicU64,
     /// Evidence entries the broker acknowledged completely.
     pub evidence_delivered: AtomicU64,
+    /// Audit entries the broker acknowledged.
+    pub audit_delivered: AtomicU64,
 }
 
 impl UplinkStats {
@@ -78,12 +80,14 @@ pub type IncomingCommand = (String, Vec<u8>);
 /// queues of what else to publish, the latest state, and the inbox for commands.
 pub struct Link {
     pub store: SharedStore,
-    /// Rung by the daemon after it stores new evidence.
+    /// Rung by the daemon after it stores new evidence or queues an audit entry.
     pub evidence_ready: Arc<Notify>,
     pub audit: Arc<DropOldest<AuditEntry>>,
     pub replies: Arc<DropOldest<Reply>>,
     pub commands: std::sync::mpsc::SyncSender<IncomingCommand>,
     pub state: watch::Receiver<State>,
+    /// The effective config (secrets removed), retained on `config`.
+    pub config: watch::Receiver<serde_json::Value>,
 }
 
 pub struct UplinkConfig {
@@ -102,20 +106,19 @@ impl UplinkConfig {
     }
 }
 
-/// Runs the MQTT connection until `shutdown` turns true, then drains what is queued
+/// Runs both MQTT connections until `shutdown` turns true, then drains what is queued
 /// (bounded by a timeout), publishes `offline` and disconnects.
 ///
-/// Two tasks: one only polls rumqttc's event loop (connection, acknowledgements,
-/// reconnect backoff), so it never waits on anything else; this one feeds it the
-/// retained `state` (kept in its own slot: only the latest matters), the events and the
-/// audit entries.
+/// Each event loop is polled by a task that does nothing else; this task feeds the
+/// control connection the retained `state` and `config` (each in its own slot: only the
+/// latest matters) and the replies; the outbox feeds the record connection.
 pub async fn run(
     cfg: UplinkConfig,
     link: Link,
     stats: Arc<UplinkStats>,
     mut shutdown: watch::Receiver<bool>,
 ) -> Result<(), UplinkError> {
-    let Link { store, evidence_ready, audit, replies, commands, mut state } = link;
+    let Link { store, evidence_ready, audit, replies, commands, mut state, config: mut config_rx } = link;
     if cfg.broker.tls {
         return Err(UplinkError::TlsUnsupported(cfg.broker.to_string()));
     }
@@ -127,6 +130,7 @@ pub async fn run(
     let (evidence_client, evidence_loop) = AsyncClient::new(evidence_options(&cfg), outbox::CHANNEL);
     let outbox = Arc::new(std::sync::Mutex::new(outbox::Outbox::new(
         store,
+        audit.clone(),
         evidence_client.clone(),
         cfg.topics.clone(),
         stats.clone(),
@@ -153,9 +157,9 @@ pub async fn run(
         let up = *connected.borrow();
         let evidence_up = stats.evidence_connected.load(Ordering::Relaxed);
         let settled = (!evidence_up || lock_outbox(&outbox).settled())
-            && audit.is_empty()
             && replies.is_empty()
             && !state.has_changed().unwrap_or(false)
+            && !config_rx.has_changed().unwrap_or(false)
             && stats.in_flight() == 0;
         if draining && (!up || settled) {
             break;
@@ -173,6 +177,14 @@ pub async fn run(
                     }
                     publish(&client, cfg.topics.status(), true, STATUS_ONLINE.as_bytes().to_vec(), &stats).await;
                     publish(&client, cfg.topics.state(), true, json(&current), &stats).await;
+                    let config = config_rx.borrow_and_update().clone();
+                    publish(&client, cfg.topics.config(), true, json(&config), &stats).await;
+                }
+            }
+            changed = config_rx.changed(), if up => {
+                if changed.is_ok() {
+                    let config = config_rx.borrow_and_update().clone();
+                    publish(&client, cfg.topics.config(), true, json(&config), &stats).await;
                 }
             }
             changed = state.changed(), if up => {
@@ -183,9 +195,6 @@ pub async fn run(
             }
             r = replies.pop(), if up => {
                 publish(&client, cfg.topics.reply(), false, json(&r), &stats).await;
-            }
-            a = audit.pop(), if up => {
-                publish(&client, cfg.topics.audit(), false, json(&a), &stats).await;
             }
             r = shutdown.changed(), if !draining => {
                 // A dropped sender means the daemon is gone: stop as well.

@@ -2,6 +2,11 @@
 //! store to the broker over a connection of their own, and an entry is marked
 //! delivered only when the broker has acknowledged (PUBACK) every packet of it.
 //!
+//! The audit entries go the same way, ahead of the evidence: one ordered stream, so a
+//! subscriber always has a scan's audit entry before its evidence. They are on the
+//! device's audit log already; in flight they are kept in memory and sent again after
+//! a reconnect.
+//!
 //! rumqttc keeps unacknowledged publishes in memory only, and replays them by its own
 //! rules; this connection therefore uses a clean session and, whenever it drops,
 //! forgets everything in flight (rumqttc's copies included) and starts again from the
@@ -19,11 +24,11 @@ use std::collections::VecDeque;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex, MutexGuard};
 
-use deskcam_core::schema::Topics;
+use deskcam_core::schema::{AuditEntry, Topics};
 use rumqttc::{AsyncClient, QoS};
 
 use crate::store::EvidenceStore;
-use crate::UplinkStats;
+use crate::{DropOldest, UplinkStats};
 
 /// Packets in flight on the evidence connection: enough to fill a link, few enough to
 /// stay far below rumqttc's own in-flight limit and request channel.
@@ -43,12 +48,18 @@ pub fn lock_store(store: &SharedStore) -> MutexGuard<'_, EvidenceStore> {
 
 #[derive(Debug)]
 struct Packet {
-    id: String,
-    /// The entry's last packet: its PUBACK completes the entry.
-    last: bool,
+    what: What,
     /// Known once the event loop has sent it.
     pkid: Option<u16>,
     acked: bool,
+}
+
+#[derive(Debug)]
+enum What {
+    /// A packet of a stored entry; the last one's PUBACK completes it.
+    Evidence { id: String, last: bool },
+    /// An audit entry (its JSON), sent again if the connection drops first.
+    Audit(Vec<u8>),
 }
 
 pub(crate) struct Outbox {
@@ -58,6 +69,9 @@ pub(crate) struct Outbox {
     stats: Arc<UplinkStats>,
     connected: bool,
     in_flight: VecDeque<Packet>,
+    audit: Arc<DropOldest<AuditEntry>>,
+    /// Audit entries that were in flight when the connection dropped, oldest first.
+    audit_retry: VecDeque<Vec<u8>>,
     /// The stamp of the last entry handed to this connection.
     cursor: Option<u64>,
     now_ms: fn() -> u64,
@@ -66,6 +80,7 @@ pub(crate) struct Outbox {
 impl Outbox {
     pub(crate) fn new(
         store: SharedStore,
+        audit: Arc<DropOldest<AuditEntry>>,
         client: AsyncClient,
         topics: Topics,
         stats: Arc<UplinkStats>,
@@ -78,6 +93,8 @@ impl Outbox {
             stats,
             connected: false,
             in_flight: VecDeque::new(),
+            audit,
+            audit_retry: VecDeque::new(),
             cursor: None,
             now_ms,
         }
@@ -95,7 +112,11 @@ impl Outbox {
     /// empties rumqttc's queues, so nothing of this connection is sent later.
     pub(crate) fn disconnected(&mut self) {
         self.connected = false;
-        self.in_flight.clear();
+        for p in self.in_flight.drain(..) {
+            if let What::Audit(json) = p.what {
+                self.audit_retry.push_back(json);
+            }
+        }
         self.cursor = None;
     }
 
@@ -118,12 +139,16 @@ impl Outbox {
         }
         while self.in_flight.front().is_some_and(|p| p.acked) {
             let Some(p) = self.in_flight.pop_front() else { break };
-            if p.last {
-                match lock_store(&self.store).mark_delivered(&p.id) {
+            match p.what {
+                What::Evidence { id, last: true } => match lock_store(&self.store).mark_delivered(&id) {
                     Ok(_) => {
                         self.stats.evidence_delivered.fetch_add(1, Ordering::Relaxed);
                     }
-                    Err(e) => tracing::error!("evidence {}: could not mark it delivered: {e}", p.id),
+                    Err(e) => tracing::error!("evidence {id}: could not mark it delivered: {e}"),
+                },
+                What::Evidence { .. } => {}
+                What::Audit(_) => {
+                    self.stats.audit_delivered.fetch_add(1, Ordering::Relaxed);
                 }
             }
         }
@@ -132,15 +157,33 @@ impl Outbox {
 
     /// Nothing in flight and nothing waiting: a clean stop loses nothing.
     pub(crate) fn settled(&self) -> bool {
-        self.in_flight.is_empty() && lock_store(&self.store).undelivered() == 0
+        self.in_flight.is_empty()
+            && self.audit_retry.is_empty()
+            && self.audit.is_empty()
+            && lock_store(&self.store).undelivered() == 0
     }
 
     pub(crate) fn in_flight(&self) -> usize {
         self.in_flight.len()
     }
 
-    /// Hands the next undelivered entries to the connection while the window has room.
+    /// Hands the waiting audit entries, then the next undelivered evidence, to the
+    /// connection while the window has room.
     pub(crate) fn fill(&mut self) {
+        while self.connected && self.in_flight.len() < WINDOW {
+            let Some(json) = self.audit_retry.pop_front().or_else(|| self.audit.try_pop().map(|a| json(&a)))
+            else {
+                break;
+            };
+            if let Err(e) =
+                self.client.try_publish(self.topics.audit(), QoS::AtLeastOnce, false, json.clone())
+            {
+                tracing::error!("audit entry: could not queue: {e}");
+                self.audit_retry.push_front(json);
+                return;
+            }
+            self.in_flight.push_back(Packet { what: What::Audit(json), pkid: None, acked: false });
+        }
         while self.connected && self.in_flight.len() + 2 <= WINDOW {
             let mut store = lock_store(&self.store);
             // Nothing past the retention limit leaves the device, even if the scan loop
@@ -177,13 +220,14 @@ impl Outbox {
                     return;
                 }
                 self.stats.evidence_sent.fetch_add(1, Ordering::Relaxed);
-                self.in_flight.push_back(Packet {
-                    id: next.id.clone(),
-                    last: i + 1 == n,
-                    pkid: None,
-                    acked: false,
-                });
+                let what = What::Evidence { id: next.id.clone(), last: i + 1 == n };
+                self.in_flight.push_back(Packet { what, pkid: None, acked: false });
             }
         }
     }
+}
+
+fn json<T: serde::Serialize>(v: &T) -> Vec<u8> {
+    // Our schema types serialise infallibly (no maps with non-string keys).
+    serde_json::to_vec(v).unwrap_or_default()
 }

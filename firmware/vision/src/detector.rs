@@ -95,6 +95,12 @@ impl Detector {
         Ok(Detector { plan, input_size, min_score, nms_iou, sha256, path: path.into() })
     }
 
+    /// Changes the output filter of a loaded model (a config change, applied live).
+    pub fn set_thresholds(&mut self, min_score: f32, nms_iou: f32) {
+        self.min_score = min_score;
+        self.nms_iou = nms_iou;
+    }
+
     pub fn input_size(&self) -> usize {
         self.input_size
     }

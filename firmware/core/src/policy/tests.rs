@@ -25,14 +25,20 @@ struct Model {
     shutter: bool,
     led: LedPattern,
     prewarn_since: Option<Millis>,
+    break_since: Option<Millis>,
 }
 
 impl Model {
     fn new() -> Self {
-        Model { shutter: false, led: LedPattern::Off, prewarn_since: None }
+        Model { shutter: false, led: LedPattern::Off, prewarn_since: None, break_since: None }
     }
 
-    fn apply(&mut self, p: &Policy, now: Millis, actions: &[Action], shift: &Shift, warning: Option<Millis>) {
+    fn apply(&mut self, p: &Policy, now: Millis, actions: &[Action], shift: &Shift) {
+        // Whatever mode the policy is in now (a reconfigure may have changed it).
+        let warning = match p.mode() {
+            ScanMode::Scheduled { warning, .. } => Some(warning.0),
+            _ => None,
+        };
         for a in actions {
             match a {
                 Action::OpenShutter => {
@@ -66,7 +72,16 @@ impl Model {
                     assert!(p.may_look(now), "capture while the camera may not look");
                 }
                 Action::Finished => assert!(!self.shutter && self.led == LedPattern::Off),
+                Action::Event(PolicyEvent::BreakStarted { .. }) => self.break_since = Some(now),
+                Action::Event(PolicyEvent::BreakEnded { .. }) => self.break_since = None,
                 Action::Event(_) | Action::Refused(_) => {}
+            }
+        }
+        // Invariant 1: the LED is off in a break, after a short acknowledgement.
+        if let Some(since) = self.break_since.filter(|_| p.on_break()) {
+            if now >= since + BREAK_ACK_MS {
+                assert_ne!(self.led, LedPattern::Break, "break pattern past its acknowledgement");
+                assert_ne!(self.led, LedPattern::Analysing, "analysing during a break");
             }
         }
         if p.on_break() || !shift.contains(now) || matches!(p.mode(), ScanMode::Off) {
@@ -236,12 +251,16 @@ fn breaks_close_the_shutter_and_end_by_command_button_or_max_break() {
         vec![Action::Refused("already on a break")]
     );
     assert_eq!(p.step(T0 + 300, Input::ScanNow), vec![Action::Refused("the worker is on a break")]);
-    assert!(p.step(T0 + 5_000, Input::Tick).is_empty(), "no scan during a break");
+    assert_eq!(
+        p.step(T0 + 5_000, Input::Tick),
+        vec![Action::SetLed(LedPattern::Off)],
+        "no scan during a break, and the LED goes off after the acknowledgement"
+    );
     let ended = p.step(T0 + 60_100, Input::BreakEnd);
     assert_eq!(
         ended,
         vec![
-            Action::SetLed(LedPattern::Off),
+            // (already off since the acknowledgement)
             Action::Event(PolicyEvent::BreakEnded {
                 reason: "lunch".into(),
                 duration_ms: 60_000,
@@ -312,14 +331,25 @@ fn random_input_sequences_keep_the_invariants() {
             2 => ScanMode::Scheduled { times: vec![8 * 60 + 5, 9 * 60, 12 * 60 + 30, 17 * 60 + 59], warning },
             _ => ScanMode::Off,
         };
-        let scheduled = matches!(mode, ScanMode::Scheduled { .. }).then_some(warning.0);
+        let modes = [
+            ScanMode::Continuous { fps: 2.0 },
+            ScanMode::Spot { per_hour: 30.0, min_gap: Span::from_secs(10) },
+            ScanMode::Scheduled { times: vec![8 * 60 + 30, 10 * 60, 16 * 60], warning },
+            ScanMode::Off,
+        ];
         let shift = if seed % 2 == 0 { workdays() } else { Shift::always() };
         let mut p = policy(mode, 1 + (seed % 4) as u32, shift.clone(), seed);
         let mut m = Model::new();
         let mut now = MON_0800 - HOUR + rng.next_u64() % (2 * HOUR);
         for _ in 0..400 {
             now += rng.next_u64() % 120_000;
-            let input = match rng.next_u64() % 17 {
+            let input = match rng.next_u64() % 18 {
+                17 => Input::Reconfigure(PolicyConfig {
+                    mode: modes[(rng.next_u64() % 4) as usize].clone(),
+                    frames_per_check: 1 + (rng.next_u64() % 3) as u32,
+                    shift: shift.clone(),
+                    max_break_ms: 60_000 + rng.next_u64() % (30 * 60_000),
+                }),
                 16 => Input::Identify { duration_ms: rng.next_u64() % 20_000 },
                 0 => Input::ScanNow,
                 1 => Input::CameraFault,
@@ -330,18 +360,43 @@ fn random_input_sequences_keep_the_invariants() {
                 _ => Input::Tick,
             };
             let actions = p.step(now, input);
-            m.apply(&p, now, &actions, &shift, scheduled);
+            m.apply(&p, now, &actions, &shift);
             assert_eq!(m.shutter, p.shutter_open());
             // Usually the daemon answers a capture at once; sometimes other inputs (a
             // break, the shift's end, a fault) arrive while the frame is in flight.
             if actions.contains(&Action::Capture) && !rng.next_u64().is_multiple_of(3) {
                 now += 50;
                 let actions = p.step(now, Input::FrameCaptured);
-                m.apply(&p, now, &actions, &shift, scheduled);
+                m.apply(&p, now, &actions, &shift);
             }
         }
         let actions = p.step(now, Input::Shutdown);
-        m.apply(&p, now, &actions, &shift, scheduled);
+        m.apply(&p, now, &actions, &shift);
         assert!(!m.shutter && m.led == LedPattern::Off);
     }
+}
+
+#[test]
+fn a_config_change_applies_at_once() {
+    let cfg = |mode| PolicyConfig { mode, frames_per_check: 1, shift: Shift::always(), max_break_ms: 60_000 };
+    let mut p = Policy::new(cfg(ScanMode::Continuous { fps: 1.0 }), 1);
+    p.step(T0, Input::Tick);
+    p.step(T0 + 10, Input::FrameCaptured);
+    assert!(p.shutter_open());
+    // Monitoring turned off: the shutter closes now, not at the next frame.
+    assert_eq!(
+        p.step(T0 + 20, Input::Reconfigure(cfg(ScanMode::Off))),
+        vec![Action::CloseShutter, Action::SetLed(LedPattern::Off)]
+    );
+    assert_eq!(
+        p.step(T0 + 30, Input::ScanNow),
+        vec![Action::Refused("monitoring is off (scan.mode = \"off\")")]
+    );
+    // Scheduled from now on: the next scan is announced first.
+    let warning = Span::from_secs(10);
+    let sched = ScanMode::Scheduled { times: vec![(((T0 / 60_000) % 1440) + 1) as u16], warning };
+    assert!(p.step(T0 + 40, Input::Reconfigure(cfg(sched))).is_empty());
+    let at = (T0 / 60_000 + 1) * 60_000;
+    assert_eq!(p.step(at - 10_000, Input::Tick), vec![Action::SetLed(LedPattern::PreWarning)]);
+    assert!(p.step(at, Input::Tick).contains(&Action::OpenShutter));
 }

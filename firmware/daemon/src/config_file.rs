@@ -1,0 +1,48 @@
+//! Saving the config file so that a power cut at any moment leaves either the old file
+//! or the new one, never a mix: write a temporary file beside it, sync it, rename it
+//! over the old one, sync the directory.
+
+use std::fs::{self, File};
+use std::io::{self, Write};
+use std::path::Path;
+
+pub fn save(path: &Path, text: &str) -> io::Result<()> {
+    let dir = match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d,
+        _ => Path::new("."),
+    };
+    let name = path.file_name().ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "no file name"))?;
+    let tmp = dir.join(format!(".{}.new", name.to_string_lossy()));
+    let written = File::create(&tmp).and_then(|mut f| {
+        f.write_all(b"# Written by deskcam (config/set). Keys not listed have their defaults.\n")?;
+        f.write_all(text.as_bytes())?;
+        f.sync_all()
+    });
+    if let Err(e) = written.and_then(|()| fs::rename(&tmp, path)) {
+        let _ = fs::remove_file(&tmp);
+        return Err(e);
+    }
+    File::open(dir)?.sync_all()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn replaces_whole_or_keeps_the_old_file() {
+        let dir = std::env::temp_dir().join(format!("deskcam-config-file-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&dir);
+        fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("deskcam.toml");
+        fs::write(&path, "old = 1\n").unwrap();
+        save(&path, "new = 2\n").unwrap();
+        assert!(fs::read_to_string(&path).unwrap().ends_with("new = 2\n"));
+        assert_eq!(fs::read_dir(&dir).unwrap().count(), 1, "no temporary file left");
+        // A directory that cannot be written: the error is returned, the old file stays.
+        let missing = dir.join("gone/deskcam.toml");
+        assert!(save(&missing, "x = 1\n").is_err());
+        assert!(fs::read_to_string(&path).unwrap().ends_with("new = 2\n"));
+        let _ = fs::remove_dir_all(&dir);
+    }
+}
