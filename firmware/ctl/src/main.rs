@@ -1,8 +1,11 @@
-//! `deskcamctl`: manage a deskcam over MQTT. This first version watches a device:
-//! `status` prints its retained status and state; `watch` prints every event as it
-//! arrives; `audit` prints its audit entries; `scan-now`, `break start|end` and
-//! `evidence ack` send a command and wait for the device's reply. Config and the other
-//! commands come with the management plane.
+//! `deskcamctl`: manage a deskcam over MQTT. `status` prints its retained status and
+//! state; `watch` prints every event as it arrives; `audit` prints its audit entries;
+//! the other subcommands send a command (`cmd/<name>` with a fresh id) and wait for the
+//! device's reply. Text by default, `--json` for scripts.
+//!
+//! Connection settings come from flags, then the environment (`DESKCAM_BROKER`,
+//! `DESKCAM_DEVICE`, ...), then a TOML file (`--config`, `DESKCAM_CTL_CONFIG`, or
+//! `~/.config/deskcamctl.toml`) with the keys `broker`, `base_topic` and `device`.
 
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
@@ -17,15 +20,18 @@ use serde_json::json;
 #[derive(Parser)]
 #[command(name = "deskcamctl", version, about = "Manage deskcam devices over MQTT")]
 struct Cli {
-    /// Broker URL [env DESKCAM_BROKER].
-    #[arg(long, env = "DESKCAM_BROKER", default_value = "mqtt://127.0.0.1:1883")]
-    broker: String,
-    /// Base topic.
-    #[arg(long, default_value = "deskcam")]
-    base_topic: String,
+    /// Broker URL [default: mqtt://127.0.0.1:1883].
+    #[arg(long, env = "DESKCAM_BROKER")]
+    broker: Option<String>,
+    /// Base topic [default: deskcam].
+    #[arg(long, env = "DESKCAM_BASE_TOPIC")]
+    base_topic: Option<String>,
     /// Device id.
     #[arg(long, short, env = "DESKCAM_DEVICE")]
-    device: String,
+    device: Option<String>,
+    /// Connection settings file [default: ~/.config/deskcamctl.toml].
+    #[arg(long, env = "DESKCAM_CTL_CONFIG")]
+    config: Option<std::path::PathBuf>,
     /// Print JSON instead of text.
     #[arg(long)]
     json: bool,
@@ -61,6 +67,26 @@ enum Cmd {
         #[arg(long, default_value_t = 10)]
         seconds: u32,
     },
+    /// Switch the scan mode: continuous, spot, scheduled or off (saved on the device).
+    Mode { mode: String },
+    /// Read or change the device's config.
+    #[command(subcommand)]
+    Config(ConfigCmd),
+}
+
+#[derive(Subcommand)]
+enum ConfigCmd {
+    /// Print the effective config (secrets removed).
+    Get,
+    /// Change keys: `scan.mode=off rules.phone.min_score=0.4`, and/or a TOML file of
+    /// changes. A key set to `null` returns to its default. Validated as a whole.
+    Set {
+        /// Dotted key = TOML value (a bare word is taken as a string).
+        assignments: Vec<String>,
+        /// A TOML file with the keys to change.
+        #[arg(long)]
+        file: Option<std::path::PathBuf>,
+    },
 }
 
 #[derive(Subcommand)]
@@ -78,6 +104,82 @@ enum BreakCmd {
 enum EvidenceCmd {
     /// Tell the device the server has this evidence: it deletes it at once.
     Ack { id: String },
+    /// List the evidence the device holds, with whether the broker has it.
+    List,
+    /// Fetch one piece of evidence: prints its event, writes its still.
+    Get {
+        id: String,
+        /// Where to write the still (JPEG) [default: <id>.jpg].
+        #[arg(long)]
+        out: Option<std::path::PathBuf>,
+    },
+}
+
+/// Connection settings from a file.
+#[derive(serde::Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct Settings {
+    broker: Option<String>,
+    base_topic: Option<String>,
+    device: Option<String>,
+}
+
+fn settings(path: Option<&std::path::Path>) -> Result<Settings> {
+    let (path, explicit) = match path {
+        Some(p) => (p.to_path_buf(), true),
+        None => match std::env::var_os("HOME") {
+            Some(home) => (std::path::PathBuf::from(home).join(".config/deskcamctl.toml"), false),
+            None => return Ok(Settings::default()),
+        },
+    };
+    match std::fs::read_to_string(&path) {
+        Ok(text) => toml::from_str(&text).with_context(|| format!("{}", path.display())),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound && !explicit => Ok(Settings::default()),
+        Err(e) => Err(e).with_context(|| format!("reading {}", path.display())),
+    }
+}
+
+/// `a.b=c` assignments (values in TOML syntax, bare words as strings) and a TOML file,
+/// as one JSON merge patch.
+fn config_patch(assignments: &[String], file: Option<&std::path::Path>) -> Result<serde_json::Value> {
+    let mut patch = match file {
+        Some(f) => {
+            let text = std::fs::read_to_string(f).with_context(|| format!("reading {}", f.display()))?;
+            let table: toml::Table =
+                text.parse().with_context(|| format!("{} is not valid TOML", f.display()))?;
+            serde_json::to_value(table)?
+        }
+        None => json!({}),
+    };
+    for a in assignments {
+        let (key, raw) = a.split_once('=').with_context(|| format!("'{a}': expected key=value"))?;
+        let value = if raw.trim() == "null" {
+            serde_json::Value::Null
+        } else {
+            match format!("v = {raw}").parse::<toml::Table>() {
+                Ok(t) => serde_json::to_value(&t["v"])?,
+                Err(_) => serde_json::Value::String(raw.to_string()),
+            }
+        };
+        let mut node = &mut patch;
+        let parts: Vec<&str> = key.trim().split('.').collect();
+        anyhow::ensure!(parts.iter().all(|p| !p.is_empty()), "'{key}' is not a dotted key");
+        for part in &parts[..parts.len() - 1] {
+            node = node
+                .as_object_mut()
+                .context("a key is both a value and a table")?
+                .entry(part.to_string())
+                .or_insert_with(|| json!({}));
+        }
+        node.as_object_mut()
+            .context("a key is both a value and a table")?
+            .insert(parts[parts.len() - 1].to_string(), value);
+    }
+    anyhow::ensure!(
+        patch.as_object().is_some_and(|o| !o.is_empty()),
+        "nothing to set: give key=value or --file"
+    );
+    Ok(patch)
 }
 
 /// Exit codes a script can rely on.
@@ -95,9 +197,16 @@ fn main() -> ExitCode {
 }
 
 fn run(cli: Cli) -> Result<ExitCode> {
-    let url = BrokerUrl::parse(&cli.broker).map_err(anyhow::Error::msg)?;
+    let file = settings(cli.config.as_deref())?;
+    let broker = cli.broker.or(file.broker).unwrap_or_else(|| "mqtt://127.0.0.1:1883".into());
+    let base_topic = cli.base_topic.or(file.base_topic).unwrap_or_else(|| "deskcam".into());
+    let device = cli
+        .device
+        .or(file.device)
+        .context("no device: give --device, DESKCAM_DEVICE or `device` in the settings file")?;
+    let url = BrokerUrl::parse(&broker).map_err(anyhow::Error::msg)?;
     anyhow::ensure!(!url.tls, "mqtts:// is not supported by this version of deskcamctl");
-    let topics = Topics::new(&cli.base_topic, &cli.device);
+    let topics = Topics::new(&base_topic, &device);
     let mut opts = MqttOptions::new(format!("deskcamctl-{}", std::process::id()), &url.host, url.port);
     opts.set_max_packet_size(16 * 1024 * 1024, 64 * 1024);
     let (client, mut conn) = Client::new(opts, 16);
@@ -122,31 +231,51 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 }
             }
             let Some(status) = status else {
-                eprintln!("deskcamctl: device {} has never reported to {url}", cli.device);
+                eprintln!("deskcamctl: device {} has never reported to {url}", device);
                 return Ok(ExitCode::from(3));
             };
             if cli.json {
                 let state: serde_json::Value =
                     state.as_deref().and_then(|s| serde_json::from_str(s).ok()).unwrap_or_default();
-                println!("{}", serde_json::json!({"device": cli.device, "status": status, "state": state}));
+                println!("{}", serde_json::json!({"device": device, "status": status, "state": state}));
             } else {
                 println!(
                     "device  {}\nstatus  {status}\nstate   {}",
-                    cli.device,
+                    device,
                     state.unwrap_or_else(|| "-".into())
                 );
             }
             Ok(ExitCode::SUCCESS)
         }
-        Cmd::ScanNow | Cmd::Break(_) | Cmd::Evidence(_) | Cmd::Identify { .. } => {
+        Cmd::ScanNow
+        | Cmd::Break(_)
+        | Cmd::Evidence(_)
+        | Cmd::Identify { .. }
+        | Cmd::Mode { .. }
+        | Cmd::Config(_) => {
+            let mut still_out = None;
             let (name, body) = match cli.command {
                 Cmd::Break(BreakCmd::Start { reason }) => ("break/start", json!({ "reason": reason })),
                 Cmd::Break(BreakCmd::End) => ("break/end", json!({})),
                 Cmd::Evidence(EvidenceCmd::Ack { id }) => ("evidence/ack", json!({ "evidence": id })),
+                Cmd::Evidence(EvidenceCmd::List) => ("evidence/list", json!({})),
+                Cmd::Evidence(EvidenceCmd::Get { id, out }) => {
+                    still_out = Some(out.unwrap_or_else(|| format!("{id}.jpg").into()));
+                    ("evidence/get", json!({ "evidence": id }))
+                }
                 Cmd::Identify { seconds } => ("identify", json!({ "seconds": seconds })),
+                Cmd::Mode { mode } => ("mode", json!({ "mode": mode })),
+                Cmd::Config(ConfigCmd::Get) => ("config/get", json!({})),
+                Cmd::Config(ConfigCmd::Set { assignments, file }) => {
+                    ("config/set", json!({ "patch": config_patch(&assignments, file.as_deref())? }))
+                }
                 _ => ("scan-now", json!({})),
             };
-            command(&client, &mut conn, &topics, cli.timeout, name, body, cli.json)
+            let (code, reply) = command(&client, &mut conn, &topics, cli.timeout, name, body, cli.json)?;
+            if let Some(data) = reply.and_then(|r| r.data) {
+                show(name, &data, cli.json, still_out.as_deref())?;
+            }
+            Ok(code)
         }
         Cmd::Audit { count } => {
             client.subscribe(topics.audit(), QoS::AtLeastOnce).context("subscribe")?;
@@ -212,6 +341,62 @@ fn run(cli: Cli) -> Result<ExitCode> {
     }
 }
 
+/// Prints what a command returned (text or JSON); writes a fetched still.
+fn show(name: &str, data: &serde_json::Value, json: bool, still_out: Option<&std::path::Path>) -> Result<()> {
+    match name {
+        "evidence/get" => {
+            use base64::Engine as _;
+            if let (Some(out), Some(b64)) = (still_out, data["still_base64"].as_str()) {
+                let jpeg =
+                    base64::engine::general_purpose::STANDARD.decode(b64).context("still is not base64")?;
+                std::fs::write(out, &jpeg).with_context(|| format!("writing {}", out.display()))?;
+                eprintln!("still: {} ({} bytes)", out.display(), jpeg.len());
+            }
+            if !json {
+                println!("{}", serde_json::to_string_pretty(&data["event"])?);
+            }
+        }
+        _ if json => {}
+        "evidence/list" => {
+            let list = data.as_array().cloned().unwrap_or_default();
+            println!("{:<28} {:<26} {:>9}  delivered", "id", "time", "bytes");
+            for e in &list {
+                println!(
+                    "{:<28} {:<26} {:>9}  {}",
+                    e["id"].as_str().unwrap_or("?"),
+                    e["time"].as_str().unwrap_or("?"),
+                    e["bytes"].as_u64().unwrap_or(0),
+                    if e["delivered"] == true { "yes" } else { "no" }
+                );
+            }
+            println!("{} entries", list.len());
+        }
+        "config/get" => {
+            let table: toml::Table = serde_json::from_value(data.clone()).context("config is not a table")?;
+            print!("{}", toml::to_string(&table)?);
+        }
+        "config/set" | "mode" => {
+            let list = |k: &str| -> String {
+                let v: Vec<&str> =
+                    data[k].as_array().into_iter().flatten().filter_map(|x| x.as_str()).collect();
+                if v.is_empty() {
+                    "-".into()
+                } else {
+                    v.join(", ")
+                }
+            };
+            println!(
+                "changed: {}
+waiting for a restart: {}",
+                list("changed"),
+                list("restart_required")
+            );
+        }
+        _ => println!("{data}"),
+    }
+    Ok(())
+}
+
 /// Sends `cmd/<name>` with a fresh id and waits for the device's reply to it.
 /// Exit: 0 done, 4 refused by the device (its reason printed), 5 no reply in time.
 fn command(
@@ -222,7 +407,7 @@ fn command(
     name: &str,
     mut body: serde_json::Value,
     json: bool,
-) -> Result<ExitCode> {
+) -> Result<(ExitCode, Option<Reply>)> {
     let nanos =
         std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or(0);
     let id = format!("ctl-{}-{nanos}", std::process::id());
@@ -249,13 +434,13 @@ fn command(
                     println!("{}", String::from_utf8_lossy(&p.payload));
                 }
                 return Ok(if reply.ok {
-                    if !json {
+                    if !json && reply.data.is_none() {
                         println!("{name}: ok");
                     }
-                    ExitCode::SUCCESS
+                    (ExitCode::SUCCESS, Some(reply))
                 } else {
-                    eprintln!("deskcamctl: {name} refused: {}", reply.error.unwrap_or_default());
-                    ExitCode::from(EXIT_REFUSED)
+                    eprintln!("deskcamctl: {name} refused: {}", reply.error.clone().unwrap_or_default());
+                    (ExitCode::from(EXIT_REFUSED), Some(reply))
                 });
             }
             Ok(Err(e)) => anyhow::bail!("broker: {e}"),
@@ -263,5 +448,5 @@ fn command(
         }
     }
     eprintln!("deskcamctl: no reply to {name} within {timeout_s}s (is the device online?)");
-    Ok(ExitCode::from(EXIT_NO_REPLY))
+    Ok((ExitCode::from(EXIT_NO_REPLY), None))
 }

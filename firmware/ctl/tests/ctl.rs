@@ -127,3 +127,30 @@ fn commands_wait_for_the_reply_and_exit_by_outcome() {
     assert_eq!(silent.status.code(), Some(5));
     assert!(String::from_utf8_lossy(&silent.stderr).contains("no reply"));
 }
+
+#[test]
+fn connection_settings_come_from_a_file_below_flags_and_env() {
+    let broker = Mosquitto::start();
+    retain(&broker, "desk-file", "online", r#"{"v":1}"#);
+    let dir = deskcam_testkit::tempdir("ctl-settings");
+    let file = dir.join("deskcamctl.toml");
+    std::fs::write(&file, format!("broker = \"{}\"\ndevice = \"desk-file\"\n", broker.url())).unwrap();
+    let run = |args: &[&str]| {
+        Command::new(env!("CARGO_BIN_EXE_deskcamctl"))
+            .args(args)
+            .env_remove("DESKCAM_BROKER")
+            .env_remove("DESKCAM_DEVICE")
+            .output()
+            .unwrap()
+    };
+    let out = run(&["--config", file.to_str().unwrap(), "status"]);
+    assert!(String::from_utf8_lossy(&out.stdout).contains("device  desk-file"), "{out:?}");
+    // A flag wins over the file: that device never reported.
+    let out = run(&["--config", file.to_str().unwrap(), "--device", "desk-other", "status"]);
+    assert_eq!(out.status.code(), Some(3));
+    // A settings file with a typo is an error naming it, not silently ignored.
+    std::fs::write(&file, "brokr = \"x\"\n").unwrap();
+    let out = run(&["--config", file.to_str().unwrap(), "status"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("deskcamctl.toml"), "{out:?}");
+}

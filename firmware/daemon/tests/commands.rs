@@ -258,3 +258,76 @@ fn config_and_evidence_are_managed_over_mqtt_and_saved_atomically() {
     let mut daemon = dev.daemon;
     assert!(daemon.0.try_wait().unwrap().is_none(), "the daemon keeps running");
 }
+
+/// `deskcamctl`, built beside `deskcam` by `cargo test --workspace`.
+fn ctl(dev: &Device, args: &[&str]) -> std::process::Output {
+    let bin = std::path::Path::new(env!("CARGO_BIN_EXE_deskcam")).with_file_name("deskcamctl");
+    assert!(bin.is_file(), "{} missing: run `cargo build --workspace`", bin.display());
+    std::process::Command::new(bin)
+        .args(["--broker", &format!("mqtt://127.0.0.1:{}", dev._broker.port), "--device", &dev.id])
+        .args(args)
+        .env_remove("DESKCAM_CTL_CONFIG")
+        .output()
+        .unwrap()
+}
+
+#[test]
+fn every_command_good_and_bad_through_deskcamctl() {
+    let extra =
+        "[scan]\nmode = \"continuous\"\nfps = 4.0\n[rules.extra_person]\nframes = 1\ncooldown = \"0s\"\n";
+    let dev = Device::start("ctl", extra);
+    dev.rec.wait_for(Duration::from_secs(20), |m| m.topic.ends_with("/event/violation")).expect("an event");
+    let cases: &[(&[&str], i32, &str)] = &[
+        (&["status"], 0, "status  online"),
+        (&["scan-now"], 0, "scan-now: ok"),
+        (&["break", "start", "--reason", "lunch"], 0, "break/start: ok"),
+        (&["break", "start", "--reason", "again"], 4, "already on a break"),
+        (&["scan-now"], 4, "on a break"),
+        (&["break", "end"], 0, "break/end: ok"),
+        (&["break", "end"], 4, "no break in progress"),
+        (&["identify", "--seconds", "2"], 4, "the camera is looking"),
+        (&["mode", "off"], 0, "changed: scan.mode"),
+        (&["identify", "--seconds", "2"], 0, "identify: ok"),
+        (&["identify", "--seconds", "100"], 4, "1-60"),
+        (&["mode", "sometimes"], 4, "not one of"),
+        (
+            &["config", "set", "scan.fps=2", "rules.phone.min_score=0.45"],
+            0,
+            "changed: rules.phone.min_score, scan.fps",
+        ),
+        (&["config", "set", "mqtt.keep_alive=40s"], 0, "waiting for a restart: mqtt.keep_alive"),
+        (&["config", "set", "scan.fps=fast"], 4, "scan.fps"),
+        (&["config", "set", "preset=none"], 4, "preset"),
+        (&["config", "set", "no-equals-sign"], 1, "expected key=value"),
+        (&["config", "get"], 0, "mode = \"off\""),
+        (&["evidence", "list"], 0, "entries"),
+        (&["evidence", "ack", "no-such-event"], 4, "no evidence"),
+        (&["evidence", "get", "../etc"], 4, "event id"),
+    ];
+    for (args, code, want) in cases {
+        let out = ctl(&dev, args);
+        let text =
+            format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+        assert_eq!(out.status.code(), Some(*code), "deskcamctl {args:?}: {text}");
+        assert!(text.contains(want), "deskcamctl {args:?}: want {want:?} in {text}");
+    }
+
+    // JSON for scripts; an evidence id from the list, fetched and acknowledged.
+    let out = ctl(&dev, &["--json", "evidence", "list"]);
+    let reply: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let id = reply["data"][0]["id"].as_str().expect("an entry").to_string();
+    let jpg = dev.dir.join("fetched.jpg");
+    let out = ctl(&dev, &["evidence", "get", &id, "--out", jpg.to_str().unwrap()]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let event: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(event["id"], id.as_str());
+    let jpeg = std::fs::read(&jpg).unwrap();
+    assert_eq!(Some(deskcam_vision::sha256_hex(&jpeg).as_str()), event["still"]["sha256"].as_str());
+    assert_eq!(ctl(&dev, &["evidence", "ack", &id]).status.code(), Some(0));
+    assert_eq!(ctl(&dev, &["evidence", "ack", &id]).status.code(), Some(4), "acknowledged evidence is gone");
+    let out = ctl(&dev, &["--json", "config", "get"]);
+    let reply: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(reply["data"]["rules"]["phone"]["min_score"], 0.45);
+    let mut daemon = dev.daemon;
+    assert!(daemon.0.try_wait().unwrap().is_none(), "the daemon keeps running");
+}
