@@ -123,6 +123,11 @@ struct RawMqtt {
     url: String,
     base_topic: String,
     keep_alive: String,
+    username: String,
+    password: String,
+    ca_file: String,
+    cert_file: String,
+    key_file: String,
 }
 
 #[derive(Deserialize)]
@@ -295,7 +300,18 @@ pub struct MqttConfig {
     pub url: BrokerUrl,
     pub base_topic: String,
     pub keep_alive: Span,
+    /// Username and password, if the broker asks for them.
+    pub credentials: Option<(String, String)>,
+    /// TLS (`mqtts://`): the CA that signed the broker's certificate.
+    pub ca_file: Option<PathBuf>,
+    /// TLS client certificate and its key, if the broker asks for one.
+    pub client_cert: Option<(PathBuf, PathBuf)>,
 }
+
+/// Keys whose values never leave the device (`config` topic, `config/get`).
+pub const SECRET_KEYS: &[&str] = &["mqtt.password"];
+/// What a secret shows as when it is set.
+pub const REDACTED: &str = "(set)";
 
 /// A regional preset: the scan modes a jurisdiction allows. A config asking for a mode
 /// its preset forbids is rejected.
@@ -570,12 +586,23 @@ impl Config {
 
     /// The effective configuration as TOML, with secrets removed.
     pub fn effective_toml(&self) -> String {
-        toml::to_string(&self.effective).unwrap_or_default()
+        toml::to_string(&self.redacted()).unwrap_or_default()
     }
 
     /// The effective configuration as JSON, with secrets removed.
     pub fn effective_json(&self) -> serde_json::Value {
-        serde_json::to_value(&self.effective).unwrap_or(serde_json::Value::Null)
+        serde_json::to_value(self.redacted()).unwrap_or(serde_json::Value::Null)
+    }
+
+    /// The effective table with every secret that is set replaced by [`REDACTED`].
+    fn redacted(&self) -> toml::Table {
+        let mut t = self.effective.clone();
+        for key in SECRET_KEYS {
+            if get_path(&t, key).and_then(toml::Value::as_str).is_some_and(|v| !v.is_empty()) {
+                set_path(&mut t, key, Some(toml::Value::String(REDACTED.into())));
+            }
+        }
+        t
     }
 
     /// Applies a JSON merge patch (RFC 7386: an object's keys are set, `null` removes a
@@ -870,6 +897,35 @@ impl Validator {
         if !(5_000..=3_600_000).contains(&keep_alive.0) {
             self.err("mqtt.keep_alive", "must be between 5s and 1h");
         }
+        let m = &raw.mqtt;
+        let path = |p: &str| (!p.is_empty()).then(|| PathBuf::from(p));
+        let credentials = match (m.username.is_empty(), m.password.is_empty()) {
+            (true, true) => None,
+            (false, _) => Some((m.username.clone(), m.password.clone())),
+            (true, false) => {
+                self.err("mqtt.password", "is set without mqtt.username");
+                None
+            }
+        };
+        let ca_file = path(&m.ca_file);
+        if url.tls && ca_file.is_none() {
+            self.err("mqtt.ca_file", "mqtts:// needs the CA certificate (PEM) that signed the broker's");
+        }
+        if !url.tls && (ca_file.is_some() || !m.cert_file.is_empty()) {
+            self.err("mqtt.url", "TLS files are set but the URL is mqtt://; use mqtts://");
+        }
+        let client_cert = match (path(&m.cert_file), path(&m.key_file)) {
+            (Some(c), Some(k)) => Some((c, k)),
+            (None, None) => None,
+            (Some(_), None) => {
+                self.err("mqtt.key_file", "mqtt.cert_file needs its private key");
+                None
+            }
+            (None, Some(_)) => {
+                self.err("mqtt.cert_file", "mqtt.key_file needs its certificate");
+                None
+            }
+        };
 
         let scan = match raw.scan.mode.as_str() {
             "continuous" => {
@@ -1052,7 +1108,14 @@ impl Validator {
             audit_max_bytes,
             camera: CameraConfig { source, width, height, timeout, looped: raw.camera.looped },
             detector,
-            mqtt: MqttConfig { url, base_topic: raw.mqtt.base_topic, keep_alive },
+            mqtt: MqttConfig {
+                url,
+                base_topic: raw.mqtt.base_topic,
+                keep_alive,
+                credentials,
+                ca_file,
+                client_cert,
+            },
             scan,
             frames_per_check,
             rules,

@@ -5,7 +5,8 @@
 //!
 //! Connection settings come from flags, then the environment (`DESKCAM_BROKER`,
 //! `DESKCAM_DEVICE`, ...), then a TOML file (`--config`, `DESKCAM_CTL_CONFIG`, or
-//! `~/.config/deskcamctl.toml`) with the keys `broker`, `base_topic` and `device`.
+//! `~/.config/deskcamctl.toml`) with the keys `broker`, `base_topic`, `device`,
+//! `username`, `password`, `ca_file`, `cert_file` and `key_file`.
 
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
@@ -14,7 +15,7 @@ use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
 use deskcam_core::config::BrokerUrl;
 use deskcam_core::schema::{AuditEntry, Reply, Topics, ViolationEvent};
-use rumqttc::{Client, Event, MqttOptions, Packet, QoS};
+use rumqttc::{Client, Event, Packet, QoS};
 use serde_json::json;
 
 #[derive(Parser)]
@@ -29,6 +30,21 @@ struct Cli {
     /// Device id.
     #[arg(long, short, env = "DESKCAM_DEVICE")]
     device: Option<String>,
+    /// Broker login [env DESKCAM_USERNAME].
+    #[arg(long, env = "DESKCAM_USERNAME")]
+    username: Option<String>,
+    /// Broker password [env DESKCAM_PASSWORD; better there or in the file than on the command line].
+    #[arg(long, env = "DESKCAM_PASSWORD", hide_env_values = true)]
+    password: Option<String>,
+    /// mqtts://: the broker's CA certificate (PEM).
+    #[arg(long, env = "DESKCAM_CA_FILE")]
+    ca_file: Option<std::path::PathBuf>,
+    /// mqtts://: this client's certificate (PEM), if the broker requires one.
+    #[arg(long, env = "DESKCAM_CERT_FILE")]
+    cert_file: Option<std::path::PathBuf>,
+    /// ... and its private key (PEM).
+    #[arg(long, env = "DESKCAM_KEY_FILE")]
+    key_file: Option<std::path::PathBuf>,
     /// Connection settings file [default: ~/.config/deskcamctl.toml].
     #[arg(long, env = "DESKCAM_CTL_CONFIG")]
     config: Option<std::path::PathBuf>,
@@ -122,6 +138,11 @@ struct Settings {
     broker: Option<String>,
     base_topic: Option<String>,
     device: Option<String>,
+    username: Option<String>,
+    password: Option<String>,
+    ca_file: Option<std::path::PathBuf>,
+    cert_file: Option<std::path::PathBuf>,
+    key_file: Option<std::path::PathBuf>,
 }
 
 fn settings(path: Option<&std::path::Path>) -> Result<Settings> {
@@ -205,9 +226,31 @@ fn run(cli: Cli) -> Result<ExitCode> {
         .or(file.device)
         .context("no device: give --device, DESKCAM_DEVICE or `device` in the settings file")?;
     let url = BrokerUrl::parse(&broker).map_err(anyhow::Error::msg)?;
-    anyhow::ensure!(!url.tls, "mqtts:// is not supported by this version of deskcamctl");
     let topics = Topics::new(&base_topic, &device);
-    let mut opts = MqttOptions::new(format!("deskcamctl-{}", std::process::id()), &url.host, url.port);
+    let credentials = match (cli.username.or(file.username), cli.password.or(file.password)) {
+        (Some(u), p) => Some((u, p.unwrap_or_default())),
+        (None, Some(_)) => anyhow::bail!("a password without a username"),
+        (None, None) => None,
+    };
+    let tls = match (url.tls, cli.ca_file.or(file.ca_file)) {
+        (true, Some(ca)) => {
+            let client = match (cli.cert_file.or(file.cert_file), cli.key_file.or(file.key_file)) {
+                (Some(c), Some(k)) => Some((c, k)),
+                (None, None) => None,
+                _ => anyhow::bail!("a client certificate needs both --cert-file and --key-file"),
+            };
+            Some(deskcam_uplink::tls::client_config(&deskcam_uplink::tls::TlsFiles { ca, client })?)
+        }
+        (true, None) => anyhow::bail!("{url}: mqtts:// needs --ca-file (the broker's CA certificate)"),
+        (false, _) => None,
+    };
+    let mut opts = deskcam_uplink::mqtt_options(
+        &format!("deskcamctl-{}", std::process::id()),
+        &url,
+        credentials.as_ref(),
+        tls.as_ref(),
+    );
+    // Room for a fetched still (base64 in a reply).
     opts.set_max_packet_size(16 * 1024 * 1024, 64 * 1024);
     let (client, mut conn) = Client::new(opts, 16);
     match cli.command {

@@ -192,9 +192,6 @@ pub fn run_pipeline(
     stats_out: Option<&mut Arc<UplinkStats>>,
     max_frames: Option<u64>,
 ) -> Result<Summary> {
-    if config.mqtt.url.tls {
-        anyhow::bail!("mqtt.url {}: TLS is not supported by this firmware yet", config.mqtt.url);
-    }
     let model_path = model::locate(config.detector.model.as_ref()).map_err(anyhow::Error::msg)?;
     let t = std::time::Instant::now();
     let detector = Detector::load(&model_path, config.detector.min_score, config.detector.nms_iou)
@@ -243,8 +240,18 @@ pub fn run_pipeline(
         client_id: format!("deskcam-{}", config.device_id),
         topics: Topics::new(&config.mqtt.base_topic, config.device_id.as_str()),
         keep_alive: Duration::from_millis(config.mqtt.keep_alive.as_millis()),
+        credentials: config.mqtt.credentials.clone(),
+        tls: config
+            .mqtt
+            .ca_file
+            .clone()
+            .map(|ca| deskcam_uplink::tls::TlsFiles { ca, client: config.mqtt.client_cert.clone() }),
     };
 
+    // Fail at start on unreadable TLS files, not with a connection that never comes up.
+    if let Some(files) = &uplink_cfg.tls {
+        deskcam_uplink::tls::client_config(files).context("mqtt TLS settings")?;
+    }
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(1)
         .enable_all()

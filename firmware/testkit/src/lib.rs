@@ -175,7 +175,8 @@ impl Recorder {
         Self::start_opts(opts, filter)
     }
 
-    fn start_opts(mut opts: MqttOptions, filter: &str) -> Recorder {
+    /// With the given connection options (TLS, login, session).
+    pub fn start_opts(mut opts: MqttOptions, filter: &str) -> Recorder {
         opts.set_max_packet_size(16 << 20, 1 << 16);
         let (client, mut conn) = Client::new(opts, 64);
         client.subscribe(filter, QoS::AtLeastOnce).unwrap();
@@ -269,4 +270,50 @@ pub fn wait_text(text: &Arc<Mutex<String>>, needle: &str, timeout: Duration) -> 
         std::thread::sleep(Duration::from_millis(50));
     }
     false
+}
+
+/// A test PKI made with rcgen: a CA, a server certificate for 127.0.0.1 and client
+/// certificates whose common name is the MQTT identity (mosquitto's
+/// `use_identity_as_username`). Files are PEM in `dir`.
+pub struct Pki {
+    pub dir: PathBuf,
+    ca: rcgen::Certificate,
+    ca_key: rcgen::KeyPair,
+}
+
+impl Pki {
+    pub fn new(dir: &Path, name: &str) -> Pki {
+        use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, KeyPair};
+        let ca_key = KeyPair::generate().unwrap();
+        let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
+        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        params.distinguished_name.push(DnType::CommonName, format!("{name} test CA"));
+        let ca = params.self_signed(&ca_key).unwrap();
+        std::fs::write(dir.join(format!("{name}-ca.pem")), ca.pem()).unwrap();
+        Pki { dir: dir.to_path_buf(), ca, ca_key }
+    }
+
+    pub fn ca_file(&self, name: &str) -> PathBuf {
+        self.dir.join(format!("{name}-ca.pem"))
+    }
+
+    /// A certificate signed by this CA: for `127.0.0.1` when `server`, else a client
+    /// certificate with `cn` as its common name. Returns (cert, key) paths.
+    pub fn issue(&self, cn: &str, server: bool) -> (PathBuf, PathBuf) {
+        use rcgen::{CertificateParams, DnType, ExtendedKeyUsagePurpose, KeyPair, SanType};
+        let key = KeyPair::generate().unwrap();
+        let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
+        params.distinguished_name.push(DnType::CommonName, cn);
+        if server {
+            params.subject_alt_names.push(SanType::IpAddress(Ipv4Addr::LOCALHOST.into()));
+            params.extended_key_usages.push(ExtendedKeyUsagePurpose::ServerAuth);
+        } else {
+            params.extended_key_usages.push(ExtendedKeyUsagePurpose::ClientAuth);
+        }
+        let cert = params.signed_by(&key, &self.ca, &self.ca_key).unwrap();
+        let (c, k) = (self.dir.join(format!("{cn}.pem")), self.dir.join(format!("{cn}.key")));
+        std::fs::write(&c, cert.pem()).unwrap();
+        std::fs::write(&k, key.serialize_pem()).unwrap();
+        (c, k)
+    }
 }

@@ -12,6 +12,7 @@
 pub mod outbox;
 pub mod queue;
 pub mod store;
+pub mod tls;
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
@@ -36,8 +37,8 @@ const PUBLISH_TIMEOUT: Duration = Duration::from_secs(10);
 
 #[derive(Debug, thiserror::Error)]
 pub enum UplinkError {
-    #[error("{0}: TLS (mqtts://) is not supported by this firmware yet; use mqtt:// on a trusted link")]
-    TlsUnsupported(String),
+    #[error("TLS: {0}")]
+    Tls(String),
 }
 
 /// Counters shared with the daemon (for logs, the demo summary and telemetry).
@@ -95,15 +96,30 @@ pub struct UplinkConfig {
     pub client_id: String,
     pub topics: Topics,
     pub keep_alive: Duration,
+    pub credentials: Option<(String, String)>,
+    /// For `mqtts://`.
+    pub tls: Option<tls::TlsFiles>,
 }
 
-impl UplinkConfig {
-    fn options(&self, client_id: &str) -> MqttOptions {
-        let mut opts = MqttOptions::new(client_id, &self.broker.host, self.broker.port);
-        opts.set_keep_alive(self.keep_alive);
-        opts.set_max_packet_size(MAX_PACKET_BYTES, MAX_PACKET_BYTES);
-        opts
+/// Connection options shared by deskcam's MQTT clients: address, keep-alive, packet
+/// limit, login, and TLS when the URL is `mqtts://`.
+pub fn mqtt_options(
+    client_id: &str,
+    broker: &BrokerUrl,
+    credentials: Option<&(String, String)>,
+    tls: Option<&Arc<rustls::ClientConfig>>,
+) -> MqttOptions {
+    let mut opts = MqttOptions::new(client_id, &broker.host, broker.port);
+    opts.set_max_packet_size(MAX_PACKET_BYTES, MAX_PACKET_BYTES);
+    if let Some((user, password)) = credentials {
+        opts.set_credentials(user, password);
     }
+    if let Some(config) = tls {
+        opts.set_transport(rumqttc::Transport::tls_with_config(rumqttc::TlsConfiguration::Rustls(
+            config.clone(),
+        )));
+    }
+    opts
 }
 
 /// Runs both MQTT connections until `shutdown` turns true, then drains what is queued
@@ -119,15 +135,27 @@ pub async fn run(
     mut shutdown: watch::Receiver<bool>,
 ) -> Result<(), UplinkError> {
     let Link { store, evidence_ready, audit, replies, commands, mut state, config: mut config_rx } = link;
-    if cfg.broker.tls {
-        return Err(UplinkError::TlsUnsupported(cfg.broker.to_string()));
-    }
-    let mut opts = cfg.options(&cfg.client_id);
+    let tls = match (&cfg.tls, cfg.broker.tls) {
+        (Some(files), true) => Some(tls::client_config(files)?),
+        (None, true) => return Err(UplinkError::Tls(format!("{}: no CA file configured", cfg.broker))),
+        _ => None,
+    };
+    let options = |client_id: &str| {
+        let mut opts = mqtt_options(client_id, &cfg.broker, cfg.credentials.as_ref(), tls.as_ref());
+        opts.set_keep_alive(cfg.keep_alive);
+        opts
+    };
+    let mut opts = options(&cfg.client_id);
     // Commands sent while the device was offline must still arrive (QoS 1 sessions).
     opts.set_clean_session(false);
     opts.set_last_will(LastWill::new(cfg.topics.status(), STATUS_OFFLINE, QoS::AtLeastOnce, true));
     let (client, eventloop) = AsyncClient::new(opts, 64);
-    let (evidence_client, evidence_loop) = AsyncClient::new(evidence_options(&cfg), outbox::CHANNEL);
+    // The record connection: a clean session (the store, not the broker or rumqttc,
+    // holds what is unsent) and no last will (the control connection has it).
+    let mut record_opts = options(&format!("{}-record", cfg.client_id));
+    record_opts.set_clean_session(true);
+    record_opts.set_inflight(4 * outbox::WINDOW as u16);
+    let (evidence_client, evidence_loop) = AsyncClient::new(record_opts, outbox::CHANNEL);
     let outbox = Arc::new(std::sync::Mutex::new(outbox::Outbox::new(
         store,
         audit.clone(),
@@ -248,15 +276,6 @@ fn unix_ms() -> u64 {
 
 fn lock_outbox(outbox: &std::sync::Mutex<outbox::Outbox>) -> std::sync::MutexGuard<'_, outbox::Outbox> {
     outbox.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
-}
-
-/// The evidence connection: a clean session (the store, not the broker or rumqttc,
-/// holds what is unsent) and no last will (the control connection has it).
-fn evidence_options(cfg: &UplinkConfig) -> MqttOptions {
-    let mut opts = cfg.options(&format!("{}-evidence", cfg.client_id));
-    opts.set_clean_session(true);
-    opts.set_inflight(4 * outbox::WINDOW as u16);
-    opts
 }
 
 /// Sends newly stored evidence when the daemon rings, and looks at the store every
