@@ -191,6 +191,8 @@ fn sigterm_stops_cleanly_with_the_shutter_closed_and_status_offline() {
     assert!(std::process::Command::new("kill").args(["-TERM", &pid]).status().unwrap().success());
     let status = d.0.wait().unwrap();
     assert!(status.success(), "a SIGTERM is a normal stop: {status:?}");
+    // The broker may still be forwarding the goodbye to the recorder.
+    rec.wait_for(Duration::from_secs(5), |m| m.topic.ends_with("/status") && m.payload == b"offline");
     let msgs = rec.snapshot();
     let last_state = msgs.iter().rev().find(|m| m.topic.ends_with("/state")).unwrap();
     assert!(String::from_utf8_lossy(&last_state.payload).contains("\"shutter\":\"closed\""));
