@@ -123,6 +123,7 @@ struct RawMqtt {
     url: String,
     base_topic: String,
     keep_alive: String,
+    telemetry_s: i64,
     username: String,
     password: String,
     ca_file: String,
@@ -300,6 +301,8 @@ pub struct MqttConfig {
     pub url: BrokerUrl,
     pub base_topic: String,
     pub keep_alive: Span,
+    /// Seconds between `telemetry` messages; 0: none.
+    pub telemetry_s: u32,
     /// Username and password, if the broker asks for them.
     pub credentials: Option<(String, String)>,
     /// TLS (`mqtts://`): the CA that signed the broker's certificate.
@@ -897,6 +900,7 @@ impl Validator {
         if !(5_000..=3_600_000).contains(&keep_alive.0) {
             self.err("mqtt.keep_alive", "must be between 5s and 1h");
         }
+        let telemetry_s = self.int_in("mqtt.telemetry_s", raw.mqtt.telemetry_s, 0, 86_400);
         let m = &raw.mqtt;
         let path = |p: &str| (!p.is_empty()).then(|| PathBuf::from(p));
         let credentials = match (m.username.is_empty(), m.password.is_empty()) {
@@ -1112,6 +1116,7 @@ impl Validator {
                 url,
                 base_topic: raw.mqtt.base_topic,
                 keep_alive,
+                telemetry_s,
                 credentials,
                 ca_file,
                 client_cert,

@@ -151,6 +151,50 @@ pub struct Reply {
     pub data: Option<serde_json::Value>,
 }
 
+/// The periodic `telemetry` message: how the device is doing, never what it saw.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Telemetry {
+    pub v: u32,
+    pub uptime_s: u64,
+    /// Frames analysed since start.
+    pub frames: u64,
+    /// Inference time over the most recent frames (up to 200), if any.
+    pub inference_ms: Option<Percentiles>,
+    /// Items dropped by each bounded queue since start (oldest first).
+    pub drops: QueueDrops,
+    pub store: StoreTelemetry,
+    /// Free space where the device keeps its data, if known.
+    pub disk_free_bytes: Option<u64>,
+    /// SoC temperature, where the board reports one.
+    pub cpu_temp_c: Option<f32>,
+    pub mqtt_connects: u64,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Percentiles {
+    pub p50: f32,
+    pub p95: f32,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct QueueDrops {
+    pub audit: u64,
+    pub replies: u64,
+    pub commands: u64,
+    /// Evidence evicted from the store for space (`evidence.max_bytes`).
+    pub evidence_evicted: u64,
+    /// Evidence deleted unsent at `evidence.max_age`.
+    pub evidence_expired: u64,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct StoreTelemetry {
+    pub entries: u64,
+    /// Entries the broker has not acknowledged yet.
+    pub undelivered: u64,
+    pub bytes: u64,
+}
+
 /// What a scan came to, in the audit log.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]

@@ -11,6 +11,7 @@ mod demo;
 mod hardware;
 mod model;
 mod pipeline;
+mod telemetry;
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -231,6 +232,10 @@ pub fn run_pipeline(
     let evidence_ready = Arc::new(tokio::sync::Notify::new());
     let (state_tx, state_rx) = tokio::sync::watch::channel(initial_state);
     let (config_tx, config_rx) = tokio::sync::watch::channel(config.effective_json());
+    let (telemetry_tx, telemetry_rx) = tokio::sync::watch::channel(None);
+    let live = Arc::new(telemetry::LiveStats::default());
+    let telemetry_every = Duration::from_secs(u64::from(config.mqtt.telemetry_s));
+    let data_dir = config.data_dir.clone();
     let stats = Arc::new(UplinkStats::default());
     if let Some(out) = stats_out {
         *out = stats.clone();
@@ -266,7 +271,20 @@ pub fn run_pipeline(
         commands: commands_tx,
         state: state_rx,
         config: config_rx,
+        telemetry: telemetry_rx,
     };
+    if !telemetry_every.is_zero() {
+        let sources = telemetry::Sources {
+            start: std::time::Instant::now(),
+            live: live.clone(),
+            store: store.clone(),
+            audit: audit_out.clone(),
+            replies: replies.clone(),
+            uplink: stats.clone(),
+            data_dir,
+        };
+        runtime.spawn(telemetry::run(sources, telemetry_every, telemetry_tx, shutdown_rx.clone()));
+    }
     let uplink = runtime.spawn(deskcam_uplink::run(uplink_cfg, link, stats.clone(), shutdown_rx));
 
     let stop = Arc::new(AtomicBool::new(false));
@@ -282,6 +300,7 @@ pub fn run_pipeline(
         audit_out,
         state: state_tx,
         config_out: config_tx,
+        live: live.clone(),
         config_path,
         report,
         stop: stop.clone(),

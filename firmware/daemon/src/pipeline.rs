@@ -102,6 +102,8 @@ pub struct Pipeline {
     pub config_out: tokio::sync::watch::Sender<serde_json::Value>,
     /// Where `config/set` saves the config; `None` (the demo) applies it unsaved.
     pub config_path: Option<std::path::PathBuf>,
+    /// Frames and inference times, for telemetry.
+    pub live: Arc<crate::telemetry::LiveStats>,
     pub report: Report,
     pub stop: Arc<AtomicBool>,
     /// Stop after this many analysed frames (demo on a camera, tests).
@@ -504,6 +506,7 @@ impl Pipeline {
         };
         let ms = t.elapsed().as_secs_f32() * 1000.0;
         summary.inference_ms.push(ms);
+        self.live.frame(ms);
         let (_, stddev) = frame.luma_stats();
         let verdict = rules.evaluate(&FrameFacts {
             now,

@@ -331,3 +331,41 @@ fn every_command_good_and_bad_through_deskcamctl() {
     let mut daemon = dev.daemon;
     assert!(daemon.0.try_wait().unwrap().is_none(), "the daemon keeps running");
 }
+
+#[test]
+fn telemetry_reports_frames_speed_queues_and_store() {
+    let broker = Mosquitto::start();
+    let dir = tempdir("telemetry");
+    std::fs::copy(demo_photos().join("basketball1.png"), dir.join("basketball1.png")).unwrap();
+    let extra =
+        "[scan]\nmode = \"continuous\"\nfps = 4.0\n[rules.extra_person]\nframes = 1\ncooldown = \"0s\"\n";
+    let config =
+        write_config(&dir, "itest-telemetry", &format!("dir:{}", dir.display()), true, broker.port, extra);
+    let text = std::fs::read_to_string(&config).unwrap().replace("[mqtt]\n", "[mqtt]\ntelemetry_s = 1\n");
+    std::fs::write(&config, text).unwrap();
+    let rec = Recorder::start(broker.port, "deskcam/itest-telemetry/#");
+    let _d = ChildGuard(
+        std::process::Command::new(env!("CARGO_BIN_EXE_deskcam"))
+            .args(["run", "--config"])
+            .arg(&config)
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    let busy = |m: &deskcam_testkit::Msg| {
+        m.topic.ends_with("/telemetry")
+            && serde_json::from_slice::<deskcam_core::schema::Telemetry>(&m.payload)
+                .is_ok_and(|t| t.frames >= 3 && t.store.entries >= 1)
+    };
+    let m = rec.wait_for(Duration::from_secs(30), busy).expect("telemetry with frames and stored evidence");
+    assert!(!m.retain);
+    let t: deskcam_core::schema::Telemetry = serde_json::from_slice(&m.payload).unwrap();
+    let ms = t.inference_ms.expect("inference percentiles");
+    assert!(ms.p50 > 0.0 && ms.p95 >= ms.p50, "{ms:?}");
+    assert!(t.disk_free_bytes.is_some_and(|b| b > 0));
+    assert!(t.store.bytes > 0 && t.mqtt_connects >= 1);
+    // Several, about a second apart.
+    std::thread::sleep(Duration::from_millis(2500));
+    let n = rec.snapshot().iter().filter(|m| m.topic.ends_with("/telemetry")).count();
+    assert!(n >= 3, "{n} telemetry messages");
+}

@@ -100,8 +100,10 @@ fn photos_to_violations_and_redacted_stills_over_mqtt() {
     let root = format!("deskcam/{device}/");
     for m in &msgs {
         let sub = m.topic.strip_prefix(&root).expect("inside the device subtree");
-        let allowed = matches!(sub, "status" | "state" | "config" | "event/violation" | "audit" | "reply")
-            || (sub.starts_with("event/violation/") && sub.ends_with("/still"));
+        let allowed = matches!(
+            sub,
+            "status" | "state" | "config" | "telemetry" | "event/violation" | "audit" | "reply"
+        ) || (sub.starts_with("event/violation/") && sub.ends_with("/still"));
         assert!(allowed, "unexpected topic {}", m.topic);
     }
     let statuses: Vec<&[u8]> =

@@ -19,7 +19,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use deskcam_core::config::BrokerUrl;
-use deskcam_core::schema::{AuditEntry, Reply, State, Topics, STATUS_OFFLINE, STATUS_ONLINE};
+use deskcam_core::schema::{AuditEntry, Reply, State, Telemetry, Topics, STATUS_OFFLINE, STATUS_ONLINE};
 use rumqttc::{AsyncClient, Event, LastWill, MqttOptions, Packet, QoS};
 use tokio::sync::{watch, Notify};
 
@@ -89,6 +89,8 @@ pub struct Link {
     pub state: watch::Receiver<State>,
     /// The effective config (secrets removed), retained on `config`.
     pub config: watch::Receiver<serde_json::Value>,
+    /// The latest telemetry, sent at QoS 0 when it changes (a missed one is not resent).
+    pub telemetry: watch::Receiver<Option<Telemetry>>,
 }
 
 pub struct UplinkConfig {
@@ -134,7 +136,16 @@ pub async fn run(
     stats: Arc<UplinkStats>,
     mut shutdown: watch::Receiver<bool>,
 ) -> Result<(), UplinkError> {
-    let Link { store, evidence_ready, audit, replies, commands, mut state, config: mut config_rx } = link;
+    let Link {
+        store,
+        evidence_ready,
+        audit,
+        replies,
+        commands,
+        mut state,
+        config: mut config_rx,
+        mut telemetry,
+    } = link;
     let tls = match (&cfg.tls, cfg.broker.tls) {
         (Some(files), true) => Some(tls::client_config(files)?),
         (None, true) => return Err(UplinkError::Tls(format!("{}: no CA file configured", cfg.broker))),
@@ -179,6 +190,8 @@ pub async fn run(
         disconnected_tx,
     ));
 
+    // Telemetry, config and state channels still open.
+    let mut open = [true; 3];
     let mut draining = false;
     let mut deadline = tokio::time::Instant::now() + Duration::from_secs(3600 * 24 * 365);
     loop {
@@ -209,13 +222,26 @@ pub async fn run(
                     publish(&client, cfg.topics.config(), true, json(&config), &stats).await;
                 }
             }
-            changed = config_rx.changed(), if up => {
+            changed = telemetry.changed(), if up && open[0] => {
+                open[0] = changed.is_ok();
+                let current = telemetry.borrow_and_update().clone();
+                if let (Ok(()), Some(t)) = (changed, current) {
+                    // QoS 0: telemetry is replaced by the next one, never queued.
+                    if let Err(e) = client.try_publish(cfg.topics.telemetry(), QoS::AtMostOnce, false, json(&t)) {
+                        tracing::debug!("telemetry not sent: {e}");
+                    }
+                }
+            }
+            changed = config_rx.changed(), if up && open[1] => {
+                open[1] = changed.is_ok();
                 if changed.is_ok() {
                     let config = config_rx.borrow_and_update().clone();
                     publish(&client, cfg.topics.config(), true, json(&config), &stats).await;
                 }
             }
-            changed = state.changed(), if up => {
+            changed = state.changed(), if up && open[2] => {
+                // A closed channel (the scan loop has ended) is not a change to wait on.
+                open[2] = changed.is_ok();
                 if changed.is_ok() {
                     let current = state.borrow_and_update().clone();
                     publish(&client, cfg.topics.state(), true, json(&current), &stats).await;

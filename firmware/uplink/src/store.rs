@@ -44,6 +44,7 @@ pub struct EvidenceStore {
     /// (created_ms, id) → size on disk and delivery; ordered oldest first.
     index: BTreeMap<(u64, String), Entry>,
     evicted: u64,
+    expired: u64,
 }
 
 #[derive(Clone, Copy, Debug, Default)]
@@ -111,7 +112,8 @@ impl EvidenceStore {
             .filter(|(c, id)| !dir.join(format!("{c:013}-{id}.json")).exists())
             .cloned()
             .collect();
-        let mut store = EvidenceStore { dir: dir.to_path_buf(), max_age_ms, max_bytes, index, evicted: 0 };
+        let mut store =
+            EvidenceStore { dir: dir.to_path_buf(), max_age_ms, max_bytes, index, evicted: 0, expired: 0 };
         for (c, id) in orphans {
             store.remove(c, &id)?;
         }
@@ -199,7 +201,10 @@ impl EvidenceStore {
         let mut gone = Vec::new();
         for (created, id) in old {
             match self.remove(created, &id) {
-                Ok(()) => gone.push(id),
+                Ok(()) => {
+                    self.expired += 1;
+                    gone.push(id)
+                }
                 Err(e) => {
                     first_error.get_or_insert(e);
                 }
@@ -263,6 +268,11 @@ impl EvidenceStore {
     /// Entries evicted for space since the store was opened.
     pub fn evicted(&self) -> u64 {
         self.evicted
+    }
+
+    /// Entries deleted at `max_age` since the store was opened.
+    pub fn expired(&self) -> u64 {
+        self.expired
     }
 }
 
