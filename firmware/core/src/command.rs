@@ -87,6 +87,17 @@ struct EvidenceAck {
     evidence: String,
 }
 
+/// `break/set`: one topic for both directions (Home Assistant's switch).
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct BreakSet {
+    // Accepted here so unknown fields can be refused; checked separately above.
+    #[serde(default, rename = "id")]
+    _id: Option<Value>,
+    on: bool,
+    reason: Option<String>,
+}
+
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct Mode {
@@ -113,11 +124,21 @@ fn token_ok(s: &str) -> bool {
     !s.is_empty() && s.len() <= 64 && s.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
 }
 
+fn break_start(name: &str, reason: &str) -> Result<Command, String> {
+    let reason = reason.trim().to_string();
+    if reason.is_empty() || reason.chars().count() > 200 || reason.chars().any(char::is_control) {
+        Err(format!("{name}: reason must be 1-200 printable characters"))
+    } else {
+        Ok(Command::BreakStart { reason })
+    }
+}
+
 /// Every command name, for help and errors.
-pub const KNOWN: [&str; 10] = [
+pub const KNOWN: [&str; 11] = [
     "scan-now",
     "break/start",
     "break/end",
+    "break/set",
     "mode",
     "config/get",
     "config/set",
@@ -155,14 +176,17 @@ pub fn parse(name: &str, payload: &[u8]) -> Parsed {
     let command = match name {
         "scan-now" => serde_json::from_value::<Empty>(value).map(|_| Command::ScanNow).map_err(bad),
         "break/end" => serde_json::from_value::<Empty>(value).map(|_| Command::BreakEnd).map_err(bad),
-        "break/start" => serde_json::from_value::<BreakStart>(value).map_err(bad).and_then(|b| {
-            let reason = b.reason.trim().to_string();
-            if reason.is_empty() || reason.chars().count() > 200 || reason.chars().any(char::is_control) {
-                Err("break/start: reason must be 1-200 printable characters".into())
-            } else {
-                Ok(Command::BreakStart { reason })
-            }
-        }),
+        "break/start" => serde_json::from_value::<BreakStart>(value)
+            .map_err(bad)
+            .and_then(|b| break_start(name, &b.reason)),
+        "break/set" => {
+            serde_json::from_value::<BreakSet>(value).map_err(bad).and_then(|b| match (b.on, b.reason) {
+                (true, Some(reason)) => break_start(name, &reason),
+                (true, None) => Err("break/set: a break needs a reason".into()),
+                (false, None) => Ok(Command::BreakEnd),
+                (false, Some(_)) => Err("break/set: a reason only goes with \"on\": true".into()),
+            })
+        }
         "evidence/ack" | "evidence/get" => {
             serde_json::from_value::<EvidenceAck>(value).map_err(bad).and_then(|a| {
                 if !token_ok(&a.evidence) {

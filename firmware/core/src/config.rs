@@ -80,6 +80,13 @@ struct Raw {
     scan: RawScan,
     rules: RawRules,
     evidence: RawEvidence,
+    homeassistant: RawHomeAssistant,
+}
+
+#[derive(Deserialize)]
+struct RawHomeAssistant {
+    enabled: bool,
+    prefix: String,
 }
 
 #[derive(Deserialize)]
@@ -503,6 +510,8 @@ pub struct Config {
     pub frames_per_check: u32,
     pub rules: RulesConfig,
     pub evidence: EvidenceConfig,
+    /// Home Assistant discovery prefix, when discovery is on.
+    pub homeassistant: Option<String>,
     /// The merged TOML this config was validated from (for `config` reporting).
     effective: toml::Table,
     /// What the config file said (the keys it changes), for patches.
@@ -900,6 +909,14 @@ impl Validator {
         if !(5_000..=3_600_000).contains(&keep_alive.0) {
             self.err("mqtt.keep_alive", "must be between 5s and 1h");
         }
+        let ha = &raw.homeassistant;
+        if ha.enabled && (ha.prefix.is_empty() || ha.prefix.contains(['+', '#', '\0', '/'])) {
+            self.err(
+                "homeassistant.prefix",
+                format!("'{}' must be one topic level without wildcards", ha.prefix),
+            );
+        }
+        let homeassistant = ha.enabled.then(|| ha.prefix.clone());
         let telemetry_s = self.int_in("mqtt.telemetry_s", raw.mqtt.telemetry_s, 0, 86_400);
         let m = &raw.mqtt;
         let path = |p: &str| (!p.is_empty()).then(|| PathBuf::from(p));
@@ -1125,6 +1142,7 @@ impl Validator {
             frames_per_check,
             rules,
             evidence,
+            homeassistant,
             effective,
             user: toml::Table::new(),
         }

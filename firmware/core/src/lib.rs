@@ -10,6 +10,7 @@ pub mod command;
 pub mod config;
 pub mod detection;
 pub mod duration;
+pub mod homeassistant;
 pub mod policy;
 pub mod rules;
 pub mod schedule;

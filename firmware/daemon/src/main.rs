@@ -246,6 +246,19 @@ pub fn run_pipeline(
         topics: Topics::new(&config.mqtt.base_topic, config.device_id.as_str()),
         keep_alive: Duration::from_millis(config.mqtt.keep_alive.as_millis()),
         credentials: config.mqtt.credentials.clone(),
+        discovery: match &config.homeassistant {
+            Some(prefix) => deskcam_core::homeassistant::discovery(
+                prefix,
+                &Topics::new(&config.mqtt.base_topic, config.device_id.as_str()),
+                config.device_id.as_str(),
+                &config.board,
+                env!("CARGO_PKG_VERSION"),
+            )
+            .into_iter()
+            .map(|(t, v)| (t, v.to_string().into_bytes()))
+            .collect(),
+            None => Vec::new(),
+        },
         tls: config
             .mqtt
             .ca_file

@@ -369,3 +369,34 @@ fn telemetry_reports_frames_speed_queues_and_store() {
     let n = rec.snapshot().iter().filter(|m| m.topic.ends_with("/telemetry")).count();
     assert!(n >= 3, "{n} telemetry messages");
 }
+
+#[test]
+fn home_assistant_discovery_and_its_break_switch() {
+    let dev = Device::start("hass", "[scan]\nmode = \"off\"\n[homeassistant]\nenabled = true\n");
+    let ha = Recorder::start(dev._broker.port, "homeassistant/#");
+    assert!(ha.wait_for(Duration::from_secs(10), |m| m.topic.ends_with("/last_scan/config")).is_some());
+    let configs = ha.snapshot();
+    assert_eq!(configs.len(), deskcam_core::RuleKind::ALL.len() + 2, "one message per entity");
+    assert!(configs.iter().all(|m| m.retain), "discovery is retained");
+    let switch = configs.iter().find(|m| m.topic.contains("/switch/")).expect("break switch");
+    let switch: Value = serde_json::from_slice(&switch.payload).unwrap();
+    let command_topic = switch["command_topic"].as_str().unwrap().to_string();
+    let on_break = |on: bool| {
+        let want = format!("\"break\":{on}");
+        dev.rec
+            .wait_for(Duration::from_secs(5), |m| {
+                m.topic.ends_with("/state") && String::from_utf8_lossy(&m.payload).contains(&want)
+            })
+            .is_some()
+    };
+    // What Home Assistant sends when the switch is flipped.
+    let flip = |payload: &str| {
+        dev.client.publish(command_topic.clone(), QoS::AtLeastOnce, false, payload.to_string()).unwrap()
+    };
+    flip(switch["payload_on"].as_str().unwrap());
+    assert!(on_break(true), "the switch starts a break");
+    flip(switch["payload_off"].as_str().unwrap());
+    std::thread::sleep(Duration::from_millis(300));
+    let last = dev.rec.snapshot().into_iter().rev().find(|m| m.topic.ends_with("/state")).unwrap();
+    assert!(String::from_utf8_lossy(&last.payload).contains("\"break\":false"), "and ends it");
+}

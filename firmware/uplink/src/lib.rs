@@ -101,6 +101,9 @@ pub struct UplinkConfig {
     pub credentials: Option<(String, String)>,
     /// For `mqtts://`.
     pub tls: Option<tls::TlsFiles>,
+    /// Retained messages announced after every connect, outside the device's subtree
+    /// (Home Assistant discovery): (topic, payload).
+    pub discovery: Vec<(String, Vec<u8>)>,
 }
 
 /// Connection options shared by deskcam's MQTT clients: address, keep-alive, packet
@@ -220,6 +223,9 @@ pub async fn run(
                     publish(&client, cfg.topics.state(), true, json(&current), &stats).await;
                     let config = config_rx.borrow_and_update().clone();
                     publish(&client, cfg.topics.config(), true, json(&config), &stats).await;
+                    for (topic, payload) in &cfg.discovery {
+                        publish(&client, topic.clone(), true, payload.clone(), &stats).await;
+                    }
                 }
             }
             changed = telemetry.changed(), if up && open[0] => {
