@@ -19,10 +19,18 @@ pub const DEFAULT_TOML: &str = include_str!("../default.toml");
 /// Retention can be shortened but never stretched beyond this (privacy invariant 5).
 pub const MAX_RETENTION: Span = Span(20 * 86_400_000);
 
+/// How far in the future a stamp may be and still count as now: the evidence store
+/// stamps a burst of findings a millisecond apart to keep their order, so its newest
+/// stamps can run slightly ahead of the clock.
+pub const FUTURE_SLACK_MS: u64 = 60_000;
+
 /// Whether evidence made at `created_ms` must be gone at `now_ms`: older than `max_age`,
-/// or stamped in the future (the clock was set back, so its age is unknown).
+/// or stamped well in the future (the clock was set back, so its age is unknown).
 pub fn past_retention(created_ms: u64, now_ms: u64, max_age_ms: u64) -> bool {
-    created_ms > now_ms || now_ms - created_ms >= max_age_ms
+    if created_ms > now_ms {
+        return created_ms - now_ms > FUTURE_SLACK_MS;
+    }
+    now_ms - created_ms >= max_age_ms
 }
 
 /// One problem in a config file: the dotted key and why it is wrong.

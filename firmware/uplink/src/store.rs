@@ -359,6 +359,7 @@ mod tests {
         assert!(s.put(5000, "b", b"{}", None).is_err(), "an id is stored once");
         let order: Vec<(String, u64)> = s.list().into_iter().map(|e| (e.id, e.created_ms)).collect();
         assert_eq!(order, [("a".into(), 5000), ("b".into(), 5001), ("c".into(), 5002)]);
+        assert!(s.expire(5000).unwrap().is_empty(), "a burst's stamps ahead of the clock are not 'future'");
         let first = s.next_undelivered(None).unwrap();
         assert_eq!(first.id, "a");
         assert_eq!(s.next_undelivered(Some(first.created_ms)).unwrap().id, "b");
