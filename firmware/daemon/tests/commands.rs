@@ -64,15 +64,7 @@ fn commands_are_answered_and_bad_ones_change_nothing() {
         serde_json::from_slice::<Value>(&event.payload).unwrap()["id"].as_str().unwrap().to_string();
 
     let send = |name: &str, payload: &str| dev.send(name, payload);
-    let reply = |id: &str| -> Value {
-        let m = rec
-            .wait_for(Duration::from_secs(10), |m| {
-                m.topic.ends_with("/reply")
-                    && serde_json::from_slice::<Value>(&m.payload).is_ok_and(|v| v["id"] == id)
-            })
-            .unwrap_or_else(|| panic!("no reply to {id}"));
-        serde_json::from_slice(&m.payload).unwrap()
-    };
+    let reply = |id: &str| reply_to(rec, id);
 
     send("break/start", r#"{"id":"b1","reason":"lunch"}"#);
     assert_eq!(reply("b1")["ok"], true);

@@ -5,17 +5,10 @@
 //! event id, so a consumer deduplicates by id.
 
 use std::collections::HashMap;
-use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use deskcam_core::schema::ViolationEvent;
 use deskcam_testkit::*;
-
-fn deskcam() -> std::process::Command {
-    let mut c = std::process::Command::new(env!("CARGO_BIN_EXE_deskcam"));
-    c.env("DESKCAM_LOG", "info");
-    c
-}
 
 /// Continuous analysis of the demo photos in a loop, every rule firing on every
 /// positive frame: a steady stream of violations with stills.
@@ -24,16 +17,7 @@ const BUSY: &str = "[scan]\nmode = \"continuous\"\nfps = 5.0\n\
     [rules.covered]\nframes = 1\ncooldown = \"0s\"\n[rules.paper]\nframes = 1\ncooldown = \"0s\"\n";
 
 fn start(config: &std::path::Path) -> (ChildGuard, std::sync::Arc<std::sync::Mutex<String>>) {
-    let mut child = deskcam()
-        .arg("run")
-        .arg("--config")
-        .arg(config)
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let log = capture_stderr(&mut child);
-    (ChildGuard(child), log)
+    run_daemon(env!("CARGO_BIN_EXE_deskcam"), config)
 }
 
 fn stop(d: &mut ChildGuard) {

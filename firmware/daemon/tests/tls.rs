@@ -2,7 +2,6 @@
 //! device to its own subtree with an ACL, and against one that requires a login.
 //! Certificates are made by the test (rcgen).
 
-use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use deskcam_core::config::BrokerUrl;
@@ -39,16 +38,7 @@ fn connects(opts: rumqttc::MqttOptions) -> bool {
 }
 
 fn daemon(config: &std::path::Path) -> (ChildGuard, std::sync::Arc<std::sync::Mutex<String>>) {
-    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_deskcam"))
-        .args(["run", "--config"])
-        .arg(config)
-        .env("DESKCAM_LOG", "info")
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let log = capture_stderr(&mut child);
-    (ChildGuard(child), log)
+    run_daemon(env!("CARGO_BIN_EXE_deskcam"), config)
 }
 
 #[test]

@@ -317,3 +317,18 @@ impl Pki {
         (c, k)
     }
 }
+
+/// Starts `deskcam run --config <config>` (the binary at `bin`) with info logs, its
+/// stderr captured for the test to read.
+pub fn run_daemon(bin: &str, config: &Path) -> (ChildGuard, Arc<Mutex<String>>) {
+    let mut child = Command::new(bin)
+        .args(["run", "--config"])
+        .arg(config)
+        .env("DESKCAM_LOG", "info")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let log = capture_stderr(&mut child);
+    (ChildGuard(child), log)
+}
