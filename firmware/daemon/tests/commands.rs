@@ -392,3 +392,51 @@ fn home_assistant_discovery_and_its_break_switch() {
     let last = dev.rec.snapshot().into_iter().rev().find(|m| m.topic.ends_with("/state")).unwrap();
     assert!(String::from_utf8_lossy(&last.payload).contains("\"break\":false"), "and ends it");
 }
+
+#[test]
+fn commands_sent_while_the_device_is_offline_arrive_when_it_returns() {
+    let broker = Mosquitto::start();
+    let dir = tempdir("offline-cmd");
+    let photos = format!("dir:{}", demo_photos().display());
+    let config = write_config(&dir, "itest-offline", &photos, true, broker.port, "[scan]\nmode = \"off\"\n");
+    let rec = Recorder::start(broker.port, "deskcam/itest-offline/#");
+    let online = |n: usize| {
+        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        while std::time::Instant::now() < deadline {
+            let seen = rec
+                .snapshot()
+                .iter()
+                .filter(|m| m.topic.ends_with("/status") && m.payload == b"online")
+                .count();
+            if seen >= n {
+                return true;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        false
+    };
+    let (mut d, _log) = run_daemon(env!("CARGO_BIN_EXE_deskcam"), &config);
+    assert!(online(1));
+    // A clean stop; the broker keeps the device's session (clean session off).
+    let _ = std::process::Command::new("kill").args(["-TERM", &d.0.id().to_string()]).status();
+    assert!(d.0.wait().unwrap().success());
+
+    let (client, mut conn) = Client::new(MqttOptions::new("owner-offline", "127.0.0.1", broker.port), 8);
+    client
+        .publish(
+            "deskcam/itest-offline/cmd/break/start",
+            QoS::AtLeastOnce,
+            false,
+            r#"{"id":"q1","reason":"queued"}"#,
+        )
+        .unwrap();
+    for ev in conn.iter() {
+        if let Ok(rumqttc::Event::Incoming(rumqttc::Packet::PubAck(_))) = ev {
+            break;
+        }
+    }
+    let (_d, _log) = run_daemon(env!("CARGO_BIN_EXE_deskcam"), &config);
+    assert!(online(2));
+    let r = reply_to(&rec, "q1");
+    assert_eq!(r["ok"], true, "the queued command ran after the restart: {r}");
+}
