@@ -5,6 +5,7 @@
 //! `safe-state` closes the shutter and turns the LED off (the service's stop hook).
 
 mod audit;
+mod board;
 mod broker;
 mod config_file;
 mod demo;
@@ -107,9 +108,14 @@ fn main() -> ExitCode {
 }
 
 /// Reads and validates a config file. Invalid configs are reported in full.
+/// Reads and validates a config file and the board config it names.
 pub fn load_config(path: &Path) -> Result<Result<Config, String>> {
     let text = std::fs::read_to_string(path).with_context(|| format!("reading config {}", path.display()))?;
-    Ok(Config::from_toml(&text).map_err(|e| format!("{}: {e}", path.display())))
+    let config = match Config::from_toml(&text) {
+        Ok(c) => c,
+        Err(e) => return Ok(Err(format!("{}: {e}", path.display()))),
+    };
+    Ok(board::load(&config.board).map(|_| config).map_err(|e| format!("{}: {e}\n", path.display())))
 }
 
 fn config_check(file: &Path) -> Result<ExitCode> {
@@ -193,6 +199,14 @@ pub fn run_pipeline(
     stats_out: Option<&mut Arc<UplinkStats>>,
     max_frames: Option<u64>,
 ) -> Result<Summary> {
+    let (board_path, board) = board::load(&config.board).map_err(anyhow::Error::msg)?;
+    tracing::info!(
+        "board {} ({}), GPIO {:?}, from {}",
+        board.name,
+        board.description,
+        board.backend,
+        board_path.display()
+    );
     let model_path = model::locate(config.detector.model.as_ref()).map_err(anyhow::Error::msg)?;
     let t = std::time::Instant::now();
     let detector = Detector::load(&model_path, config.detector.min_score, config.detector.nms_iou)

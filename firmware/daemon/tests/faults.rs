@@ -198,3 +198,30 @@ fn sigterm_stops_cleanly_with_the_shutter_closed_and_status_offline() {
     assert!(String::from_utf8_lossy(&last_state.payload).contains("\"shutter\":\"closed\""));
     assert_eq!(msgs.iter().rev().find(|m| m.topic.ends_with("/status")).unwrap().payload, b"offline");
 }
+
+#[test]
+fn an_unknown_board_or_a_board_with_a_pin_conflict_is_refused() {
+    let dir = tempdir("badboard");
+    let config = dir.join("deskcam.toml");
+    std::fs::write(&config, "board = \"rpi9\"\n").unwrap();
+    let out = deskcam().args(["config", "check"]).arg(&config).output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(err.contains("no board config 'rpi9.toml'"), "{err}");
+
+    // A board file whose LED takes the shutter's line: refused, with both keys named.
+    let boards = dir.join("boards");
+    std::fs::create_dir_all(&boards).unwrap();
+    let good = std::fs::read_to_string(repo().join("board-configs/rpi0-2w-64.toml")).unwrap();
+    std::fs::write(boards.join("rpi0-2w-64.toml"), good.replace("lines = [27]", "lines = [17]")).unwrap();
+    std::fs::write(&config, "board = \"rpi0-2w-64\"\n").unwrap();
+    let out = deskcam()
+        .args(["config", "check"])
+        .arg(&config)
+        .env("DESKCAM_BOARD_CONFIGS", &boards)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(err.contains("led.lines[0]: line 17 is already used by shutter.line"), "{err}");
+}

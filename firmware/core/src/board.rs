@@ -1,0 +1,368 @@
+//! Board configs (`board-configs/<board>.toml`): which GPIO backend drives the shutter,
+//! the LED and the button, on which lines and with which polarity; the camera device and
+//! formats; the model's input size, threads and form; whether the board can be a USB
+//! device. Parsed and checked here (pure), so every file is validated by a unit test and
+//! a wrong or duplicate pin is an error naming the key.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+
+use serde::Deserialize;
+
+use crate::config::{ConfigError, ConfigErrors};
+
+/// How pins are reached.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum GpioBackend {
+    /// Raspberry Pi GPIO (BCM numbers) and hardware PWM, through `rppal`.
+    Rppal,
+    /// Any Linux board: a GPIO character device (`chip` + line offsets).
+    Gpiocdev,
+    /// Simulated pins that record every transition (demo, tests).
+    Sim,
+}
+
+/// What moves the privacy shutter.
+#[derive(Clone, Debug, PartialEq)]
+pub enum ShutterDrive {
+    /// A solenoid or motor driver on one output line (active = open).
+    Pin { line: u32, active_low: bool },
+    /// A hobby servo on a hardware PWM channel; duty cycles as fractions of the period.
+    Servo { channel: u8, period_ms: f32, open_duty: f32, closed_duty: f32 },
+}
+
+/// An input line (button, end-stop).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct InputLine {
+    pub line: u32,
+    /// Pressed / reached reads low (a pull-up and a switch to ground).
+    pub active_low: bool,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LedKind {
+    Single,
+    /// Two LEDs in one package (e.g. green + red).
+    Bicolour,
+    Rgb,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ModelForm {
+    Onnx,
+    Nnef,
+}
+
+/// A validated board config.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Board {
+    pub name: String,
+    pub description: String,
+    pub backend: GpioBackend,
+    /// `gpiocdev`: the character device, e.g. `/dev/gpiochip0`.
+    pub chip: Option<PathBuf>,
+    pub shutter: ShutterDrive,
+    /// Confirms that the shutter is closed, where fitted.
+    pub end_stop: Option<InputLine>,
+    pub led_kind: LedKind,
+    pub led_lines: Vec<u32>,
+    pub led_active_low: bool,
+    pub button: Option<InputLine>,
+    pub camera_device: PathBuf,
+    pub camera_formats: Vec<String>,
+    pub model_input_size: u32,
+    pub model_threads: u32,
+    pub model_form: ModelForm,
+    /// The board has a USB device controller (it can be the PC's webcam).
+    pub usb_device: bool,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Raw {
+    name: String,
+    description: String,
+    gpio: RawGpio,
+    shutter: RawShutter,
+    led: RawLed,
+    button: Option<RawInput>,
+    camera: RawCamera,
+    model: RawModel,
+    usb: RawUsb,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawGpio {
+    backend: String,
+    chip: Option<String>,
+    /// Lines the board offers; a pin outside is an error.
+    lines: u32,
+    /// Lines that must not be used (e.g. a line wired to something else).
+    #[serde(default)]
+    reserved: Vec<u32>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawShutter {
+    drive: String,
+    line: Option<u32>,
+    #[serde(default)]
+    active_low: bool,
+    pwm_channel: Option<u8>,
+    /// Lines the PWM channel occupies (so no other pin takes them).
+    pwm_line: Option<u32>,
+    period_ms: Option<f32>,
+    open_duty: Option<f32>,
+    closed_duty: Option<f32>,
+    end_stop: Option<RawInput>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawInput {
+    line: u32,
+    #[serde(default)]
+    active_low: bool,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawLed {
+    kind: String,
+    lines: Vec<u32>,
+    #[serde(default)]
+    active_low: bool,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawCamera {
+    device: String,
+    formats: Vec<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawModel {
+    input_size: u32,
+    threads: u32,
+    form: String,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawUsb {
+    device_controller: bool,
+}
+
+impl Board {
+    /// Parses and validates `board-configs/<name>.toml`; every problem with its key.
+    pub fn from_toml(file_name: &str, text: &str) -> Result<Board, ConfigErrors> {
+        let raw: Raw = toml::from_str(text).map_err(|e| {
+            let key = e.span().map(|s| text[..s.start].lines().count().to_string()).unwrap_or_default();
+            ConfigErrors(vec![ConfigError { key: format!("line {key}"), reason: e.message().to_string() }])
+        })?;
+        let mut errors = Vec::new();
+        let mut err = |key: &str, reason: String| errors.push(ConfigError { key: key.into(), reason });
+        if raw.name != file_name {
+            err("name", format!("'{}' does not match the file name '{file_name}'", raw.name));
+        }
+        let backend = match raw.gpio.backend.as_str() {
+            "rppal" => GpioBackend::Rppal,
+            "gpiocdev" => GpioBackend::Gpiocdev,
+            "sim" => GpioBackend::Sim,
+            other => {
+                err("gpio.backend", format!("'{other}' is not one of rppal, gpiocdev, sim"));
+                GpioBackend::Sim
+            }
+        };
+        let chip = raw.gpio.chip.map(PathBuf::from);
+        if backend == GpioBackend::Gpiocdev && chip.is_none() {
+            err("gpio.chip", "gpiocdev needs the chip, e.g. \"/dev/gpiochip0\"".into());
+        }
+
+        // Every line with the key that claims it: out of range and duplicates are errors.
+        let mut claims: BTreeMap<u32, Vec<String>> = BTreeMap::new();
+        let mut claim = |line: u32, key: &str| claims.entry(line).or_default().push(key.to_string());
+        let shutter = match raw.shutter.drive.as_str() {
+            "pin" => match raw.shutter.line {
+                Some(line) => {
+                    claim(line, "shutter.line");
+                    ShutterDrive::Pin { line, active_low: raw.shutter.active_low }
+                }
+                None => {
+                    err("shutter.line", "drive = \"pin\" needs the output line".into());
+                    ShutterDrive::Pin { line: 0, active_low: false }
+                }
+            },
+            "servo" => {
+                let s = &raw.shutter;
+                if let Some(l) = s.pwm_line {
+                    claim(l, "shutter.pwm_line");
+                }
+                let (Some(channel), Some(open), Some(closed)) = (s.pwm_channel, s.open_duty, s.closed_duty)
+                else {
+                    err("shutter", "drive = \"servo\" needs pwm_channel, open_duty and closed_duty".into());
+                    return Err(ConfigErrors(errors));
+                };
+                for (key, d) in [("shutter.open_duty", open), ("shutter.closed_duty", closed)] {
+                    if !(0.0..=1.0).contains(&d) {
+                        err(key, format!("{d} is not a fraction of the period (0..1)"));
+                    }
+                }
+                if (open - closed).abs() < 0.01 {
+                    err("shutter.open_duty", "open and closed positions are the same".into());
+                }
+                let period_ms = s.period_ms.unwrap_or(20.0);
+                if !(1.0..=100.0).contains(&period_ms) {
+                    err("shutter.period_ms", format!("{period_ms} is outside 1..100"));
+                }
+                ShutterDrive::Servo { channel, period_ms, open_duty: open, closed_duty: closed }
+            }
+            other => {
+                err("shutter.drive", format!("'{other}' is not one of pin, servo"));
+                ShutterDrive::Pin { line: 0, active_low: false }
+            }
+        };
+        let end_stop = raw.shutter.end_stop.map(|e| {
+            claim(e.line, "shutter.end_stop.line");
+            InputLine { line: e.line, active_low: e.active_low }
+        });
+        let (led_kind, want) = match raw.led.kind.as_str() {
+            "single" => (LedKind::Single, 1),
+            "bicolour" => (LedKind::Bicolour, 2),
+            "rgb" => (LedKind::Rgb, 3),
+            other => {
+                err("led.kind", format!("'{other}' is not one of single, bicolour, rgb"));
+                (LedKind::Single, 1)
+            }
+        };
+        if raw.led.lines.len() != want {
+            err(
+                "led.lines",
+                format!("a {} LED has {want} line(s), not {}", raw.led.kind, raw.led.lines.len()),
+            );
+        }
+        for (i, l) in raw.led.lines.iter().enumerate() {
+            claim(*l, &format!("led.lines[{i}]"));
+        }
+        let button = raw.button.map(|b| {
+            claim(b.line, "button.line");
+            InputLine { line: b.line, active_low: b.active_low }
+        });
+        for (line, keys) in &claims {
+            if *line >= raw.gpio.lines {
+                err(
+                    &keys[0],
+                    format!("line {line} does not exist (the board has 0..{})", raw.gpio.lines - 1),
+                );
+            }
+            if raw.gpio.reserved.contains(line) {
+                err(&keys[0], format!("line {line} is reserved on this board"));
+            }
+            if keys.len() > 1 {
+                err(&keys[1], format!("line {line} is already used by {}", keys[0]));
+            }
+        }
+
+        if !raw.camera.device.starts_with("/dev/video") {
+            err("camera.device", format!("'{}' is not a /dev/videoN device", raw.camera.device));
+        }
+        for f in &raw.camera.formats {
+            if !matches!(f.as_str(), "MJPG" | "YUYV") {
+                err("camera.formats", format!("'{f}' is not one of MJPG, YUYV"));
+            }
+        }
+        if raw.camera.formats.is_empty() {
+            err("camera.formats", "at least one format".into());
+        }
+        let m = &raw.model;
+        if !(160..=640).contains(&m.input_size) || m.input_size % 32 != 0 {
+            err("model.input_size", format!("{} is not a multiple of 32 in 160..640", m.input_size));
+        }
+        if !(1..=8).contains(&m.threads) {
+            err("model.threads", format!("{} is outside 1..8", m.threads));
+        }
+        let model_form = match m.form.as_str() {
+            "onnx" => ModelForm::Onnx,
+            "nnef" => ModelForm::Nnef,
+            other => {
+                err("model.form", format!("'{other}' is not one of onnx, nnef"));
+                ModelForm::Onnx
+            }
+        };
+        if !errors.is_empty() {
+            return Err(ConfigErrors(errors));
+        }
+        Ok(Board {
+            name: raw.name,
+            description: raw.description,
+            backend,
+            chip,
+            shutter,
+            end_stop,
+            led_kind,
+            led_lines: raw.led.lines,
+            led_active_low: raw.led.active_low,
+            button,
+            camera_device: PathBuf::from(raw.camera.device),
+            camera_formats: raw.camera.formats,
+            model_input_size: m.input_size,
+            model_threads: m.threads,
+            model_form,
+            usb_device: raw.usb.device_controller,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn board_dir() -> PathBuf {
+        // The runtime package directory: a reused build may name another checkout.
+        let package =
+            std::env::var_os("CARGO_MANIFEST_DIR").unwrap_or_else(|| env!("CARGO_MANIFEST_DIR").into());
+        PathBuf::from(package).join("../../board-configs")
+    }
+
+    #[test]
+    fn every_board_config_in_the_repository_is_valid() {
+        let mut names = Vec::new();
+        for entry in std::fs::read_dir(board_dir()).unwrap() {
+            let path = entry.unwrap().path();
+            if path.extension().and_then(|e| e.to_str()) != Some("toml") {
+                continue;
+            }
+            let name = path.file_stem().unwrap().to_str().unwrap().to_string();
+            let text = std::fs::read_to_string(&path).unwrap();
+            let board = Board::from_toml(&name, &text).unwrap_or_else(|e| panic!("{}:\n{e}", path.display()));
+            assert!(!board.description.is_empty());
+            names.push(name);
+        }
+        names.sort();
+        assert_eq!(names, ["cm4", "qemu-virt", "rpi0-2w-64", "rpi4-64", "rpi5"]);
+    }
+
+    #[test]
+    fn wrong_and_duplicate_pins_are_named() {
+        let text = std::fs::read_to_string(board_dir().join("qemu-virt.toml")).unwrap();
+        let dup = text.replace("lines = [1]", "lines = [0]");
+        assert_ne!(dup, text, "the fixture has a single LED on line 1");
+        let e = Board::from_toml("qemu-virt", &dup).unwrap_err().to_string();
+        assert!(e.contains("led.lines[0]") && e.contains("line 0 is already used by shutter.line"), "{e}");
+        let far = text.replace("lines = [1]", "lines = [40]");
+        let e = Board::from_toml("qemu-virt", &far).unwrap_err().to_string();
+        assert!(e.contains("line 40 does not exist"), "{e}");
+        let bad = text
+            .replace("kind = \"single\"", "kind = \"rgb\"")
+            .replace("form = \"onnx\"", "form = \"tflite\"");
+        let e = Board::from_toml("qemu-virt", &bad).unwrap_err().to_string();
+        assert!(e.contains("led.lines") && e.contains("model.form"), "{e}");
+        let e = Board::from_toml("rpi5", &text).unwrap_err().to_string();
+        assert!(e.contains("does not match the file name"), "{e}");
+        assert!(Board::from_toml("qemu-virt", "name = 1").is_err());
+    }
+}
