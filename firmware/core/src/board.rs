@@ -279,7 +279,7 @@ impl Board {
             err("camera.formats", "at least one format".into());
         }
         let m = &raw.model;
-        if !(160..=640).contains(&m.input_size) || m.input_size % 32 != 0 {
+        if !(160..=640).contains(&m.input_size) || !m.input_size.is_multiple_of(32) {
             err("model.input_size", format!("{} is not a multiple of 32 in 160..640", m.input_size));
         }
         if !(1..=8).contains(&m.threads) {
