@@ -11,6 +11,7 @@ mod config_file;
 mod demo;
 mod hardware;
 mod model;
+mod notify;
 mod pipeline;
 mod telemetry;
 
@@ -189,6 +190,68 @@ fn run_daemon(config: Option<PathBuf>) -> Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
+/// Exit status after a stalled scan loop (sysexits' EX_SOFTWARE).
+const EXIT_STALLED: i32 = 70;
+
+enum Progress {
+    /// The scan loop moved; `ping` if it moved since the last keep-alive.
+    Moving {
+        ping: bool,
+    },
+    Stalled(Duration),
+}
+
+/// Watches the scan loop's progress counter: keep-alives only follow real progress.
+struct ProgressGuard {
+    last: u64,
+    moved_at: std::time::Instant,
+    pinged_at: std::time::Instant,
+    moved_since_ping: bool,
+}
+
+impl ProgressGuard {
+    fn new(now: u64) -> Self {
+        let t = std::time::Instant::now();
+        ProgressGuard { last: now, moved_at: t, pinged_at: t, moved_since_ping: true }
+    }
+
+    fn check(&mut self, counter: u64, limit: Duration) -> Progress {
+        if counter != self.last {
+            self.last = counter;
+            self.moved_at = std::time::Instant::now();
+            self.moved_since_ping = true;
+        }
+        let idle = self.moved_at.elapsed();
+        if idle > limit {
+            Progress::Stalled(idle)
+        } else {
+            Progress::Moving { ping: self.moved_since_ping }
+        }
+    }
+
+    /// Whether a keep-alive is due; records it as sent.
+    fn due(&mut self, every: Duration) -> bool {
+        if self.pinged_at.elapsed() >= every {
+            self.pinged_at = std::time::Instant::now();
+            self.moved_since_ping = false;
+            true
+        } else {
+            false
+        }
+    }
+}
+
+/// On a panic anywhere, the shutter closes and the LED goes off before anything else
+/// (the drivers also do it when they are dropped, but a panic may not unwind to them).
+fn install_panic_hook(emergency: hardware::Emergency) {
+    let default = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        emergency();
+        eprintln!("deskcam: panic: shutter closed, LED off");
+        default(info);
+    }));
+}
+
 /// Everything `run` and `demo` share: load the model, start the uplink, run the scan
 /// loop until it finishes or a signal arrives, then stop in order (scan loop and
 /// hardware safe state first, then the uplink drains and says `offline`).
@@ -213,6 +276,9 @@ pub fn run_pipeline(
         .context("loading the detector")?;
     tracing::info!("model {} loaded and optimised in {} ms", model_path.display(), t.elapsed().as_millis());
     let hardware = Hardware::simulated(report == Report::Print).context("opening GPIO")?;
+    let emergency = hardware.emergency();
+    install_panic_hook(emergency.clone());
+    let notifier = notify::Notifier::from_env();
 
     let initial_state = State {
         v: deskcam_core::schema::SCHEMA_VERSION,
@@ -315,7 +381,9 @@ pub fn run_pipeline(
     let uplink = runtime.spawn(deskcam_uplink::run(uplink_cfg, link, stats.clone(), shutdown_rx));
 
     let stop = Arc::new(AtomicBool::new(false));
+    let progress = Arc::new(std::sync::atomic::AtomicU64::new(0));
     let pipeline = Pipeline {
+        progress: progress.clone(),
         config,
         detector,
         hardware,
@@ -338,8 +406,13 @@ pub fn run_pipeline(
         .spawn(move || pipeline.run())
         .context("starting the scan thread")?;
 
+    notifier.send("READY=1\nSTATUS=scanning");
+    // The stall guard: with a systemd watchdog, its interval; otherwise a minute (a
+    // frame read is bounded by camera.timeout, an inference by a few seconds).
+    let stall_limit = notifier.watchdog_limit.unwrap_or(Duration::from_secs(60));
     runtime.block_on(async {
         let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
+        let mut guard = ProgressGuard::new(progress.load(Ordering::Relaxed));
         loop {
             tokio::select! {
                 _ = tokio::signal::ctrl_c() => { tracing::info!("interrupted; stopping"); break; }
@@ -349,10 +422,26 @@ pub fn run_pipeline(
                 }
                 _ = tokio::time::sleep(Duration::from_millis(100)) => {
                     if scan.is_finished() { break; }
+                    match guard.check(progress.load(Ordering::Relaxed), stall_limit) {
+                        Progress::Moving { ping } => {
+                            if ping && notifier.watchdog_every.is_some_and(|every| guard.due(every)) {
+                                notifier.send("WATCHDOG=1");
+                            }
+                        }
+                        Progress::Stalled(for_) => {
+                            // The scan loop is stuck (a hung read or inference): close the
+                            // shutter from here and exit, so the service restarts.
+                            emergency();
+                            tracing::error!("scan loop stalled for {for_:?}: shutter closed, LED off; exiting for a restart");
+                            notifier.send("STATUS=stalled");
+                            std::process::exit(EXIT_STALLED);
+                        }
+                    }
                 }
             }
         }
     });
+    notifier.send("STOPPING=1");
     stop.store(true, Ordering::Relaxed);
     let summary = scan.join();
     // Whatever happened to the scan loop, the uplink drains and says goodbye.

@@ -108,6 +108,8 @@ pub struct Pipeline {
     pub stop: Arc<AtomicBool>,
     /// Stop after this many analysed frames (demo on a camera, tests).
     pub max_frames: Option<u64>,
+    /// Counts the scan loop's turns: the watchdog is fed only while it moves.
+    pub progress: Arc<std::sync::atomic::AtomicU64>,
 }
 
 fn unix_ms() -> u64 {
@@ -132,6 +134,9 @@ impl Pipeline {
         let mut faulted = false;
 
         'outer: loop {
+            self.progress.fetch_add(1, Ordering::Relaxed);
+            #[cfg(debug_assertions)]
+            fault_injection(summary.frames);
             // Retention is enforced continuously, not only when something new arrives.
             let expired = lock_store(&self.store).expire(now());
             match expired {
@@ -639,6 +644,23 @@ impl Pipeline {
             Report::Print => println!("{text}"),
             Report::Log if notable => tracing::info!("{}", text.trim_start()),
             Report::Log => tracing::debug!("{}", text.trim_start()),
+        }
+    }
+}
+
+/// Test builds only: `DESKCAM_FAULT=panic:N` panics and `stall:N` hangs the scan loop
+/// once N frames are analysed, to test the panic hook, the stall guard and the watchdog.
+#[cfg(debug_assertions)]
+fn fault_injection(frames: u64) {
+    let Ok(spec) = std::env::var("DESKCAM_FAULT") else { return };
+    let Some((what, n)) = spec.split_once(':') else { return };
+    if n.parse::<u64>().is_ok_and(|n| frames >= n) {
+        match what {
+            "panic" => panic!("injected fault after {frames} frames"),
+            "stall" => loop {
+                std::thread::sleep(Duration::from_secs(3600));
+            },
+            _ => {}
         }
     }
 }

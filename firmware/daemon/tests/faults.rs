@@ -225,3 +225,129 @@ fn an_unknown_board_or_a_board_with_a_pin_conflict_is_refused() {
     assert_eq!(out.status.code(), Some(2), "{err}");
     assert!(err.contains("led.lines[0]: line 17 is already used by shutter.line"), "{err}");
 }
+
+/// The simulated pins' trace: (pin, high) in order.
+fn trace(path: &std::path::Path) -> Vec<(String, bool)> {
+    std::fs::read_to_string(path)
+        .unwrap_or_default()
+        .lines()
+        .map(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            (f[1].to_string(), f[2] == "high")
+        })
+        .collect()
+}
+
+/// The privacy invariants at the pin level: safe levels first, the LED lit whenever the
+/// shutter opens and for as long as it is open, and both low at the end with the
+/// shutter closed first.
+fn assert_safe_trace(t: &[(String, bool)]) {
+    assert!(t.len() >= 4, "{t:?}");
+    assert_eq!(
+        &t[..2],
+        &[("led".into(), false), ("shutter".into(), false)],
+        "safe state before anything else"
+    );
+    let (mut led, mut shutter) = (false, false);
+    for (pin, high) in t {
+        match pin.as_str() {
+            "led" => {
+                assert!(*high || !shutter, "LED off while the shutter is open: {t:?}");
+                led = *high;
+            }
+            _ => {
+                assert!(!*high || led, "shutter opened with the LED off: {t:?}");
+                shutter = *high;
+            }
+        }
+    }
+    assert!(!led && !shutter, "left unsafe: {t:?}");
+    let last_shutter = t.iter().rposition(|(p, h)| p == "shutter" && !*h).unwrap();
+    let last_led = t.iter().rposition(|(p, h)| p == "led" && !*h).unwrap();
+    assert!(last_shutter < last_led, "the shutter closes before the LED goes off");
+}
+
+fn traced_daemon(name: &str, env: &[(&str, &str)]) -> (ChildGuard, std::path::PathBuf, Mosquitto) {
+    let broker = Mosquitto::start();
+    let dir = one_photo_dir(name);
+    let config = write_config(
+        &dir,
+        &format!("itest-{name}"),
+        &format!("dir:{}", dir.display()),
+        true,
+        broker.port,
+        "[scan]\nmode = \"continuous\"\nfps = 5.0\n",
+    );
+    let trace_file = dir.join("pins.trace");
+    let mut cmd = deskcam();
+    cmd.args(["run", "--config"]).arg(&config).env("DESKCAM_SIM_TRACE", &trace_file).stderr(Stdio::piped());
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    (ChildGuard(cmd.spawn().unwrap()), trace_file, broker)
+}
+
+fn wait_for_open(trace_file: &std::path::Path) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while !trace(trace_file).iter().any(|(p, h)| p == "shutter" && *h) {
+        assert!(std::time::Instant::now() < deadline, "the shutter never opened");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[test]
+fn sigterm_and_panic_leave_the_pins_safe() {
+    let (mut d, trace_file, _b) = traced_daemon("trace-term", &[]);
+    wait_for_open(&trace_file);
+    std::thread::sleep(Duration::from_millis(500));
+    assert!(std::process::Command::new("kill")
+        .args(["-TERM", &d.0.id().to_string()])
+        .status()
+        .unwrap()
+        .success());
+    assert!(d.0.wait().unwrap().success());
+    assert_safe_trace(&trace(&trace_file));
+
+    let (mut d, trace_file, _b) = traced_daemon("trace-panic", &[("DESKCAM_FAULT", "panic:3")]);
+    let log = capture_stderr(&mut d.0);
+    assert!(!d.0.wait().unwrap().success());
+    assert!(
+        wait_text(&log, "panic: shutter closed, LED off", Duration::from_secs(5)),
+        "{}",
+        log.lock().unwrap()
+    );
+    assert_safe_trace(&trace(&trace_file));
+}
+
+#[test]
+fn a_stalled_scan_loop_stops_the_watchdog_closes_the_shutter_and_exits() {
+    let dir = tempdir("notify");
+    let socket_path = dir.join("notify.sock");
+    let socket = std::os::unix::net::UnixDatagram::bind(&socket_path).unwrap();
+    socket.set_read_timeout(Some(Duration::from_millis(200))).unwrap();
+    let (mut d, trace_file, _b) = traced_daemon(
+        "stall",
+        &[
+            ("NOTIFY_SOCKET", socket_path.to_str().unwrap()),
+            ("WATCHDOG_USEC", "2000000"),
+            ("DESKCAM_FAULT", "stall:5"),
+        ],
+    );
+    let mut msgs = Vec::new();
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    let status = loop {
+        let mut buf = [0u8; 512];
+        if let Ok(n) = socket.recv(&mut buf) {
+            msgs.push(String::from_utf8_lossy(&buf[..n]).into_owned());
+        }
+        if let Some(s) = d.0.try_wait().unwrap() {
+            break s;
+        }
+        assert!(std::time::Instant::now() < deadline, "no exit after the stall: {msgs:?}");
+    };
+    assert_eq!(status.code(), Some(70), "{msgs:?}");
+    assert!(msgs[0].starts_with("READY=1"), "{msgs:?}");
+    assert!(msgs.iter().any(|m| m == "WATCHDOG=1"), "keep-alives while it runs: {msgs:?}");
+    assert_eq!(msgs.last().map(String::as_str), Some("STATUS=stalled"), "{msgs:?}");
+    assert_safe_trace(&trace(&trace_file));
+}

@@ -27,11 +27,14 @@ pub struct Recorder {
     start: Instant,
     log: Arc<Mutex<Vec<Transition>>>,
     echo: bool,
+    /// Also appended here, one line per transition (`<ms> <pin> high|low`), so a test
+    /// can read the pins of a process it has signalled or that panicked.
+    trace: Option<Arc<Mutex<std::fs::File>>>,
 }
 
 impl Default for Recorder {
     fn default() -> Self {
-        Recorder { start: Instant::now(), log: Arc::default(), echo: false }
+        Recorder { start: Instant::now(), log: Arc::default(), echo: false, trace: None }
     }
 }
 
@@ -39,6 +42,13 @@ impl Recorder {
     /// A recorder that also prints each transition to stdout (the demo).
     pub fn printing() -> Self {
         Recorder { echo: true, ..Recorder::default() }
+    }
+
+    /// Appends every transition to `path` as well.
+    pub fn tracing_to(mut self, path: &std::path::Path) -> std::io::Result<Self> {
+        let f = std::fs::OpenOptions::new().create(true).append(true).open(path)?;
+        self.trace = Some(Arc::new(Mutex::new(f)));
+        Ok(self)
     }
 
     pub fn transitions(&self) -> Vec<Transition> {
@@ -67,9 +77,25 @@ impl SimPin {
         if self.rec.echo {
             println!("  gpio {:<8} -> {:?}", self.name, level);
         }
+        if let Some(trace) = &self.rec.trace {
+            use std::io::Write;
+            // Whatever state the process is in (a panic, a signal), the line reaches
+            // the kernel: one write per transition, no buffering.
+            let line =
+                format!("{} {} {}\n", t.at_ms, t.pin, if level == Level::High { "high" } else { "low" });
+            let mut f = trace.lock().unwrap_or_else(|p| p.into_inner());
+            let _ = f.write_all(line.as_bytes());
+        }
         if let Ok(mut log) = self.rec.log.lock() {
             log.push(t);
         }
+    }
+}
+
+impl Clone for SimPin {
+    /// Another handle on the same simulated line (the emergency path uses one).
+    fn clone(&self) -> Self {
+        SimPin { name: self.name, rec: self.rec.clone() }
     }
 }
 
