@@ -120,10 +120,13 @@ pub fn run(args: DemoArgs) -> Result<ExitCode> {
 
     let broker_url = match &args.broker {
         Some(u) => u.clone(),
+        #[cfg(feature = "embedded-broker")]
         None => {
             let port = crate::broker::start_embedded()?;
             format!("mqtt://127.0.0.1:{port}")
         }
+        #[cfg(not(feature = "embedded-broker"))]
+        None => anyhow::bail!("this build has no embedded broker: give --broker mqtt://host:port"),
     };
     set(&mut table, "mqtt.url", broker_url.clone().into());
     // The device's own files (the audit log) go beside the stills, not to /data.

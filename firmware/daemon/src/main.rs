@@ -6,6 +6,7 @@
 
 mod audit;
 mod board;
+#[cfg(feature = "embedded-broker")]
 mod broker;
 mod config_file;
 mod demo;
