@@ -7,17 +7,7 @@ use deskcam_core::board::Board;
 /// Directories searched in order: `$DESKCAM_BOARD_CONFIGS`, the installed location,
 /// next to the binary, and the source tree this binary was built from (development).
 fn dirs() -> Vec<PathBuf> {
-    let mut dirs = Vec::new();
-    if let Some(p) = std::env::var_os("DESKCAM_BOARD_CONFIGS") {
-        dirs.push(PathBuf::from(p));
-    }
-    dirs.push(PathBuf::from("/usr/share/deskcam/board-configs"));
-    if let Some(dir) = std::env::current_exe().ok().and_then(|e| e.parent().map(|d| d.to_path_buf())) {
-        dirs.push(dir.join("board-configs"));
-        dirs.push(dir.join("../share/deskcam/board-configs"));
-    }
-    dirs.push(PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../../board-configs")));
-    dirs
+    crate::model::installed("DESKCAM_BOARD_CONFIGS", "board-configs", "board-configs")
 }
 
 /// Loads and validates `<name>.toml`; the error names the file, or every place looked.
