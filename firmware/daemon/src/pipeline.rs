@@ -75,12 +75,7 @@ pub struct Summary {
 
 impl Summary {
     pub fn percentile_ms(&self, p: f32) -> f32 {
-        if self.inference_ms.is_empty() {
-            return 0.0;
-        }
-        let mut v = self.inference_ms.clone();
-        v.sort_by(f32::total_cmp);
-        v[((v.len() - 1) as f32 * p).round() as usize]
+        crate::telemetry::percentile(&self.inference_ms, p).unwrap_or(0.0)
     }
 }
 

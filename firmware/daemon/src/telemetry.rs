@@ -34,15 +34,19 @@ impl LiveStats {
     }
 
     fn percentiles(&self) -> Option<Percentiles> {
-        let mut v: Vec<f32> =
-            self.recent_ms.lock().unwrap_or_else(|p| p.into_inner()).iter().copied().collect();
-        if v.is_empty() {
-            return None;
-        }
-        v.sort_by(f32::total_cmp);
-        let at = |p: f32| v[((v.len() - 1) as f32 * p).round() as usize];
-        Some(Percentiles { p50: at(0.5), p95: at(0.95) })
+        let v: Vec<f32> = self.recent_ms.lock().unwrap_or_else(|p| p.into_inner()).iter().copied().collect();
+        Some(Percentiles { p50: percentile(&v, 0.5)?, p95: percentile(&v, 0.95)? })
     }
+}
+
+/// The `p` quantile (0..1) of `values` (nearest rank), if there are any.
+pub fn percentile(values: &[f32], p: f32) -> Option<f32> {
+    if values.is_empty() {
+        return None;
+    }
+    let mut v = values.to_vec();
+    v.sort_by(f32::total_cmp);
+    Some(v[((v.len() - 1) as f32 * p).round() as usize])
 }
 
 /// Where the figures come from.
@@ -76,7 +80,8 @@ pub fn snapshot(src: &Sources) -> Telemetry {
             replies: src.replies.dropped(),
             commands: src.uplink.commands_dropped.load(Ordering::Relaxed),
             evidence_evicted: evicted,
-            evidence_expired: expired + src.uplink.expired.load(Ordering::Relaxed),
+            // The store counts every deletion at max_age, by the scan loop or the outbox.
+            evidence_expired: expired,
         },
         store,
         disk_free_bytes: disk_free(&src.data_dir),

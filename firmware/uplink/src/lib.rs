@@ -54,8 +54,6 @@ pub struct UplinkStats {
     pub acked: AtomicU64,
     /// Publishes the broker's fresh session discarded before acknowledging them.
     pub lost: AtomicU64,
-    /// Stored evidence deleted unsent because it passed the retention limit.
-    pub expired: AtomicU64,
     /// The evidence connection is up.
     pub evidence_connected: AtomicBool,
     /// Evidence packets (events and stills) handed to the evidence connection,

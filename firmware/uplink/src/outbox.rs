@@ -184,18 +184,20 @@ impl Outbox {
             }
             self.in_flight.push_back(Packet { what: What::Audit(json), pkid: None, acked: false });
         }
-        while self.connected && self.in_flight.len() + 2 <= WINDOW {
-            let mut store = lock_store(&self.store);
-            // Nothing past the retention limit leaves the device, even if the scan loop
-            // has not got round to deleting it.
-            match store.expire((self.now_ms)()) {
-                Ok(gone) if !gone.is_empty() => {
-                    self.stats.expired.fetch_add(gone.len() as u64, Ordering::Relaxed);
-                    tracing::warn!("evidence past evidence.max_age deleted unsent: {}", gone.join(", "));
-                }
-                Ok(_) => {}
-                Err(e) => tracing::error!("evidence store: {e}"),
+        if !self.connected {
+            return;
+        }
+        // Nothing past the retention limit leaves the device, even if the scan loop has
+        // not got round to deleting it. Once per fill: the scan is over the whole store.
+        match lock_store(&self.store).expire((self.now_ms)()) {
+            Ok(gone) if !gone.is_empty() => {
+                tracing::warn!("evidence past evidence.max_age deleted unsent: {}", gone.join(", "))
             }
+            Ok(_) => {}
+            Err(e) => tracing::error!("evidence store: {e}"),
+        }
+        while self.connected && self.in_flight.len() + 2 <= WINDOW {
+            let store = lock_store(&self.store);
             let Some(next) = store.next_undelivered(self.cursor) else { return };
             self.cursor = Some(next.created_ms);
             let evidence = match store.get(&next.id) {
