@@ -539,9 +539,12 @@ pub const RESTART_KEYS: &[&str] = &[
     "evidence.max_bytes",
 ];
 
-/// Keys that are not set over MQTT: the regional preset is the device owner's legal
-/// limit, set in the file on the device.
-pub const LOCAL_ONLY_KEYS: &[&str] = &["preset"];
+/// Keys that are not set over MQTT, only in the file on the device: the regional preset
+/// (the owner's legal limit) and what decides how much of a still is hidden (redaction
+/// level, blur threshold, desk region), so the fleet owner cannot widen what leaves the
+/// device (privacy invariant 3).
+pub const LOCAL_ONLY_KEYS: &[&str] =
+    &["preset", "evidence.redaction", "evidence.person_min_score", "evidence.region"];
 
 /// A validated patch: the config to run now, the file to save, and which changed keys
 /// wait for a restart.
@@ -634,7 +637,7 @@ impl Config {
     ) -> Result<Patched, ConfigErrors> {
         let mut errors = Vec::new();
         for key in LOCAL_ONLY_KEYS {
-            if patch.contains_key(*key) {
+            if patch_touches(patch, key) {
                 errors.push(ConfigError {
                     key: (*key).into(),
                     reason: "is set in the config file on the device, not over MQTT".into(),
@@ -668,6 +671,21 @@ impl Config {
         live.user = next.user.clone();
         Ok(Patched { live, file, restart, changed })
     }
+}
+
+/// Whether a merge patch changes the dotted `key`: sets it, or replaces or removes
+/// (`null`) a table it is in.
+fn patch_touches(patch: &serde_json::Map<String, serde_json::Value>, key: &str) -> bool {
+    let mut table = patch;
+    let mut parts = key.split('.').peekable();
+    while let Some(part) = parts.next() {
+        match table.get(part) {
+            None => return false,
+            Some(serde_json::Value::Object(inner)) if parts.peek().is_some() => table = inner,
+            Some(_) => return true,
+        }
+    }
+    false
 }
 
 /// `a.b.c` in a table.
@@ -1350,6 +1368,20 @@ redaction = "pixelate"
         assert!(e.to_string().contains("not allowed by preset 'no-spot-checks'"), "{e}");
         let e = c.patched(&patch(r#"{"preset": "none"}"#)).unwrap_err();
         assert_eq!(keys(&e), ["preset"]);
+        // What a still hides is set on the device only, also through a parent table.
+        for (p, key) in [
+            (r#"{"evidence": {"redaction": "none"}}"#, "evidence.redaction"),
+            (r#"{"evidence": {"person_min_score": 0.9}}"#, "evidence.person_min_score"),
+            (r#"{"evidence": {"region": []}}"#, "evidence.region"),
+            (r#"{"evidence": null}"#, "evidence.redaction"),
+        ] {
+            let e = c.patched(&patch(p)).unwrap_err();
+            assert!(keys(&e).contains(&key), "{p}: {e}");
+        }
+        assert!(
+            c.patched(&patch(r#"{"evidence": {"jpeg_quality": 70}}"#)).is_ok(),
+            "other evidence keys may change"
+        );
         let e = c
             .patched(&patch(r#"{"scan": {"fps": "fast"}, "evidence": {"max_age": "30d"}, "nope": 1}"#))
             .unwrap_err();
