@@ -219,6 +219,9 @@ impl Board {
                 if !(1.0..=100.0).contains(&period_ms) {
                     err("shutter.period_ms", format!("{period_ms} is outside 1..100"));
                 }
+                if backend != GpioBackend::Rppal && backend != GpioBackend::Sim {
+                    err("shutter.drive", "a servo needs hardware PWM: the rppal (or sim) backend".into());
+                }
                 ShutterDrive::Servo { channel, period_ms, open_duty: open, closed_duty: closed }
             }
             other => {
@@ -343,7 +346,7 @@ mod tests {
             names.push(name);
         }
         names.sort();
-        assert_eq!(names, ["cm4", "qemu-virt", "rpi0-2w-64", "rpi4-64", "rpi5"]);
+        assert_eq!(names, ["cm4", "qemu-virt", "rpi0-2w-64", "rpi4-64", "rpi5", "sim"]);
     }
 
     #[test]

@@ -122,6 +122,7 @@ struct RawCamera {
     width: i64,
     height: i64,
     timeout: String,
+    retry: String,
     #[serde(rename = "loop")]
     looped: bool,
 }
@@ -245,6 +246,8 @@ pub struct CameraConfig {
     pub width: u32,
     pub height: u32,
     pub timeout: Span,
+    /// The first gap before a lost camera is tried again; the gaps double.
+    pub retry: Span,
     pub looped: bool,
 }
 
@@ -905,6 +908,10 @@ impl Validator {
         if !(100..=60_000).contains(&timeout.0) {
             self.err("camera.timeout", "must be between 100ms and 60s");
         }
+        let retry = self.span("camera.retry", &raw.camera.retry);
+        if !(1_000..=300_000).contains(&retry.0) {
+            self.err("camera.retry", "must be between 1s and 5m");
+        }
 
         let model = match raw.detector.model.as_str() {
             "auto" => None,
@@ -1153,7 +1160,7 @@ impl Validator {
             max_break,
             data_dir: PathBuf::from(raw.storage.data_dir),
             audit_max_bytes,
-            camera: CameraConfig { source, width, height, timeout, looped: raw.camera.looped },
+            camera: CameraConfig { source, width, height, timeout, retry, looped: raw.camera.looped },
             detector,
             mqtt: MqttConfig {
                 url,

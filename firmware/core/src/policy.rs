@@ -38,14 +38,19 @@ pub enum Input {
     BreakStart { reason: String },
     /// `cmd/break/end`.
     BreakEnd,
-    /// A long press of the button: starts a break, or ends the current one.
-    ButtonLongPress,
+    /// A (short) press of the button: starts a break, or ends the current one.
+    ButtonPress,
     /// `cmd/identify`: show the identify pattern for this long (not while looking).
     Identify { duration_ms: Millis },
     /// The frame requested by [`Action::Capture`] was read and handed to analysis.
     FrameCaptured,
-    /// The camera failed (missing, unplugged, stalled).
+    /// The camera failed (missing, unplugged, stalled), or a probe found it still gone.
     CameraFault,
+    /// The probe requested by [`Action::ProbeCamera`] opened the camera again.
+    CameraBack,
+    /// The end-stop did not confirm that the shutter closed. Latched until restart:
+    /// the camera stays closed and the LED shows the fault.
+    ShutterFault,
     /// The source has no more frames (a directory without `loop`).
     SourceExhausted,
     /// The daemon is stopping.
@@ -72,6 +77,14 @@ pub enum PolicyEvent {
     ScanSkipped {
         due: Millis,
     },
+    /// The camera failed; retries follow with growing gaps.
+    CameraLost,
+    /// The camera is back after `down_ms`.
+    CameraBack {
+        down_ms: Millis,
+    },
+    /// The shutter did not confirm closing; the camera stays closed until restart.
+    ShutterFault,
 }
 
 /// What the daemon must do, in order.
@@ -82,6 +95,9 @@ pub enum Action {
     CloseShutter,
     /// Read one frame and analyse it; answer with `FrameCaptured` or `CameraFault`.
     Capture,
+    /// The camera is lost: try to open it (no frame is read, the shutter stays closed);
+    /// answer with `CameraBack` or `CameraFault`.
+    ProbeCamera,
     Event(PolicyEvent),
     /// A command was refused; nothing changed. The text says why.
     Refused(&'static str),
@@ -115,8 +131,8 @@ impl Rng {
 
 /// How long the break pattern acknowledges the start of a break before the LED goes off.
 pub const BREAK_ACK_MS: Millis = 3_000;
-/// How long to wait before retrying a failed camera.
-const FAULT_RETRY_MS: Millis = 5_000;
+/// The longest gap between two tries of a lost camera (the gaps double up to this).
+pub const CAMERA_RETRY_MAX_MS: Millis = 300_000;
 /// Frames of one check (spot check or scan-now) are this far apart: close enough to be
 /// one look at the desk, far enough apart to debounce a one-frame detector error.
 const BURST_GAP_MS: Millis = 500;
@@ -128,6 +144,14 @@ pub struct PolicyConfig {
     pub frames_per_check: u32,
     pub shift: Shift,
     pub max_break_ms: Millis,
+    /// The first gap before a lost camera is tried again (`camera.retry`).
+    pub camera_retry_ms: Millis,
+}
+
+#[derive(Clone, Debug)]
+struct Lost {
+    since: Millis,
+    failures: u32,
 }
 
 #[derive(Clone, Debug)]
@@ -142,8 +166,12 @@ pub struct Policy {
     rng: Rng,
     shutter_open: bool,
     led: LedPattern,
-    /// A capture has been requested and not yet answered.
+    /// A capture (or a camera probe) has been requested and not yet answered.
     capturing: bool,
+    /// The camera failed and has not come back.
+    camera_lost: Option<Lost>,
+    /// The shutter did not confirm closing (latched).
+    shutter_fault: bool,
     /// Frames still to take in the current check; 0 when not in a check (continuous
     /// mode keeps looking instead).
     burst_left: u32,
@@ -166,6 +194,8 @@ impl Policy {
             shutter_open: false,
             led: LedPattern::Off,
             capturing: false,
+            camera_lost: None,
+            shutter_fault: false,
             burst_left: 0,
             next_scan: None,
             prewarn_since: None,
@@ -190,6 +220,14 @@ impl Policy {
 
     pub fn on_break(&self) -> bool {
         self.on_break.is_some()
+    }
+
+    pub fn camera_lost(&self) -> bool {
+        self.camera_lost.is_some()
+    }
+
+    pub fn shutter_fault(&self) -> bool {
+        self.shutter_fault
     }
 
     /// Whether the camera may look at `now`: in the shift, not on a break, not `off`.
@@ -232,9 +270,41 @@ impl Policy {
             Input::CameraFault => {
                 self.capturing = false;
                 self.burst_left = 0;
-                self.close(&mut out, LedPattern::Fault);
-                if !matches!(self.cfg.mode, ScanMode::Off) {
-                    self.next_scan = Some(now.saturating_add(FAULT_RETRY_MS));
+                self.prewarn_since = None;
+                let first = self.camera_lost.is_none();
+                let lost = self.camera_lost.get_or_insert(Lost { since: now, failures: 0 });
+                lost.failures = lost.failures.saturating_add(1);
+                let failures = lost.failures;
+                // Closed first, then reported.
+                let idle = self.idle_led();
+                self.close(&mut out, idle);
+                if first {
+                    out.push(Action::Event(PolicyEvent::CameraLost));
+                }
+                self.next_scan = Some(now.saturating_add(self.retry_gap(failures)));
+            }
+            // (Only the answer to a probe: the camera was lost.)
+            Input::CameraBack => {
+                let Some(lost) = self.camera_lost.take() else { return out };
+                self.capturing = false;
+                out.push(Action::Event(PolicyEvent::CameraBack { down_ms: now.saturating_sub(lost.since) }));
+                let idle = self.idle_led();
+                self.set_led(&mut out, idle);
+                // Checks resume as after a start: the next one under the current mode.
+                self.next_scan = None;
+                self.tick(now, &mut out);
+            }
+            Input::ShutterFault => {
+                self.capturing = false;
+                self.burst_left = 0;
+                self.prewarn_since = None;
+                let first = !std::mem::replace(&mut self.shutter_fault, true);
+                // The daemon has driven it closed already; nothing reads a frame again.
+                let idle = self.idle_led();
+                self.close(&mut out, idle);
+                self.next_scan = None;
+                if first {
+                    out.push(Action::Event(PolicyEvent::ShutterFault));
                 }
             }
             Input::ScanNow => {
@@ -264,7 +334,7 @@ impl Policy {
             }
             Input::BreakStart { reason } => self.start_break(now, reason, &mut out),
             Input::BreakEnd => self.end_break(now, false, &mut out),
-            Input::ButtonLongPress => {
+            Input::ButtonPress => {
                 if self.on_break.is_some() {
                     self.end_break(now, false, &mut out);
                 } else {
@@ -281,7 +351,8 @@ impl Policy {
                     self.next_scan = Some(now.saturating_add(BURST_GAP_MS));
                 } else if self.burst_left == 1 || !matches!(self.cfg.mode, ScanMode::Continuous { .. }) {
                     self.burst_left = 0;
-                    self.close(&mut out, LedPattern::Off);
+                    let idle = self.idle_led();
+                    self.close(&mut out, idle);
                     self.schedule_next(now);
                 } else {
                     // Continuous: keep looking, the shutter stays open.
@@ -319,7 +390,8 @@ impl Policy {
         if self.break_ack_until.is_some_and(|until| now >= until) {
             self.break_ack_until = None;
             if self.led == LedPattern::Break {
-                self.set_led(out, LedPattern::Off);
+                let idle = self.idle_led();
+                self.set_led(out, idle);
             }
         }
     }
@@ -330,7 +402,19 @@ impl Policy {
                 self.end_break(now, true, out);
             }
         }
-        if self.capturing {
+        if self.capturing || self.shutter_fault {
+            return;
+        }
+        if self.camera_lost.is_some() {
+            // Tried again when the gap is over, and only when the camera may look then:
+            // a probe opens the device but reads nothing, and the shutter stays closed.
+            if !self.may_look(now) {
+                let idle = self.idle_led();
+                self.close(out, idle);
+            } else if self.next_scan.is_none_or(|due| now >= due) {
+                self.capturing = true;
+                out.push(Action::ProbeCamera);
+            }
             return;
         }
         if !self.may_look(now) {
@@ -380,23 +464,43 @@ impl Policy {
     }
 
     fn refusal(&self, now: Millis) -> Option<&'static str> {
-        if matches!(self.cfg.mode, ScanMode::Off) {
+        if self.shutter_fault {
+            Some("the shutter did not confirm closing: the camera stays closed until the device is serviced")
+        } else if matches!(self.cfg.mode, ScanMode::Off) {
             Some("monitoring is off (scan.mode = \"off\")")
         } else if self.on_break.is_some() {
             Some("the worker is on a break")
         } else if !self.cfg.shift.contains(now) {
             Some("outside the shift")
+        } else if self.camera_lost.is_some() {
+            Some("the camera is not available (retrying)")
         } else {
             None
         }
     }
 
+    /// What the LED shows when the camera does not look: in a break its short
+    /// acknowledgement, then nothing (invariant 1, whatever else is wrong); otherwise a
+    /// lasting fault, else nothing.
     fn idle_led(&self) -> LedPattern {
-        if self.on_break.is_some() && self.break_ack_until.is_some() {
-            LedPattern::Break
+        if self.on_break.is_some() {
+            if self.break_ack_until.is_some() {
+                LedPattern::Break
+            } else {
+                LedPattern::Off
+            }
+        } else if self.shutter_fault || self.camera_lost.is_some() {
+            LedPattern::Fault
         } else {
             LedPattern::Off
         }
+    }
+
+    /// Gaps between tries of a lost camera: `camera.retry`, doubling, at most
+    /// [`CAMERA_RETRY_MAX_MS`].
+    fn retry_gap(&self, failures: u32) -> Millis {
+        let base = self.cfg.camera_retry_ms.max(1);
+        base.saturating_mul(1 << failures.saturating_sub(1).min(20)).min(CAMERA_RETRY_MAX_MS.max(base))
     }
 
     fn start_break(&mut self, now: Millis, reason: String, out: &mut Vec<Action>) {
@@ -419,7 +523,8 @@ impl Policy {
             return;
         };
         self.break_ack_until = None;
-        self.set_led(out, LedPattern::Off);
+        let idle = self.idle_led();
+        self.set_led(out, idle);
         out.push(Action::Event(PolicyEvent::BreakEnded {
             reason: b.reason,
             duration_ms: now.saturating_sub(b.since),

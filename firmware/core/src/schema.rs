@@ -79,9 +79,12 @@ pub struct State {
     pub v: u32,
     pub device_id: String,
     pub mode: String,
+    /// `open`, `closed`, or `fault` (the end-stop did not confirm closing).
     pub shutter: String,
     #[serde(rename = "break")]
     pub on_break: bool,
+    /// `ok`, or `lost` while the camera is missing, unplugged or stalled.
+    pub camera: String,
     pub firmware: String,
     pub model: ModelInfo,
 }
@@ -181,6 +184,9 @@ pub struct QueueDrops {
     pub audit: u64,
     pub replies: u64,
     pub commands: u64,
+    /// Button presses not taken in time.
+    #[serde(default)]
+    pub button: u64,
     /// Evidence evicted from the store for space (`evidence.max_bytes`).
     pub evidence_evicted: u64,
     /// Evidence deleted unsent at `evidence.max_age`.
@@ -205,8 +211,14 @@ pub enum ScanResult {
     Violation,
     /// A scheduled scan fell outside the shift or into a break and was not taken.
     Skipped,
-    /// The camera failed; nothing was looked at.
-    Fault,
+    /// The camera failed (missing, unplugged, stalled); nothing was looked at.
+    /// Recorded once per outage; retries follow with growing gaps.
+    CameraLost,
+    /// The camera is back after an outage.
+    CameraBack,
+    /// The end-stop did not confirm that the shutter closed: the camera stays closed
+    /// until the device is serviced.
+    ShutterFault,
 }
 
 impl ScanResult {

@@ -133,6 +133,7 @@ pub fn run(args: DemoArgs) -> Result<ExitCode> {
     let data_dir = args.out.join("device-data");
     set(&mut table, "storage.data_dir", data_dir.display().to_string().into());
     let config = Config::from_table(table).map_err(|e| anyhow::anyhow!("demo config: {e}"))?;
+    let (_, board) = crate::board::load(&config.board).map_err(anyhow::Error::msg)?;
 
     std::fs::create_dir_all(&args.out).with_context(|| format!("creating {}", args.out.display()))?;
     println!("deskcam demo: {what}");
@@ -147,7 +148,7 @@ pub fn run(args: DemoArgs) -> Result<ExitCode> {
     subscribe(&url, &topics, &args.out, received.clone())?;
 
     let mut stats = Arc::new(UplinkStats::default());
-    let summary = crate::run_pipeline(config, None, Report::Print, Some(&mut stats), args.frames)?;
+    let summary = crate::run_pipeline(config, board, None, Report::Print, Some(&mut stats), args.frames)?;
 
     // Give the subscriber a moment to receive what the broker acknowledged.
     let want = summary.events.values().sum::<u64>();

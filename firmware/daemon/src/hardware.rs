@@ -1,62 +1,382 @@
-//! The device's shutter and LED as the daemon uses them. Only the simulated backend
-//! exists so far; board backends (rppal, GPIO character device) plug in here.
+//! The device's shutter, LED and button as the daemon uses them, on the backend the
+//! board config names (`rppal`, `gpiocdev`) or simulated (`sim` boards, the demo).
 //!
 //! Besides the drivers, the hardware hands out an emergency handle: other handles on
-//! the same lines that drive them to the safe levels (shutter closed, then LED off)
-//! without going through the drivers, for the panic hook and the stall guard.
+//! the same lines that drive them to the safe levels (shutter closed, then LED off) and
+//! freeze them there, without going through the drivers, for the panic hook and the
+//! stall guard. A panel thread advances the LED's blink patterns and samples the
+//! button; presses reach the scan loop through a bounded queue.
 
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::mpsc::{Receiver, SyncSender};
 use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
+use deskcam_core::board::{Board, GpioBackend, LedKind, ShutterDrive};
 use deskcam_core::policy::LedPattern;
-use deskcam_hw::sim::{Recorder, SimPin};
-use deskcam_hw::{HwError, Shutter, ShutterOpen, StatusLed};
-use embedded_hal::digital::OutputPin;
+use deskcam_hw::sim::{Level, Recorder, SimPin, SimPwm};
+use deskcam_hw::{
+    AnyInput, AnyOutput, AnyPwm, Button, EndStop, HwError, Press, Shared, Shutter, ShutterOpen, StatusLed,
+};
+use embedded_hal::digital::{ErrorType, InputPin, OutputPin};
+use embedded_hal::pwm::SetDutyCycle;
 
 /// Drives the safe levels from any thread, whatever the drivers' state.
 pub type Emergency = Arc<dyn Fn() + Send + Sync>;
 
 /// Environment variable: append every simulated pin transition to this file.
 pub const SIM_TRACE_ENV: &str = "DESKCAM_SIM_TRACE";
+/// Environment variable: the simulated button is held while this file exists.
+pub const SIM_BUTTON_ENV: &str = "DESKCAM_SIM_BUTTON";
+/// Environment variable: `stuck` makes the simulated end-stop report the shutter open
+/// once it has opened (a jammed shutter), to exercise the fault path.
+pub const SIM_END_STOP_ENV: &str = "DESKCAM_SIM_END_STOP";
+
+/// How often the panel thread advances the LED and samples the button.
+const PANEL_TICK: Duration = Duration::from_millis(10);
+/// Button presses waiting for the scan loop; more are dropped and counted.
+const PRESS_QUEUE: usize = 8;
+
+#[derive(Clone)]
+enum ShutterLine {
+    Pin { line: Shared<AnyOutput>, active_low: bool },
+    Servo { pwm: Shared<AnyPwm>, open: f32, closed: f32 },
+}
+
+impl ShutterLine {
+    fn drive_closed(&self) {
+        match self {
+            ShutterLine::Pin { line, active_low } => line.freeze(|p| {
+                let _ = if *active_low { p.set_high() } else { p.set_low() };
+            }),
+            ShutterLine::Servo { pwm, closed, .. } => pwm.freeze(|w| {
+                let duty = (closed * f32::from(w.max_duty_cycle())).round() as u16;
+                let _ = w.set_duty_cycle(duty);
+            }),
+        }
+    }
+}
+
+/// The lines a backend hands over, each already at its safe level.
+struct Lines {
+    shutter: ShutterLine,
+    led: Vec<Shared<AnyOutput>>,
+    end_stop: Option<AnyInput>,
+    button: Option<AnyInput>,
+}
+
+fn led_names(kind: LedKind) -> &'static [&'static str] {
+    match kind {
+        LedKind::Single => &["led"],
+        LedKind::Bicolour => &["led-green", "led-red"],
+        LedKind::Rgb => &["led-red", "led-green", "led-blue"],
+    }
+}
+
+/// An input computed by a closure (the simulated end-stop and button).
+struct FnInput<F>(F);
+
+impl<F> ErrorType for FnInput<F> {
+    type Error = std::convert::Infallible;
+}
+
+impl<F: FnMut() -> bool> InputPin for FnInput<F> {
+    fn is_high(&mut self) -> Result<bool, Self::Error> {
+        Ok((self.0)())
+    }
+    fn is_low(&mut self) -> Result<bool, Self::Error> {
+        Ok(!(self.0)())
+    }
+}
+
+fn sim_lines(board: &Board, echo: bool) -> Result<Lines, HwError> {
+    // (The demo prints what the LED and shutter do, not every blink: see `say`.)
+    let _ = echo;
+    let mut recorder = Recorder::default();
+    if let Some(path) = std::env::var_os(SIM_TRACE_ENV) {
+        recorder = recorder.tracing_to(std::path::Path::new(&path)).map_err(|e| HwError::Backend {
+            what: "sim trace".into(),
+            detail: format!("{}: {e}", path.to_string_lossy()),
+        })?;
+    }
+    let led_off = board.led_active_low;
+    let led = led_names(board.led_kind)
+        .iter()
+        .map(|name| {
+            let mut p = SimPin::new(name, recorder.clone());
+            let _ = if led_off { p.set_high() } else { p.set_low() };
+            Shared::new(AnyOutput::new(p))
+        })
+        .collect();
+    let (shutter, closed_level) = match &board.shutter {
+        ShutterDrive::Pin { active_low, .. } => {
+            let mut p = SimPin::new("shutter", recorder.clone());
+            let _ = if *active_low { p.set_high() } else { p.set_low() };
+            let level = if *active_low { Level::High } else { Level::Low };
+            (ShutterLine::Pin { line: Shared::new(AnyOutput::new(p)), active_low: *active_low }, level)
+        }
+        ShutterDrive::Servo { open_duty, closed_duty, .. } => {
+            let duty = (closed_duty * f32::from(u16::MAX)).round() as u16;
+            let mut w = SimPwm::new("shutter", recorder.clone());
+            let _ = w.set_duty_cycle(duty);
+            let pwm = Shared::new(AnyPwm::new(w));
+            (ShutterLine::Servo { pwm, open: *open_duty, closed: *closed_duty }, Level::Duty(duty))
+        }
+    };
+    // The simulated end-stop follows the shutter line, unless told to jam.
+    let end_stop = board.end_stop.map(|e| {
+        let rec = recorder.clone();
+        let stuck = std::env::var(SIM_END_STOP_ENV).is_ok_and(|v| v == "stuck");
+        AnyInput::new(FnInput(move || {
+            let closed = rec.level("shutter") == Some(closed_level);
+            // Jammed: once it has opened, it never reaches the switch again.
+            let jammed =
+                stuck && rec.transitions().iter().any(|t| t.pin == "shutter" && t.level != closed_level);
+            let made = closed && !jammed;
+            made != e.active_low
+        }))
+    });
+    let button = board.button.map(|b| {
+        let file = std::env::var_os(SIM_BUTTON_ENV);
+        AnyInput::new(FnInput(move || {
+            let down = file.as_ref().is_some_and(|f| std::path::Path::new(f).exists());
+            down != b.active_low
+        }))
+    });
+    Ok(Lines { shutter, led, end_stop, button })
+}
+
+#[cfg(feature = "gpiocdev")]
+fn cdev_lines(board: &Board) -> Result<Lines, HwError> {
+    use deskcam_hw::cdev;
+    let chip = board.chip.clone().ok_or_else(|| HwError::Backend {
+        what: "gpio.chip".into(),
+        detail: "the board config names no chip".into(),
+    })?;
+    let shutter = match &board.shutter {
+        ShutterDrive::Pin { line, active_low } => {
+            let l = cdev::output(&chip, *line, "deskcam-shutter", *active_low)?;
+            ShutterLine::Pin { line: Shared::new(AnyOutput::new(l)), active_low: *active_low }
+        }
+        ShutterDrive::Servo { .. } => {
+            return Err(HwError::Backend {
+                what: "shutter".into(),
+                detail: "a servo shutter needs hardware PWM: use the rppal backend".into(),
+            })
+        }
+    };
+    let mut led = Vec::new();
+    for (line, name) in board.led_lines.iter().zip(led_names(board.led_kind)) {
+        let l = cdev::output(&chip, *line, &format!("deskcam-{name}"), board.led_active_low)?;
+        led.push(Shared::new(AnyOutput::new(l)));
+    }
+    let end_stop = match board.end_stop {
+        Some(e) => Some(AnyInput::new(cdev::input(&chip, e.line, "deskcam-end-stop", e.active_low)?)),
+        None => None,
+    };
+    let button = match board.button {
+        Some(b) => Some(AnyInput::new(cdev::input(&chip, b.line, "deskcam-button", b.active_low)?)),
+        None => None,
+    };
+    Ok(Lines { shutter, led, end_stop, button })
+}
+
+#[cfg(feature = "rppal")]
+fn rppal_lines(board: &Board) -> Result<Lines, HwError> {
+    use deskcam_hw::rpi;
+    let gpio = rpi::gpio()?;
+    let bcm = |line: u32| u8::try_from(line).unwrap_or(u8::MAX);
+    let shutter = match &board.shutter {
+        ShutterDrive::Pin { line, active_low } => {
+            let p = rpi::output(&gpio, bcm(*line), "shutter", *active_low)?;
+            ShutterLine::Pin { line: Shared::new(AnyOutput::new(p)), active_low: *active_low }
+        }
+        ShutterDrive::Servo { channel, period_ms, open_duty, closed_duty } => {
+            let pwm = rpi::pwm(*channel, *period_ms, *closed_duty)?;
+            ShutterLine::Servo { pwm: Shared::new(AnyPwm::new(pwm)), open: *open_duty, closed: *closed_duty }
+        }
+    };
+    let mut led = Vec::new();
+    for (line, name) in board.led_lines.iter().zip(led_names(board.led_kind)) {
+        let p = rpi::output(&gpio, bcm(*line), name, board.led_active_low)?;
+        led.push(Shared::new(AnyOutput::new(p)));
+    }
+    let end_stop = match board.end_stop {
+        Some(e) => Some(AnyInput::new(rpi::input(&gpio, bcm(e.line), "end-stop", e.active_low)?)),
+        None => None,
+    };
+    let button = match board.button {
+        Some(b) => Some(AnyInput::new(rpi::input(&gpio, bcm(b.line), "button", b.active_low)?)),
+        None => None,
+    };
+    Ok(Lines { shutter, led, end_stop, button })
+}
+
+#[cfg(not(all(feature = "gpiocdev", feature = "rppal")))]
+fn not_built(backend: &str) -> HwError {
+    HwError::Backend {
+        what: format!("GPIO backend {backend}"),
+        detail: format!("this build has no {backend} support (cargo feature `{backend}`)"),
+    }
+}
 
 pub struct Hardware {
-    // Declaration order is drop order: the shutter closes before the LED goes off.
-    shutter: Shutter<SimPin>,
-    led: StatusLed<SimPin>,
+    // Declaration order is drop order: the panel thread stops first, then the shutter
+    // closes, then the LED goes off.
+    panel: Panel,
+    shutter: Shutter,
+    led: Arc<Mutex<StatusLed>>,
+    presses: Receiver<Press>,
     echo: bool,
     emergency: Emergency,
+    simulated: bool,
+    /// The end-stop did not confirm the shutter closed at start.
+    start_fault: Option<String>,
+}
+
+struct Panel {
+    stop: Arc<AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+    dropped: Arc<AtomicU64>,
+}
+
+impl Drop for Panel {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+fn spawn_panel(led: Arc<Mutex<StatusLed>>, mut button: Option<Button>, tx: SyncSender<Press>) -> Panel {
+    let stop = Arc::new(AtomicBool::new(false));
+    let dropped = Arc::new(AtomicU64::new(0));
+    let (s, d) = (stop.clone(), dropped.clone());
+    let thread = std::thread::Builder::new()
+        .name("panel".into())
+        .spawn(move || {
+            let start = Instant::now();
+            let mut reported = false;
+            while !s.load(Ordering::SeqCst) {
+                if let Err(e) = led.lock().unwrap_or_else(|p| p.into_inner()).tick() {
+                    if !std::mem::replace(&mut reported, true) {
+                        tracing::error!("LED: {e}");
+                    }
+                }
+                if let Some(b) = button.as_mut() {
+                    match b.poll(start.elapsed().as_millis() as u64) {
+                        Ok(Some(p)) => {
+                            if tx.try_send(p).is_err() {
+                                d.fetch_add(1, Ordering::Relaxed);
+                            }
+                        }
+                        Ok(None) => {}
+                        Err(e) => {
+                            if !std::mem::replace(&mut reported, true) {
+                                tracing::error!("button: {e}");
+                            }
+                        }
+                    }
+                }
+                std::thread::sleep(PANEL_TICK);
+            }
+        })
+        .ok();
+    Panel { stop, thread, dropped }
 }
 
 impl Hardware {
-    /// Simulated GPIO. Creating it drives the safe state: shutter closed, LED off.
-    pub fn simulated(echo: bool) -> Result<Self, HwError> {
-        let mut recorder = Recorder::default();
-        if let Some(path) = std::env::var_os(SIM_TRACE_ENV) {
-            recorder = recorder.tracing_to(std::path::Path::new(&path)).map_err(|e| HwError::Pin {
-                what: "sim trace",
-                detail: format!("{}: {e}", path.to_string_lossy()),
-            })?;
-        }
-        let (led_pin, shutter_pin) = (SimPin::new("led", recorder.clone()), SimPin::new("shutter", recorder));
-        let spare = Mutex::new((shutter_pin.clone(), led_pin.clone()));
-        // Active-high lines: low is closed and off.
+    /// The board's lines on its backend, or simulated ones of the same layout. Every
+    /// line is requested at its safe level (shutter closed, LED off) before anything
+    /// else; with an end-stop, the closed position is checked at once.
+    pub fn open(board: &Board, simulate: bool, echo: bool) -> Result<Self, HwError> {
+        let backend = if simulate { GpioBackend::Sim } else { board.backend };
+        let lines = match backend {
+            GpioBackend::Sim => sim_lines(board, echo)?,
+            #[cfg(feature = "gpiocdev")]
+            GpioBackend::Gpiocdev => cdev_lines(board)?,
+            #[cfg(not(feature = "gpiocdev"))]
+            GpioBackend::Gpiocdev => return Err(not_built("gpiocdev")),
+            #[cfg(feature = "rppal")]
+            GpioBackend::Rppal => rppal_lines(board)?,
+            #[cfg(not(feature = "rppal"))]
+            GpioBackend::Rppal => return Err(not_built("rppal")),
+        };
+        let (shutter_line, led_lines) = (lines.shutter.clone(), lines.led.clone());
+        let led_active_low = board.led_active_low;
         let emergency: Emergency = Arc::new(move || {
-            let mut pins = spare.lock().unwrap_or_else(|p| p.into_inner());
-            let _ = pins.0.set_low();
-            let _ = pins.1.set_low();
+            shutter_line.drive_closed();
+            for l in &led_lines {
+                l.freeze(|p| {
+                    let _ = if led_active_low { p.set_high() } else { p.set_low() };
+                });
+            }
         });
-        // LED first, shutter second: both end in their safe state before anything runs.
-        let led = StatusLed::new(led_pin, false)?;
-        let shutter = Shutter::new(shutter_pin, false)?;
-        Ok(Hardware { led, shutter, echo, emergency })
+        let led = StatusLed::new(board.led_kind, lines.led, board.led_active_low)?;
+        let mut shutter = match lines.shutter {
+            ShutterLine::Pin { line, active_low } => Shutter::with_pin(line, active_low)?,
+            ShutterLine::Servo { pwm, open, closed } => Shutter::with_servo(pwm, open, closed)?,
+        };
+        let mut start_fault = None;
+        if let (Some(pin), Some(e)) = (lines.end_stop, board.end_stop) {
+            // A servo swings for a few hundred ms; a solenoid snaps.
+            let settle = match board.shutter {
+                ShutterDrive::Servo { .. } => Duration::from_millis(800),
+                ShutterDrive::Pin { .. } => Duration::from_millis(200),
+            };
+            shutter = shutter.with_end_stop(EndStop::new(pin, e.active_low, settle));
+            if let Err(e) = shutter.close() {
+                start_fault = Some(e.to_string());
+            }
+        }
+        let button = lines.button.zip(board.button).map(|(pin, b)| Button::new(pin, b.active_low));
+        let led = Arc::new(Mutex::new(led));
+        let (tx, presses) = std::sync::mpsc::sync_channel(PRESS_QUEUE);
+        let panel = spawn_panel(led.clone(), button, tx);
+        Ok(Hardware {
+            panel,
+            shutter,
+            led,
+            presses,
+            echo,
+            emergency,
+            simulated: backend == GpioBackend::Sim,
+            start_fault,
+        })
     }
 
     pub fn emergency(&self) -> Emergency {
         self.emergency.clone()
     }
 
+    /// Whether the lines are simulated (no physical shutter or LED moves).
+    pub fn simulated(&self) -> bool {
+        self.simulated
+    }
+
+    /// The end-stop's complaint at start, if the shutter did not confirm closed.
+    pub fn start_fault(&self) -> Option<&str> {
+        self.start_fault.as_deref()
+    }
+
+    /// Button presses since the last call.
+    pub fn presses(&self) -> Vec<Press> {
+        self.presses.try_iter().collect()
+    }
+
+    /// Counts presses dropped because the scan loop did not take them in time.
+    pub fn press_drops(&self) -> Arc<AtomicU64> {
+        self.panel.dropped.clone()
+    }
+
+    fn led(&self) -> std::sync::MutexGuard<'_, StatusLed> {
+        self.led.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
     pub fn set_led(&mut self, p: LedPattern) -> Result<(), HwError> {
-        let changed = self.led.pattern() != p;
-        self.led.set(p)?;
+        let changed = self.led().pattern() != p;
+        self.led().set(p)?;
         if changed {
             self.say(&format!("LED {}", led_name(p)));
         }
@@ -64,11 +384,16 @@ impl Hardware {
     }
 
     pub fn open_shutter(&mut self) -> Result<ShutterOpen, HwError> {
-        let token = self.shutter.open(&self.led)?;
+        let token = {
+            let led = self.led.lock().unwrap_or_else(|p| p.into_inner());
+            self.shutter.open(&led)?
+        };
         self.say("shutter open");
         Ok(token)
     }
 
+    /// Drives the shutter closed; with an end-stop, [`HwError::NotClosed`] if it does
+    /// not confirm.
     pub fn close_shutter(&mut self) -> Result<(), HwError> {
         let changed = self.shutter.is_open();
         self.shutter.close()?;
@@ -80,15 +405,16 @@ impl Hardware {
 
     /// Closes the shutter, then turns the LED off: the order the design requires.
     pub fn safe_state(&mut self) -> Result<(), HwError> {
-        self.close_shutter()?;
-        self.set_led(LedPattern::Off)
+        let closed = self.close_shutter();
+        self.set_led(LedPattern::Off)?;
+        closed
     }
 
     fn say(&self, what: &str) {
         if self.echo {
-            println!("      gpio(sim): {what}");
+            println!("      gpio: {what}");
         } else {
-            tracing::debug!("gpio(sim): {what}");
+            tracing::debug!("gpio: {what}");
         }
     }
 }

@@ -24,6 +24,7 @@ use std::time::Duration;
 
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
+use deskcam_core::board::{Board, GpioBackend};
 use deskcam_core::schema::{ModelInfo, State, Topics};
 use deskcam_core::Config;
 use deskcam_uplink::{DropOldest, UplinkConfig, UplinkStats};
@@ -62,8 +63,13 @@ enum Command {
     /// Print the default config or check a config file.
     #[command(subcommand)]
     Config(ConfigCmd),
-    /// Close the shutter and turn the LED off, then exit (service stop hook).
-    SafeState,
+    /// Close the shutter and turn the LED off on the configured board, then exit
+    /// (service stop hook). Exit 3: the board's GPIO is simulated, nothing moved.
+    SafeState {
+        /// Config file [env DESKCAM_CONFIG, default /data/deskcam.toml].
+        #[arg(long, short)]
+        config: Option<PathBuf>,
+    },
     /// Print the audit log kept on this device (one line per scan, JSON).
     Audit {
         /// Config file [env DESKCAM_CONFIG, default /data/deskcam.toml].
@@ -95,7 +101,7 @@ fn main() -> ExitCode {
             Ok(ExitCode::SUCCESS)
         }
         Command::Config(ConfigCmd::Check { file }) => config_check(&file),
-        Command::SafeState => safe_state(),
+        Command::SafeState { config } => safe_state(config),
         Command::Audit { config } => print_audit(config),
         Command::Run { config } => run_daemon(config),
         Command::Demo(args) => demo::run(args),
@@ -109,15 +115,26 @@ fn main() -> ExitCode {
     }
 }
 
-/// Reads and validates a config file. Invalid configs are reported in full.
-/// Reads and validates a config file and the board config it names.
-pub fn load_config(path: &Path) -> Result<Result<Config, String>> {
+/// Reads and validates a config file and the board config it names. Invalid configs
+/// are reported in full.
+pub fn load_config(path: &Path) -> Result<Result<(Config, Board), String>> {
     let text = std::fs::read_to_string(path).with_context(|| format!("reading config {}", path.display()))?;
     let config = match Config::from_toml(&text) {
         Ok(c) => c,
         Err(e) => return Ok(Err(format!("{}: {e}", path.display()))),
     };
-    Ok(board::load(&config.board).map(|_| config).map_err(|e| format!("{}: {e}\n", path.display())))
+    Ok(board::load(&config.board)
+        .map(|(board_path, board)| {
+            tracing::info!(
+                "board {} ({}), GPIO {:?}, from {}",
+                board.name,
+                board.description,
+                board.backend,
+                board_path.display()
+            );
+            (config, board)
+        })
+        .map_err(|e| format!("{}: {e}\n", path.display())))
 }
 
 fn config_check(file: &Path) -> Result<ExitCode> {
@@ -133,16 +150,30 @@ fn config_check(file: &Path) -> Result<ExitCode> {
     }
 }
 
-fn safe_state() -> Result<ExitCode> {
-    // Constructing the drivers drives both pins to their safe levels.
-    let mut hw = Hardware::simulated(false).context("opening GPIO")?;
-    hw.safe_state().context("driving the safe state")?;
-    // Say plainly that no physical pin moved: a stop hook must not report a safety
-    // action it did not take.
-    eprintln!(
-        "deskcam safe-state: this build has only simulated GPIO; no physical shutter or LED was driven"
-    );
-    Ok(ExitCode::from(3))
+fn safe_state(config: Option<PathBuf>) -> Result<ExitCode> {
+    let board = match load_config(&config_path(config))? {
+        Ok((_, board)) => board,
+        Err(e) => {
+            eprint!("deskcam safe-state: {e}");
+            return Ok(ExitCode::from(2));
+        }
+    };
+    // Requesting the lines drives them to their safe levels; then the drivers do it
+    // again, the end-stop included.
+    let mut hw = Hardware::open(&board, board.backend == GpioBackend::Sim, false).context("opening GPIO")?;
+    let checked = hw.safe_state();
+    if hw.simulated() {
+        // Say plainly that no physical pin moved: a stop hook must not report a safety
+        // action it did not take.
+        eprintln!(
+            "deskcam safe-state: board '{}' has simulated GPIO; no physical shutter or LED was driven",
+            board.name
+        );
+        return Ok(ExitCode::from(3));
+    }
+    checked.context("driving the safe state")?;
+    eprintln!("deskcam safe-state: shutter closed, LED off ({})", board.name);
+    Ok(ExitCode::SUCCESS)
 }
 
 fn config_path(config: Option<PathBuf>) -> PathBuf {
@@ -153,7 +184,7 @@ fn config_path(config: Option<PathBuf>) -> PathBuf {
 
 fn print_audit(config: Option<PathBuf>) -> Result<ExitCode> {
     let config = match load_config(&config_path(config))? {
-        Ok(c) => c,
+        Ok((c, _)) => c,
         Err(e) => {
             eprint!("{e}");
             return Ok(ExitCode::from(2));
@@ -169,7 +200,7 @@ fn print_audit(config: Option<PathBuf>) -> Result<ExitCode> {
 
 fn run_daemon(config: Option<PathBuf>) -> Result<ExitCode> {
     let path = config_path(config);
-    let config = match load_config(&path)? {
+    let (config, board) = match load_config(&path)? {
         Ok(c) => c,
         Err(e) => {
             eprint!("deskcam: refusing to start: {e}");
@@ -177,16 +208,18 @@ fn run_daemon(config: Option<PathBuf>) -> Result<ExitCode> {
         }
     };
     if matches!(config.camera.source, deskcam_core::config::SourceSpec::V4l2(_))
+        && board.backend == GpioBackend::Sim
         && std::env::var_os(ALLOW_SIM_GPIO_ENV).is_none()
     {
         eprintln!(
-            "deskcam: refusing to start: this build drives only simulated GPIO, so a real camera \
-             would look without a physical shutter or LED. Use a photo directory \
-             (camera.source = \"dir:...\"), `deskcam demo`, or set {ALLOW_SIM_GPIO_ENV}=1 on a development machine."
+            "deskcam: refusing to start: board '{}' has simulated GPIO, so a real camera \
+             would look without a physical shutter or LED. Use the board's own config, a photo directory \
+             (camera.source = \"dir:...\"), `deskcam demo`, or set {ALLOW_SIM_GPIO_ENV}=1 on a development machine.",
+            board.name
         );
         return Ok(ExitCode::from(2));
     }
-    let summary = run_pipeline(config, Some(path), Report::Log, None, None)?;
+    let summary = run_pipeline(config, board, Some(path), Report::Log, None, None)?;
     tracing::info!(frames = summary.frames, events = summary.events.values().sum::<u64>(), "stopped");
     Ok(ExitCode::SUCCESS)
 }
@@ -258,25 +291,24 @@ fn install_panic_hook(emergency: hardware::Emergency) {
 /// hardware safe state first, then the uplink drains and says `offline`).
 pub fn run_pipeline(
     config: Config,
+    board: Board,
     config_path: Option<PathBuf>,
     report: Report,
     stats_out: Option<&mut Arc<UplinkStats>>,
     max_frames: Option<u64>,
 ) -> Result<Summary> {
-    let (board_path, board) = board::load(&config.board).map_err(anyhow::Error::msg)?;
-    tracing::info!(
-        "board {} ({}), GPIO {:?}, from {}",
-        board.name,
-        board.description,
-        board.backend,
-        board_path.display()
-    );
     let model_path = model::locate(config.detector.model.as_ref()).map_err(anyhow::Error::msg)?;
     let t = std::time::Instant::now();
     let detector = Detector::load(&model_path, config.detector.min_score, config.detector.nms_iou)
         .context("loading the detector")?;
     tracing::info!("model {} loaded and optimised in {} ms", model_path.display(), t.elapsed().as_millis());
-    let hardware = Hardware::simulated(report == Report::Print).context("opening GPIO")?;
+    // The demo always simulates the board's lines; `run` uses the board's backend.
+    let simulate = report == Report::Print || board.backend == GpioBackend::Sim;
+    let hardware = Hardware::open(&board, simulate, report == Report::Print).context("opening GPIO")?;
+    tracing::info!(
+        "GPIO: {}",
+        if hardware.simulated() { "simulated".to_string() } else { format!("{:?}", board.backend) }
+    );
     let emergency = hardware.emergency();
     install_panic_hook(emergency.clone());
     let notifier = notify::Notifier::from_env();
@@ -287,6 +319,7 @@ pub fn run_pipeline(
         mode: config.scan.name().into(),
         shutter: "closed".into(),
         on_break: false,
+        camera: "ok".into(),
         firmware: env!("CARGO_PKG_VERSION").into(),
         model: ModelInfo {
             name: model_path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default(),
@@ -375,6 +408,7 @@ pub fn run_pipeline(
             audit: audit_out.clone(),
             replies: replies.clone(),
             uplink: stats.clone(),
+            button_drops: hardware.press_drops(),
             data_dir,
         };
         runtime.spawn(telemetry::run(sources, telemetry_every, telemetry_tx, shutdown_rx.clone()));

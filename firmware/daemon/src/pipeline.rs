@@ -16,7 +16,7 @@ use deskcam_core::schema::{
     AuditEntry, EventBox, FrameSize, Reply, ScanResult, State, StillInfo, ViolationEvent, SCHEMA_VERSION,
 };
 use deskcam_core::{Config, Detection};
-use deskcam_hw::ShutterOpen;
+use deskcam_hw::{HwError, Press, ShutterOpen};
 use deskcam_uplink::{lock_store, DropOldest, SharedStore, MAX_PACKET_BYTES};
 use deskcam_vision::source::open_source;
 use deskcam_vision::{render_still, CaptureError, Detector, Frame, FrameSource};
@@ -107,6 +107,9 @@ pub struct Pipeline {
     pub progress: Arc<std::sync::atomic::AtomicU64>,
 }
 
+/// How long a long press of the button shows the identify pattern.
+const LONG_PRESS_IDENTIFY_MS: u64 = 5_000;
+
 fn unix_ms() -> u64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
 }
@@ -126,7 +129,10 @@ impl Pipeline {
         let mut seq = 0u64;
         let mut pending: Vec<Pending> = vec![(Input::Tick, None)];
         let mut scan: Option<Scan> = None;
-        let mut faulted = false;
+        if let Some(e) = self.hardware.start_fault() {
+            tracing::error!("{e}; the camera stays closed");
+            pending.push((Input::ShutterFault, None));
+        }
 
         'outer: loop {
             self.progress.fetch_add(1, Ordering::Relaxed);
@@ -171,10 +177,7 @@ impl Pipeline {
                             // device is a fault with the shutter still closed.
                             if let Err(e) = self.ensure_source(&mut source, &mut rules, now()) {
                                 summary.faults += 1;
-                                if !std::mem::replace(&mut faulted, true) {
-                                    self.record(ScanResult::Fault, 0, Vec::new());
-                                }
-                                tracing::error!("{e}; retrying in 5s");
+                                tracing::error!("{e}");
                                 pending.push((Input::CameraFault, None));
                                 continue;
                             }
@@ -199,8 +202,13 @@ impl Pipeline {
                             if let Some(s) = source.as_mut() {
                                 s.pause();
                             }
-                            if let Err(e) = self.hardware.close_shutter() {
-                                tracing::error!("shutter: {e}");
+                            match self.hardware.close_shutter() {
+                                Ok(()) => {}
+                                Err(e @ HwError::NotClosed { .. }) => {
+                                    tracing::error!("{e}; the camera stays closed");
+                                    pending.push((Input::ShutterFault, None));
+                                }
+                                Err(e) => tracing::error!("shutter: {e}"),
                             }
                             if !shutting_down {
                                 self.publish_state("closed");
@@ -218,7 +226,6 @@ impl Pipeline {
                             let input = match outcome {
                                 Ok(frame) => {
                                     seq += 1;
-                                    faulted = false;
                                     let (fired, prepared) =
                                         self.analyse(&frame, now(), seq, &mut rules, &mut summary);
                                     let looked = Scan { frames: 1, rules: fired, evidence: prepared };
@@ -242,10 +249,7 @@ impl Pipeline {
                                 Err(CaptureError::Exhausted) => Input::SourceExhausted,
                                 Err(e) => {
                                     summary.faults += 1;
-                                    if !std::mem::replace(&mut faulted, true) {
-                                        self.record(ScanResult::Fault, 0, Vec::new());
-                                    }
-                                    tracing::error!("{e}; closing the shutter, retrying in 5s");
+                                    tracing::error!("{e}; closing the shutter");
                                     // Reopen from scratch next time: the device may come back
                                     // under the same path.
                                     source = None;
@@ -254,8 +258,35 @@ impl Pipeline {
                             };
                             pending.push((input, None));
                         }
+                        Action::ProbeCamera => {
+                            let input = match self.ensure_source(&mut source, &mut rules, now()) {
+                                Ok(()) => Input::CameraBack,
+                                Err(e) => {
+                                    summary.faults += 1;
+                                    tracing::warn!("{e}; still lost");
+                                    Input::CameraFault
+                                }
+                            };
+                            pending.push((input, None));
+                        }
                         Action::Event(e) => {
                             match &e {
+                                PolicyEvent::CameraLost => {
+                                    // Opened afresh next time: it may come back under the same path.
+                                    source = None;
+                                    self.record(ScanResult::CameraLost, 0, Vec::new());
+                                    self.state.send_modify(|s| s.camera = "lost".into());
+                                }
+                                PolicyEvent::CameraBack { down_ms } => {
+                                    tracing::info!("camera back after {} s", down_ms / 1000);
+                                    self.record(ScanResult::CameraBack, 0, Vec::new());
+                                    self.state.send_modify(|s| s.camera = "ok".into());
+                                }
+                                PolicyEvent::ShutterFault => {
+                                    source = None;
+                                    self.record(ScanResult::ShutterFault, 0, Vec::new());
+                                    self.state.send_modify(|s| s.shutter = "fault".into());
+                                }
                                 PolicyEvent::BreakEnded { .. } => {
                                     rules.restart_presence(now());
                                     self.state.send_modify(|s| s.on_break = false);
@@ -320,6 +351,17 @@ impl Pipeline {
     /// Takes the commands that arrived: policy commands become inputs (replied to when
     /// the policy has answered); the others are done here and answered at once.
     fn take_commands(&mut self, pending: &mut Vec<Pending>, rules: &mut RuleEngine) {
+        // The button: a press starts or ends a break; a long press shows "identify".
+        for press in self.hardware.presses() {
+            self.line(format!("button: {press:?} press"), true);
+            pending.push((
+                match press {
+                    Press::Short => Input::ButtonPress,
+                    Press::Long => Input::Identify { duration_ms: LONG_PRESS_IDENTIFY_MS },
+                },
+                None,
+            ));
+        }
         let mut taken = Vec::new();
         while let Ok((name, payload)) = self.commands.try_recv() {
             let parsed = deskcam_core::command::parse(&name, &payload);
@@ -667,6 +709,7 @@ fn policy_config(c: &Config) -> PolicyConfig {
         frames_per_check: c.frames_per_check,
         shift: c.shift.clone(),
         max_break_ms: c.max_break.as_millis(),
+        camera_retry_ms: c.camera.retry.as_millis(),
     }
 }
 

@@ -57,6 +57,8 @@ pub struct Sources {
     pub audit: Arc<DropOldest<AuditEntry>>,
     pub replies: Arc<DropOldest<Reply>>,
     pub uplink: Arc<UplinkStats>,
+    /// Button presses the scan loop did not take in time.
+    pub button_drops: Arc<std::sync::atomic::AtomicU64>,
     pub data_dir: PathBuf,
 }
 
@@ -79,6 +81,7 @@ pub fn snapshot(src: &Sources) -> Telemetry {
             audit: src.audit.dropped(),
             replies: src.replies.dropped(),
             commands: src.uplink.commands_dropped.load(Ordering::Relaxed),
+            button: src.button_drops.load(Ordering::Relaxed),
             evidence_evicted: evicted,
             // The store counts every deletion at max_age, by the scan loop or the outbox.
             evidence_expired: expired,

@@ -1,61 +1,22 @@
 //! Commands over MQTT against the running daemon and a real mosquitto: each gets a
 //! reply with its id; bad ones are refused with a reason and change nothing.
 
-use std::process::Stdio;
 use std::time::Duration;
 
 use deskcam_testkit::*;
 use rumqttc::{Client, MqttOptions, QoS};
 use serde_json::Value;
+use std::process::Stdio;
 
-/// A running daemon analysing basketball1.png (two people) in a loop, its broker, a
-/// recorder of everything it publishes, and a client to send commands with.
-struct Device {
-    _broker: Mosquitto,
-    rec: Recorder,
-    daemon: ChildGuard,
-    client: Client,
-    dir: std::path::PathBuf,
-    id: String,
-}
-
-impl Device {
-    fn start(name: &str, extra: &str) -> Device {
-        let broker = Mosquitto::start();
-        let dir = tempdir(name);
-        std::fs::copy(demo_photos().join("basketball1.png"), dir.join("basketball1.png")).unwrap();
-        let id = format!("itest-{name}");
-        let config = write_config(&dir, &id, &format!("dir:{}", dir.display()), true, broker.port, extra);
-        let rec = Recorder::start(broker.port, &format!("deskcam/{id}/#"));
-        let daemon = ChildGuard(
-            std::process::Command::new(env!("CARGO_BIN_EXE_deskcam"))
-                .arg("run")
-                .arg("--config")
-                .arg(&config)
-                .stderr(Stdio::null())
-                .spawn()
-                .unwrap(),
-        );
-        assert!(rec
-            .wait_for(Duration::from_secs(20), |m| m.topic.ends_with("/status") && m.payload == b"online")
-            .is_some());
-        let (client, mut conn) =
-            Client::new(MqttOptions::new(format!("fleet-owner-{name}"), "127.0.0.1", broker.port), 16);
-        std::thread::spawn(move || for _ in conn.iter() {});
-        Device { _broker: broker, rec, daemon, client, dir, id }
-    }
-
-    fn send(&self, name: &str, payload: &str) {
-        let topic = format!("deskcam/{}/cmd/{name}", self.id);
-        self.client.publish(topic, QoS::AtLeastOnce, false, payload.to_string()).unwrap();
-    }
+fn start(name: &str, extra: &str) -> Device {
+    Device::start(env!("CARGO_BIN_EXE_deskcam"), name, extra, &[])
 }
 
 #[test]
 fn commands_are_answered_and_bad_ones_change_nothing() {
     let extra =
         "[scan]\nmode = \"continuous\"\nfps = 4.0\n[rules.extra_person]\nframes = 1\ncooldown = \"0s\"\n";
-    let dev = Device::start("commands", extra);
+    let dev = start("commands", extra);
     let (rec, dir) = (&dev.rec, &dev.dir);
     let event = rec
         .wait_for(Duration::from_secs(20), |m| m.topic.ends_with("/event/violation"))
@@ -123,7 +84,7 @@ fn commands_are_answered_and_bad_ones_change_nothing() {
 fn a_spot_check_ordered_by_scan_now_is_audited_before_its_evidence_leaves() {
     // Spot mode with checks a day apart: only scan-now will look.
     let extra = "[scan]\nmode = \"spot\"\nper_hour = 0.001\nmin_gap = \"1d\"\nframes_per_check = 3\n";
-    let dev = Device::start("scannow", extra);
+    let dev = start("scannow", extra);
     let rec = &dev.rec;
     dev.send("scan-now", r#"{"id":"n1"}"#);
 
@@ -161,7 +122,7 @@ fn reply_to(rec: &Recorder, id: &str) -> Value {
 fn config_and_evidence_are_managed_over_mqtt_and_saved_atomically() {
     let extra =
         "[scan]\nmode = \"continuous\"\nfps = 4.0\n[rules.extra_person]\nframes = 1\ncooldown = \"0s\"\n";
-    let dev = Device::start("manage", extra);
+    let dev = start("manage", extra);
     let rec = &dev.rec;
     let file = dev.dir.join("deskcam.toml");
     let retained_config = |mode: &str| {
@@ -256,7 +217,7 @@ fn ctl(dev: &Device, args: &[&str]) -> std::process::Output {
     let bin = std::path::Path::new(env!("CARGO_BIN_EXE_deskcam")).with_file_name("deskcamctl");
     assert!(bin.is_file(), "{} missing: run `cargo build --workspace`", bin.display());
     std::process::Command::new(bin)
-        .args(["--broker", &format!("mqtt://127.0.0.1:{}", dev._broker.port), "--device", &dev.id])
+        .args(["--broker", &format!("mqtt://127.0.0.1:{}", dev.broker.port), "--device", &dev.id])
         .args(args)
         .env_remove("DESKCAM_CTL_CONFIG")
         .output()
@@ -267,7 +228,7 @@ fn ctl(dev: &Device, args: &[&str]) -> std::process::Output {
 fn every_command_good_and_bad_through_deskcamctl() {
     let extra =
         "[scan]\nmode = \"continuous\"\nfps = 4.0\n[rules.extra_person]\nframes = 1\ncooldown = \"0s\"\n";
-    let dev = Device::start("ctl", extra);
+    let dev = start("ctl", extra);
     dev.rec.wait_for(Duration::from_secs(20), |m| m.topic.ends_with("/event/violation")).expect("an event");
     let cases: &[(&[&str], i32, &str)] = &[
         (&["status"], 0, "status  online"),
@@ -364,8 +325,8 @@ fn telemetry_reports_frames_speed_queues_and_store() {
 
 #[test]
 fn home_assistant_discovery_and_its_break_switch() {
-    let dev = Device::start("hass", "[scan]\nmode = \"off\"\n[homeassistant]\nenabled = true\n");
-    let ha = Recorder::start(dev._broker.port, "homeassistant/#");
+    let dev = start("hass", "[scan]\nmode = \"off\"\n[homeassistant]\nenabled = true\n");
+    let ha = Recorder::start(dev.broker.port, "homeassistant/#");
     assert!(ha.wait_for(Duration::from_secs(10), |m| m.topic.ends_with("/last_scan/config")).is_some());
     let configs = ha.snapshot();
     assert_eq!(configs.len(), deskcam_core::RuleKind::ALL.len() + 2, "one message per entity");

@@ -43,13 +43,6 @@ fn invalid_config_is_refused_with_every_key_named() {
 }
 
 #[test]
-fn safe_state_does_not_claim_to_move_pins_it_cannot_drive() {
-    let out = deskcam().arg("safe-state").output().unwrap();
-    assert_eq!(out.status.code(), Some(3));
-    assert!(String::from_utf8_lossy(&out.stderr).contains("no physical shutter or LED was driven"));
-}
-
-#[test]
 fn default_config_round_trips_through_check() {
     let dir = tempdir("defaultconfig");
     let out = deskcam().args(["config", "default"]).output().unwrap();
@@ -101,7 +94,15 @@ fn missing_camera_is_reported_and_retried_while_the_device_stays_online() {
     // It keeps running (camera-lost, retrying) rather than exiting.
     std::thread::sleep(Duration::from_millis(500));
     assert!(d.0.try_wait().unwrap().is_none(), "daemon exited on a missing camera");
-    assert!(err.lock().unwrap().contains("retrying"));
+    // Reported as a camera-lost state and one audit entry.
+    assert!(rec
+        .wait_for(Duration::from_secs(10), |m| m.topic.ends_with("/state")
+            && String::from_utf8_lossy(&m.payload).contains("\"camera\":\"lost\""))
+        .is_some());
+    assert!(rec
+        .wait_for(Duration::from_secs(10), |m| m.topic.ends_with("/audit")
+            && String::from_utf8_lossy(&m.payload).contains("camera_lost"))
+        .is_some());
     // Nothing was published about violations (no frame was read), and the shutter
     // never opened: the camera is checked before the shutter moves.
     let msgs = rec.snapshot();
@@ -262,9 +263,12 @@ fn assert_safe_trace(t: &[(String, bool)]) {
         }
     }
     assert!(!led && !shutter, "left unsafe: {t:?}");
-    let last_shutter = t.iter().rposition(|(p, h)| p == "shutter" && !*h).unwrap();
-    let last_led = t.iter().rposition(|(p, h)| p == "led" && !*h).unwrap();
-    assert!(last_shutter < last_led, "the shutter closes before the LED goes off");
+    // After the last opening, the shutter closes before the LED goes off. (The drivers
+    // may drive the safe levels again on the way out; repeats change nothing.)
+    let opened = t.iter().rposition(|(p, h)| p == "shutter" && *h).unwrap();
+    let closed = opened + t[opened..].iter().position(|(p, h)| p == "shutter" && !*h).unwrap();
+    let led_off = opened + t[opened..].iter().position(|(p, h)| p == "led" && !*h).unwrap();
+    assert!(closed < led_off, "the shutter closes before the LED goes off: {t:?}");
 }
 
 fn traced_daemon(name: &str, env: &[(&str, &str)]) -> (ChildGuard, std::path::PathBuf, Mosquitto) {

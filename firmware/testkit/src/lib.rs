@@ -235,9 +235,10 @@ pub fn write_config(dir: &Path, device: &str, source: &str, looped: bool, port: 
     let path = dir.join("deskcam.toml");
     let mut f = std::fs::File::create(&path).unwrap();
     let data = dir.join("data").display().to_string();
+    // The simulated board: tests drive no physical pins.
     write!(
         f,
-        "device_id = \"{device}\"\n{extra}\n[camera]\nsource = \"{source}\"\nloop = {looped}\n[mqtt]\nurl = \"mqtt://127.0.0.1:{port}\"\n[storage]\ndata_dir = \"{data}\"\n{ALL_WEEK}"
+        "device_id = \"{device}\"\nboard = \"sim\"\n{extra}\n[camera]\nsource = \"{source}\"\nloop = {looped}\n[mqtt]\nurl = \"mqtt://127.0.0.1:{port}\"\n[storage]\ndata_dir = \"{data}\"\n{ALL_WEEK}"
     )
     .unwrap();
     path
@@ -331,4 +332,52 @@ pub fn run_daemon(bin: &str, config: &Path) -> (ChildGuard, Arc<Mutex<String>>) 
         .unwrap();
     let log = capture_stderr(&mut child);
     (ChildGuard(child), log)
+}
+
+/// A running daemon analysing basketball1.png (two people) in a loop, its broker, a
+/// recorder of everything it publishes, and a client to send commands with.
+pub struct Device {
+    pub broker: Mosquitto,
+    pub rec: Recorder,
+    pub daemon: ChildGuard,
+    pub client: Client,
+    pub dir: PathBuf,
+    pub id: String,
+}
+
+impl Device {
+    /// `bin run` on a copy of basketball1.png with `extra` config and `env` set.
+    pub fn start(bin: &str, name: &str, extra: &str, env: &[(&str, &str)]) -> Device {
+        let broker = Mosquitto::start();
+        let dir = tempdir(name);
+        // The "camera": a directory of its own, so a test can unplug it.
+        let photos = dir.join("camera");
+        std::fs::create_dir_all(&photos).unwrap();
+        std::fs::copy(demo_photos().join("basketball1.png"), photos.join("basketball1.png")).unwrap();
+        let id = format!("itest-{name}");
+        let config = write_config(&dir, &id, &format!("dir:{}", photos.display()), true, broker.port, extra);
+        let rec = Recorder::start(broker.port, &format!("deskcam/{id}/#"));
+        let daemon = ChildGuard(
+            Command::new(bin)
+                .envs(env.iter().copied())
+                .arg("run")
+                .arg("--config")
+                .arg(&config)
+                .stderr(Stdio::null())
+                .spawn()
+                .unwrap(),
+        );
+        assert!(rec
+            .wait_for(Duration::from_secs(20), |m| m.topic.ends_with("/status") && m.payload == b"online")
+            .is_some());
+        let (client, mut conn) =
+            Client::new(MqttOptions::new(format!("fleet-owner-{name}"), "127.0.0.1", broker.port), 16);
+        std::thread::spawn(move || for _ in conn.iter() {});
+        Device { broker, rec, daemon, client, dir, id }
+    }
+
+    pub fn send(&self, name: &str, payload: &str) {
+        let topic = format!("deskcam/{}/cmd/{name}", self.id);
+        self.client.publish(topic, QoS::AtLeastOnce, false, payload.to_string()).unwrap();
+    }
 }

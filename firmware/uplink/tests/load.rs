@@ -71,6 +71,7 @@ fn a_thousand_events_at_full_rate_in_bounded_memory() {
         mode: "continuous".into(),
         shutter: "closed".into(),
         on_break: false,
+        camera: "ok".into(),
         firmware: "test".into(),
         model: deskcam_core::schema::ModelInfo { name: "m".into(), sha256: "0".repeat(64) },
     });

@@ -17,7 +17,16 @@ fn workdays() -> Shift {
 }
 
 fn policy(mode: ScanMode, frames: u32, shift: Shift, seed: u64) -> Policy {
-    Policy::new(PolicyConfig { mode, frames_per_check: frames, shift, max_break_ms: 30 * 60_000 }, seed)
+    Policy::new(
+        PolicyConfig {
+            mode,
+            frames_per_check: frames,
+            shift,
+            max_break_ms: 30 * 60_000,
+            camera_retry_ms: 5_000,
+        },
+        seed,
+    )
 }
 
 /// Replays actions on a model of the hardware and checks the invariants.
@@ -43,6 +52,8 @@ impl Model {
             match a {
                 Action::OpenShutter => {
                     assert_eq!(self.led, LedPattern::Analysing, "shutter opened before the LED said so");
+                    assert!(!p.camera_lost(), "shutter opened while the camera is lost");
+                    assert!(!p.shutter_fault(), "shutter opened after it failed to close");
                     assert!(shift.contains(now), "shutter opened outside the shift");
                     assert!(!p.on_break(), "shutter opened during a break");
                     if let Some(w) = warning {
@@ -71,6 +82,10 @@ impl Model {
                     );
                     assert!(p.may_look(now), "capture while the camera may not look");
                 }
+                Action::ProbeCamera => {
+                    assert!(!self.shutter, "probe with the shutter open");
+                    assert!(p.may_look(now), "probe while the camera may not look");
+                }
                 Action::Finished => assert!(!self.shutter && self.led == LedPattern::Off),
                 Action::Event(PolicyEvent::BreakStarted { .. }) => self.break_since = Some(now),
                 Action::Event(PolicyEvent::BreakEnded { .. }) => self.break_since = None,
@@ -83,6 +98,9 @@ impl Model {
                 assert_ne!(self.led, LedPattern::Break, "break pattern past its acknowledgement");
                 assert_ne!(self.led, LedPattern::Analysing, "analysing during a break");
             }
+        }
+        if p.shutter_fault() {
+            assert!(!self.shutter, "shutter open after it failed to close");
         }
         if p.on_break() || !shift.contains(now) || matches!(p.mode(), ScanMode::Off) {
             assert!(!self.shutter, "shutter open while the camera may not look");
@@ -176,13 +194,66 @@ fn camera_fault_closes_and_retries() {
     p.step(T0, Input::Tick);
     assert_eq!(
         p.step(T0 + 10, Input::CameraFault),
-        vec![Action::CloseShutter, Action::SetLed(LedPattern::Fault)]
+        vec![Action::CloseShutter, Action::SetLed(LedPattern::Fault), Action::Event(PolicyEvent::CameraLost)]
     );
-    assert_eq!(p.next_deadline(), Some(T0 + 5_010));
+    assert!(p.camera_lost());
     assert_eq!(
-        p.step(T0 + 5_010, Input::Tick),
-        vec![Action::SetLed(LedPattern::Analysing), Action::OpenShutter, Action::Capture]
+        p.step(T0 + 20, Input::ScanNow),
+        vec![Action::Refused("the camera is not available (retrying)")]
     );
+    // Tries with doubling gaps, up to the cap; the shutter stays closed and the LED
+    // keeps the fault pattern; one lost event per outage.
+    let mut at = T0 + 10;
+    let mut gaps = Vec::new();
+    for _ in 0..9 {
+        let due = p.next_deadline().unwrap();
+        gaps.push(due - at);
+        assert!(p.step(due - 1, Input::Tick).is_empty());
+        assert_eq!(p.step(due, Input::Tick), vec![Action::ProbeCamera]);
+        assert_eq!(p.next_deadline(), None, "waits for the probe's answer");
+        assert!(p.step(due + 5, Input::CameraFault).is_empty());
+        at = due + 5;
+    }
+    assert_eq!(gaps, [5_000, 10_000, 20_000, 40_000, 80_000, 160_000, 300_000, 300_000, 300_000]);
+    let due = p.next_deadline().unwrap();
+    assert_eq!(p.step(due, Input::Tick), vec![Action::ProbeCamera]);
+    assert_eq!(
+        p.step(due + 5, Input::CameraBack),
+        vec![
+            Action::Event(PolicyEvent::CameraBack { down_ms: due + 5 - (T0 + 10) }),
+            Action::SetLed(LedPattern::Off),
+            Action::SetLed(LedPattern::Analysing),
+            Action::OpenShutter,
+            Action::Capture
+        ]
+    );
+    assert!(!p.camera_lost());
+}
+
+#[test]
+fn a_shutter_that_does_not_close_keeps_the_camera_closed_until_restart() {
+    let mut p = policy(ScanMode::Continuous { fps: 1.0 }, 1, Shift::always(), 1);
+    p.step(T0, Input::Tick);
+    assert_eq!(
+        p.step(T0 + 10, Input::ShutterFault),
+        vec![
+            Action::CloseShutter,
+            Action::SetLed(LedPattern::Fault),
+            Action::Event(PolicyEvent::ShutterFault)
+        ]
+    );
+    // Reported once however often the daemon says so.
+    assert!(p.step(T0 + 20, Input::ShutterFault).is_empty());
+    for t in (1..3_600).map(|s| T0 + s * 1_000) {
+        assert!(p.step(t, Input::Tick).is_empty());
+    }
+    assert!(matches!(p.step(T0 + HOUR, Input::ScanNow)[..], [Action::Refused(_)]));
+    // A break still works and keeps invariant 1; afterwards the fault shows again.
+    p.step(T0 + HOUR, Input::ButtonPress);
+    assert_eq!(p.step(T0 + HOUR + BREAK_ACK_MS, Input::Tick), vec![Action::SetLed(LedPattern::Off)]);
+    let end = p.step(T0 + HOUR + 60_000, Input::ButtonPress);
+    assert_eq!(end[0], Action::SetLed(LedPattern::Fault));
+    assert!(!p.step(T0 + 2 * HOUR, Input::Tick).contains(&Action::OpenShutter));
 }
 
 #[test]
@@ -274,7 +345,7 @@ fn breaks_close_the_shutter_and_end_by_command_button_or_max_break() {
 
     // The button toggles; a break longer than max_break ends by itself, reported.
     assert!(p
-        .step(T0 + 70_000, Input::ButtonLongPress)
+        .step(T0 + 70_000, Input::ButtonPress)
         .contains(&Action::Event(PolicyEvent::BreakStarted { reason: "button".into() })));
     let overrun = p.step(T0 + 70_000 + 30 * 60_000, Input::Tick);
     assert!(overrun.contains(&Action::Event(PolicyEvent::BreakEnded {
@@ -343,19 +414,22 @@ fn random_input_sequences_keep_the_invariants() {
         let mut now = MON_0800 - HOUR + rng.next_u64() % (2 * HOUR);
         for _ in 0..400 {
             now += rng.next_u64() % 120_000;
-            let input = match rng.next_u64() % 18 {
+            let input = match rng.next_u64() % 20 {
                 17 => Input::Reconfigure(PolicyConfig {
                     mode: modes[(rng.next_u64() % 4) as usize].clone(),
                     frames_per_check: 1 + (rng.next_u64() % 3) as u32,
                     shift: shift.clone(),
                     max_break_ms: 60_000 + rng.next_u64() % (30 * 60_000),
+                    camera_retry_ms: 1_000 + rng.next_u64() % 10_000,
                 }),
+                18 => Input::CameraBack,
+                19 if rng.next_u64().is_multiple_of(40) => Input::ShutterFault,
                 16 => Input::Identify { duration_ms: rng.next_u64() % 20_000 },
                 0 => Input::ScanNow,
                 1 => Input::CameraFault,
                 2 => Input::BreakStart { reason: "r".into() },
                 3 => Input::BreakEnd,
-                4 => Input::ButtonLongPress,
+                4 => Input::ButtonPress,
                 5..=8 => Input::FrameCaptured,
                 _ => Input::Tick,
             };
@@ -378,7 +452,13 @@ fn random_input_sequences_keep_the_invariants() {
 
 #[test]
 fn a_config_change_applies_at_once() {
-    let cfg = |mode| PolicyConfig { mode, frames_per_check: 1, shift: Shift::always(), max_break_ms: 60_000 };
+    let cfg = |mode| PolicyConfig {
+        mode,
+        frames_per_check: 1,
+        shift: Shift::always(),
+        max_break_ms: 60_000,
+        camera_retry_ms: 5_000,
+    };
     let mut p = Policy::new(cfg(ScanMode::Continuous { fps: 1.0 }), 1);
     p.step(T0, Input::Tick);
     p.step(T0 + 10, Input::FrameCaptured);

@@ -45,6 +45,11 @@ impl DirSource {
 
 impl FrameSource for DirSource {
     fn next_frame(&mut self, _shutter: &ShutterOpen) -> Result<Frame, CaptureError> {
+        // A directory that went away is a camera that was unplugged: a source fault,
+        // not a bad photo to skip.
+        if !self.dir.is_dir() {
+            return Err(CaptureError::Missing { path: self.dir.clone() });
+        }
         if self.next >= self.files.len() {
             if !self.looped {
                 return Err(CaptureError::Exhausted);
@@ -105,6 +110,15 @@ mod tests {
             let _ = s.next_frame(&token);
         }
         assert_eq!(s.next_frame(&token).unwrap().origin(), "a.png", "loops back");
+        // Unplugged: the directory went away. A fault of the source, not a photo to skip.
+        let gone = d.with_extension("unplugged");
+        let _ = std::fs::remove_dir_all(&gone);
+        std::fs::rename(&d, &gone).unwrap();
+        let err = s.next_frame(&token).unwrap_err();
+        assert!(matches!(err, CaptureError::Missing { .. }) && !err.is_skippable(), "{err}");
+        std::fs::rename(&gone, &d).unwrap();
+        // Back: the next photo in turn (the broken one) is read again.
+        assert!(s.next_frame(&token).unwrap_err().to_string().contains("b.jpg"));
     }
 
     #[test]
