@@ -119,6 +119,8 @@ mod tests {
                 };
                 assert_eq!(lvl("deskcam-test-shutter"), if s { Level::High } else { Level::Low }, "{dbg}");
                 assert_eq!(lvl("deskcam-test-led"), if l { Level::High } else { Level::Low }, "{dbg}");
+                // The VM test checks that this independent view was read.
+                eprintln!("debugfs: {}", dbg.lines().filter(|x| x.contains("deskcam-test")).count());
             }
         }
         // A line already held is refused clearly.
