@@ -25,8 +25,10 @@ pub enum GpioBackend {
 /// What moves the privacy shutter.
 #[derive(Clone, Debug, PartialEq)]
 pub enum ShutterDrive {
-    /// A solenoid or motor driver on one output line (active = open).
-    Pin { line: u32, active_low: bool },
+    /// A solenoid or motor driver on one output line (active = open), or on two: `line`
+    /// pulls it open and `close_line` pulls it closed (an H-bridge's inputs, a bistable
+    /// solenoid's coils), exactly one active at a time.
+    Pin { line: u32, close_line: Option<u32>, active_low: bool },
     /// A hobby servo on a hardware PWM channel; duty cycles as fractions of the period.
     Servo { channel: u8, period_ms: f32, open_duty: f32, closed_duty: f32 },
 }
@@ -108,6 +110,7 @@ struct RawGpio {
 struct RawShutter {
     drive: String,
     line: Option<u32>,
+    close_line: Option<u32>,
     #[serde(default)]
     active_low: bool,
     pwm_channel: Option<u8>,
@@ -190,11 +193,15 @@ impl Board {
             "pin" => match raw.shutter.line {
                 Some(line) => {
                     claim(line, "shutter.line");
-                    ShutterDrive::Pin { line, active_low: raw.shutter.active_low }
+                    let close_line = raw.shutter.close_line;
+                    if let Some(c) = close_line {
+                        claim(c, "shutter.close_line");
+                    }
+                    ShutterDrive::Pin { line, close_line, active_low: raw.shutter.active_low }
                 }
                 None => {
                     err("shutter.line", "drive = \"pin\" needs the output line".into());
-                    ShutterDrive::Pin { line: 0, active_low: false }
+                    ShutterDrive::Pin { line: 0, close_line: None, active_low: false }
                 }
             },
             "servo" => {
@@ -226,7 +233,7 @@ impl Board {
             }
             other => {
                 err("shutter.drive", format!("'{other}' is not one of pin, servo"));
-                ShutterDrive::Pin { line: 0, active_low: false }
+                ShutterDrive::Pin { line: 0, close_line: None, active_low: false }
             }
         };
         let end_stop = raw.shutter.end_stop.map(|e| {

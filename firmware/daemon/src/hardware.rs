@@ -39,16 +39,32 @@ const PRESS_QUEUE: usize = 8;
 
 #[derive(Clone)]
 enum ShutterLine {
-    Pin { line: Shared<AnyOutput>, active_low: bool },
-    Servo { pwm: Shared<AnyPwm>, open: f32, closed: f32 },
+    /// `close`: the line that pulls the shutter closed, on two-line drives.
+    Pin {
+        line: Shared<AnyOutput>,
+        close: Option<Shared<AnyOutput>>,
+        active_low: bool,
+    },
+    Servo {
+        pwm: Shared<AnyPwm>,
+        open: f32,
+        closed: f32,
+    },
 }
 
 impl ShutterLine {
     fn drive_closed(&self) {
         match self {
-            ShutterLine::Pin { line, active_low } => line.freeze(|p| {
-                let _ = if *active_low { p.set_high() } else { p.set_low() };
-            }),
+            ShutterLine::Pin { line, close, active_low } => {
+                line.freeze(|p| {
+                    let _ = if *active_low { p.set_high() } else { p.set_low() };
+                });
+                if let Some(c) = close {
+                    c.freeze(|p| {
+                        let _ = if *active_low { p.set_low() } else { p.set_high() };
+                    });
+                }
+            }
             ShutterLine::Servo { pwm, closed, .. } => pwm.freeze(|w| {
                 let duty = (closed * f32::from(w.max_duty_cycle())).round() as u16;
                 let _ = w.set_duty_cycle(duty);
@@ -109,11 +125,16 @@ fn sim_lines(board: &Board, echo: bool) -> Result<Lines, HwError> {
         })
         .collect();
     let (shutter, closed_level) = match &board.shutter {
-        ShutterDrive::Pin { active_low, .. } => {
+        ShutterDrive::Pin { active_low, close_line, .. } => {
             let mut p = SimPin::new("shutter", recorder.clone());
             let _ = if *active_low { p.set_high() } else { p.set_low() };
             let level = if *active_low { Level::High } else { Level::Low };
-            (ShutterLine::Pin { line: Shared::new(AnyOutput::new(p)), active_low: *active_low }, level)
+            let close = close_line.map(|_| {
+                let mut c = SimPin::new("shutter-close", recorder.clone());
+                let _ = if *active_low { c.set_low() } else { c.set_high() };
+                Shared::new(AnyOutput::new(c))
+            });
+            (ShutterLine::Pin { line: Shared::new(AnyOutput::new(p)), close, active_low: *active_low }, level)
         }
         ShutterDrive::Servo { open_duty, closed_duty, .. } => {
             let duty = (closed_duty * f32::from(u16::MAX)).round() as u16;
@@ -154,9 +175,18 @@ fn cdev_lines(board: &Board) -> Result<Lines, HwError> {
         detail: "the board config names no chip".into(),
     })?;
     let shutter = match &board.shutter {
-        ShutterDrive::Pin { line, active_low } => {
+        ShutterDrive::Pin { line, close_line, active_low } => {
             let l = cdev::output(&chip, *line, "deskcam-shutter", *active_low)?;
-            ShutterLine::Pin { line: Shared::new(AnyOutput::new(l)), active_low: *active_low }
+            let close = match close_line {
+                Some(c) => Some(Shared::new(AnyOutput::new(cdev::output(
+                    &chip,
+                    *c,
+                    "deskcam-shutter-close",
+                    !*active_low,
+                )?))),
+                None => None,
+            };
+            ShutterLine::Pin { line: Shared::new(AnyOutput::new(l)), close, active_low: *active_low }
         }
         ShutterDrive::Servo { .. } => {
             return Err(HwError::Backend {
@@ -187,9 +217,18 @@ fn rppal_lines(board: &Board) -> Result<Lines, HwError> {
     let gpio = rpi::gpio()?;
     let bcm = |line: u32| u8::try_from(line).unwrap_or(u8::MAX);
     let shutter = match &board.shutter {
-        ShutterDrive::Pin { line, active_low } => {
+        ShutterDrive::Pin { line, close_line, active_low } => {
             let p = rpi::output(&gpio, bcm(*line), "shutter", *active_low)?;
-            ShutterLine::Pin { line: Shared::new(AnyOutput::new(p)), active_low: *active_low }
+            let close = match close_line {
+                Some(c) => Some(Shared::new(AnyOutput::new(rpi::output(
+                    &gpio,
+                    bcm(*c),
+                    "shutter close",
+                    !*active_low,
+                )?))),
+                None => None,
+            };
+            ShutterLine::Pin { line: Shared::new(AnyOutput::new(p)), close, active_low: *active_low }
         }
         ShutterDrive::Servo { channel, period_ms, open_duty, closed_duty } => {
             let pwm = rpi::pwm(*channel, *period_ms, *closed_duty)?;
@@ -315,7 +354,10 @@ impl Hardware {
         });
         let led = StatusLed::new(board.led_kind, lines.led, board.led_active_low)?;
         let mut shutter = match lines.shutter {
-            ShutterLine::Pin { line, active_low } => Shutter::with_pin(line, active_low)?,
+            ShutterLine::Pin { line, close: None, active_low } => Shutter::with_pin(line, active_low)?,
+            ShutterLine::Pin { line, close: Some(c), active_low } => {
+                Shutter::with_pin_pair(line, c, active_low)?
+            }
             ShutterLine::Servo { pwm, open, closed } => Shutter::with_servo(pwm, open, closed)?,
         };
         let mut start_fault = None;

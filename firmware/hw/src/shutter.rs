@@ -61,6 +61,28 @@ impl Shutter {
         Self::start(drive, None)
     }
 
+    /// A shutter pulled open by one line and closed by another (an H-bridge's two inputs,
+    /// a bistable solenoid's two coils): exactly one is active at a time, and the side
+    /// that is ending is released before the other is driven.
+    pub fn with_pin_pair<P, Q>(mut open_pin: P, mut close_pin: Q, active_low: bool) -> Result<Self, HwError>
+    where
+        P: OutputPin + Send + 'static,
+        Q: OutputPin + Send + 'static,
+    {
+        let drive: Drive = Box::new(move |open| {
+            // `true`: drive the line high.
+            let (on, off) = (!active_low, active_low);
+            if open {
+                if off { close_pin.set_high() } else { close_pin.set_low() }.map_err(pin_err("shutter"))?;
+                if on { open_pin.set_high() } else { open_pin.set_low() }.map_err(pin_err("shutter"))
+            } else {
+                if off { open_pin.set_high() } else { open_pin.set_low() }.map_err(pin_err("shutter"))?;
+                if on { close_pin.set_high() } else { close_pin.set_low() }.map_err(pin_err("shutter"))
+            }
+        });
+        Self::start(drive, None)
+    }
+
     /// A servo on a PWM channel; the duties are fractions of the period (a 1 ms pulse in
     /// a 20 ms period is 0.05).
     pub fn with_servo<W: SetDutyCycle + Send + 'static>(
@@ -169,6 +191,35 @@ mod tests {
         assert!(!shutter.is_open());
         // Active-low: closed means the line is high.
         assert_eq!(rec.level("shutter"), Some(Level::High));
+    }
+
+    #[test]
+    fn a_pin_pair_never_drives_both_sides() {
+        let rec = Recorder::default();
+        let mut led = led(&rec);
+        let mut s = Shutter::with_pin_pair(
+            SimPin::new("open", rec.clone()),
+            SimPin::new("close", rec.clone()),
+            false,
+        )
+        .unwrap();
+        assert_eq!((rec.level("open"), rec.level("close")), (Some(Level::Low), Some(Level::High)));
+        led.set(LedPattern::Analysing).unwrap();
+        let _t = s.open(&led).unwrap();
+        assert_eq!((rec.level("open"), rec.level("close")), (Some(Level::High), Some(Level::Low)));
+        drop(s);
+        assert_eq!((rec.level("open"), rec.level("close")), (Some(Level::Low), Some(Level::High)));
+        // Replaying the transitions, the two lines are never high together.
+        let (mut open, mut close) = (false, false);
+        for t in rec.transitions().iter().filter(|t| t.pin != "led") {
+            let high = t.level == Level::High;
+            if t.pin == "open" {
+                open = high
+            } else {
+                close = high
+            }
+            assert!(!(open && close), "both sides driven: {:?}", rec.transitions());
+        }
     }
 
     #[test]
