@@ -11,6 +11,7 @@ pub mod command;
 pub mod config;
 pub mod detection;
 pub mod duration;
+pub mod eval;
 pub mod homeassistant;
 pub mod policy;
 pub mod rules;

@@ -10,6 +10,7 @@ mod board;
 mod broker;
 mod config_file;
 mod demo;
+mod eval;
 mod hardware;
 mod model;
 mod notify;
@@ -29,6 +30,9 @@ use deskcam_core::schema::{ModelInfo, State, Topics};
 use deskcam_core::Config;
 use deskcam_uplink::{DropOldest, UplinkConfig, UplinkStats};
 use deskcam_vision::Detector;
+use tracing::Level;
+use tracing_subscriber::filter::{LevelFilter, Targets};
+use tracing_subscriber::prelude::*;
 
 use crate::hardware::Hardware;
 use crate::pipeline::{Pipeline, Report, Summary};
@@ -60,6 +64,9 @@ enum Command {
     },
     /// The whole pipeline on photos (or a webcam), simulated GPIO, an embedded broker.
     Demo(demo::DemoArgs),
+    /// The detector's accuracy on labelled photos: per-class precision, recall and AP
+    /// at IoU 0.5, mAP, and the image-level rules.
+    Eval(eval::EvalArgs),
     /// Print the default config or check a config file.
     #[command(subcommand)]
     Config(ConfigCmd),
@@ -88,12 +95,24 @@ enum ConfigCmd {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    tracing_subscriber::fmt()
-        .with_writer(std::io::stderr)
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("DESKCAM_LOG")
-                .unwrap_or_else(|_| "info,rumqttd=off,rumqttc=warn".into()),
-        )
+    // `DESKCAM_LOG`: a level, then `target=level` pairs ("info,rumqttc=debug"). A target
+    // filter rather than tracing's EnvFilter: the same syntax for what we use, without
+    // a regex engine in the board binary.
+    let default_filter = || {
+        Targets::new()
+            .with_default(Level::INFO)
+            .with_targets([("rumqttd", LevelFilter::OFF), ("rumqttc", LevelFilter::WARN)])
+    };
+    let filter = match std::env::var("DESKCAM_LOG") {
+        Ok(text) => text.parse::<Targets>().unwrap_or_else(|e| {
+            eprintln!("deskcam: DESKCAM_LOG={text:?} is not a log filter ({e}); using the default");
+            default_filter()
+        }),
+        Err(_) => default_filter(),
+    };
+    tracing_subscriber::registry()
+        .with(tracing_subscriber::fmt::layer().with_writer(std::io::stderr))
+        .with(filter)
         .init();
     let result = match cli.command {
         Command::Config(ConfigCmd::Default) => {
@@ -105,6 +124,7 @@ fn main() -> ExitCode {
         Command::Audit { config } => print_audit(config),
         Command::Run { config } => run_daemon(config),
         Command::Demo(args) => demo::run(args),
+        Command::Eval(args) => eval::run(args),
     };
     match result {
         Ok(code) => code,
