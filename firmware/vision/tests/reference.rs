@@ -119,3 +119,41 @@ fn decode_and_nms_recover_reference_detections_from_stored_cells() {
         }
     }
 }
+
+/// The int8 (QDQ) model, pinned by its checksum, finds what the float model finds on
+/// the demo photos: the same objects (class, IoU ≥ 0.8), scores within 0.1.
+#[test]
+fn int8_model_is_pinned_and_agrees_with_the_float_model() {
+    let int8 = repo().join("models/nanodet-int8.onnx");
+    let sha = sha256_hex(&std::fs::read(&int8).unwrap());
+    let pinned = std::fs::read_to_string(repo().join("models/nanodet-int8.onnx.sha256")).unwrap();
+    assert!(pinned.starts_with(&sha), "models/nanodet-int8.onnx does not match its pinned checksum");
+    let f32_det = Detector::load(&repo().join("models/nanodet.onnx"), 0.35, 0.5).unwrap();
+    let i8_det = Detector::load(&int8, 0.25, 0.5).unwrap();
+    let token = deskcam_hw::sim::simulated_open();
+    let mut source = DirSource::open(&demo_photos(), false).unwrap();
+    let mut compared = 0;
+    while let Ok(frame) = source.next_frame(&token) {
+        let want = f32_det.detect(&frame).unwrap();
+        let got = i8_det.detect(&frame).unwrap();
+        for w in &want {
+            let best = got
+                .iter()
+                .filter(|g| g.class_id == w.class_id)
+                .max_by(|a, b| a.bbox.iou(&w.bbox).total_cmp(&b.bbox.iou(&w.bbox)));
+            let g =
+                best.unwrap_or_else(|| panic!("{}: int8 misses {} {}", frame.origin(), w.label(), w.score));
+            assert!(g.bbox.iou(&w.bbox) >= 0.8, "{}: {} box moved", frame.origin(), w.label());
+            assert!(
+                (g.score - w.score).abs() < 0.1,
+                "{}: {} {} vs {}",
+                frame.origin(),
+                w.label(),
+                g.score,
+                w.score
+            );
+            compared += 1;
+        }
+    }
+    assert!(compared >= 5, "too few detections compared: {compared}");
+}
