@@ -5,6 +5,7 @@
 //! `safe-state` closes the shutter and turns the LED off (the service's stop hook).
 
 mod audit;
+mod bench;
 mod board;
 #[cfg(feature = "embedded-broker")]
 mod broker;
@@ -67,6 +68,9 @@ enum Command {
     /// The detector's accuracy on labelled photos: per-class precision, recall and AP
     /// at IoU 0.5, mAP, and the image-level rules.
     Eval(eval::EvalArgs),
+    /// Inference time per frame (median, p95) for models at thread counts, the whole
+    /// scan path, and peak memory.
+    Bench(bench::BenchArgs),
     /// Print the default config or check a config file.
     #[command(subcommand)]
     Config(ConfigCmd),
@@ -125,6 +129,7 @@ fn main() -> ExitCode {
         Command::Run { config } => run_daemon(config),
         Command::Demo(args) => demo::run(args),
         Command::Eval(args) => eval::run(args),
+        Command::Bench(args) => bench::run(args),
     };
     match result {
         Ok(code) => code,
@@ -317,11 +322,18 @@ pub fn run_pipeline(
     stats_out: Option<&mut Arc<UplinkStats>>,
     max_frames: Option<u64>,
 ) -> Result<Summary> {
+    // The board's cores for the network (tract's executor is process-wide).
+    let threads = deskcam_vision::detector::set_inference_threads(board.model_threads as usize);
     let model_path = model::locate(config.detector.model.as_ref()).map_err(anyhow::Error::msg)?;
     let t = std::time::Instant::now();
     let detector = Detector::load(&model_path, config.detector.min_score, config.detector.nms_iou)
         .context("loading the detector")?;
-    tracing::info!("model {} loaded and optimised in {} ms", model_path.display(), t.elapsed().as_millis());
+    tracing::info!(
+        "model {} loaded and optimised in {} ms, {} inference thread(s)",
+        model_path.display(),
+        t.elapsed().as_millis(),
+        threads
+    );
     // The demo always simulates the board's lines; `run` uses the board's backend.
     let simulate = report == Report::Print || board.backend == GpioBackend::Sim;
     let hardware = Hardware::open(&board, simulate, report == Report::Print).context("opening GPIO")?;

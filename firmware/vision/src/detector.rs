@@ -61,6 +61,24 @@ pub struct HeadLevel<'a> {
     pub boxes: &'a [f32],
 }
 
+/// How many cores tract's matrix products use, for every model in the process
+/// (tract keeps one executor). 1: the calling thread only.
+/// Returns the number in use: 1 in a build without the `multithread` feature.
+pub fn set_inference_threads(n: usize) -> usize {
+    use tract_linalg::multithread::{set_default_executor, Executor};
+    #[cfg(feature = "multithread")]
+    {
+        set_default_executor(if n > 1 { Executor::multithread(n) } else { Executor::SingleThread });
+        n.max(1)
+    }
+    #[cfg(not(feature = "multithread"))]
+    {
+        let _ = n;
+        set_default_executor(Executor::SingleThread);
+        1
+    }
+}
+
 pub struct Detector {
     plan: Arc<TypedRunnableModel>,
     input_size: usize,

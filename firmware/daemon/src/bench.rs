@@ -1,0 +1,124 @@
+//! `deskcam bench`: inference time per frame for one or more models at given thread
+//! counts, and the whole scan path (photo read and decoded → detector → redacted
+//! still), with the process's peak memory. `scripts/bench-detector` runs it on the host,
+//! next to onnxruntime, and in an arm64 VM that counts instructions.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Instant;
+
+use anyhow::{Context, Result};
+use deskcam_core::Config;
+use deskcam_vision::detector::set_inference_threads;
+use deskcam_vision::source::DirSource;
+use deskcam_vision::{render_still, Detector, FrameSource};
+
+#[derive(clap::Args)]
+pub struct BenchArgs {
+    /// A model to time (repeat for several).
+    #[arg(long = "model", required = true)]
+    models: Vec<PathBuf>,
+    /// A directory of photos: the first is the input of every run; the scan path loops
+    /// over all of them.
+    #[arg(long)]
+    photos: PathBuf,
+    /// Timed runs per model.
+    #[arg(long, default_value_t = 20)]
+    runs: usize,
+    /// Untimed runs first (tract prepares lazily; caches warm up).
+    #[arg(long, default_value_t = 2)]
+    warmup: usize,
+    /// Thread counts to time, e.g. `1,4`.
+    #[arg(long, value_delimiter = ',', default_value = "1")]
+    threads: Vec<usize>,
+    /// Print one JSON object.
+    #[arg(long)]
+    json: bool,
+}
+
+fn percentile(sorted: &[f64], p: f64) -> f64 {
+    let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
+    sorted.get(i).copied().unwrap_or(0.0)
+}
+
+fn peak_rss_mb() -> Option<f64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let kb: f64 =
+        status.lines().find(|l| l.starts_with("VmHWM:"))?.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb / 1024.0)
+}
+
+pub fn run(args: BenchArgs) -> Result<ExitCode> {
+    if args.runs == 0 || args.threads.contains(&0) {
+        eprintln!("deskcam bench: --runs and --threads must be at least 1");
+        return Ok(ExitCode::from(2));
+    }
+    let token = deskcam_hw::sim::simulated_open();
+    let first = DirSource::open(&args.photos, false)?.next_frame(&token)?;
+    let mut results = Vec::new();
+    for &threads in &args.threads {
+        if set_inference_threads(threads) != threads {
+            eprintln!("deskcam bench: this build runs inference on one thread (cargo feature `multithread`)");
+            continue;
+        }
+        for model in &args.models {
+            let t = Instant::now();
+            let det =
+                Detector::load(model, 0.3, 0.5).with_context(|| format!("loading {}", model.display()))?;
+            let load_ms = t.elapsed().as_secs_f64() * 1e3;
+            for _ in 0..args.warmup {
+                det.run_head(&first)?;
+            }
+            let mut ms: Vec<f64> = (0..args.runs)
+                .map(|_| {
+                    let t = Instant::now();
+                    det.run_head(&first).map(|_| t.elapsed().as_secs_f64() * 1e3)
+                })
+                .collect::<Result<_, _>>()?;
+            ms.sort_by(f64::total_cmp);
+            let (median, p95) = (percentile(&ms, 0.5), percentile(&ms, 0.95));
+            if !args.json {
+                println!(
+                    "{:<28} threads {threads}  median {median:9.2} ms  p95 {p95:9.2} ms  (load {load_ms:.0} ms)",
+                    model.file_name().map(|n| n.to_string_lossy()).unwrap_or_default()
+                );
+            }
+            results.push(serde_json::json!({
+                "model": model.display().to_string(), "threads": threads,
+                "median_ms": median, "p95_ms": p95, "load_ms": load_ms,
+            }));
+        }
+    }
+    // The scan path with the first model on one thread: read and decode a photo,
+    // pre-process, infer, decode, NMS, and render the redacted still for everything found.
+    set_inference_threads(1);
+    let det = Detector::load(&args.models[0], 0.3, 0.5)?;
+    let evidence = Config::default().evidence;
+    let mut source = DirSource::open(&args.photos, true)?;
+    let mut ms = Vec::with_capacity(args.runs);
+    for i in 0..args.runs + args.warmup {
+        let t = Instant::now();
+        let frame = source.next_frame(&token)?;
+        let found = det.detect(&frame)?;
+        let still = render_still(&frame, &found, &found, &evidence)?;
+        std::hint::black_box(still);
+        if i >= args.warmup {
+            ms.push(t.elapsed().as_secs_f64() * 1e3);
+        }
+    }
+    ms.sort_by(f64::total_cmp);
+    let scan = percentile(&ms, 0.5);
+    let rss = peak_rss_mb();
+    if args.json {
+        let j = serde_json::json!({
+            "runs": args.runs, "results": results, "scan_path_ms": scan, "peak_rss_mb": rss,
+        });
+        println!("{j}");
+    } else {
+        println!("scan path (photo → detector → still), 1 thread: median {scan:.2} ms");
+        if let Some(r) = rss {
+            println!("peak RSS {r:.1} MB");
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
