@@ -368,7 +368,7 @@ mod tests {
         assert!(e.contains("line 40 does not exist"), "{e}");
         let bad = text
             .replace("kind = \"single\"", "kind = \"rgb\"")
-            .replace("form = \"onnx\"", "form = \"tflite\"");
+            .replace("form = \"nnef\"", "form = \"tflite\"");
         let e = Board::from_toml("qemu-virt", &bad).unwrap_err().to_string();
         assert!(e.contains("led.lines") && e.contains("model.form"), "{e}");
         let e = Board::from_toml("rpi5", &text).unwrap_err().to_string();

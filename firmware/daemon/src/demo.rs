@@ -129,6 +129,8 @@ pub fn run(args: DemoArgs) -> Result<ExitCode> {
         None => anyhow::bail!("this build has no embedded broker: give --broker mqtt://host:port"),
     };
     set(&mut table, "mqtt.url", broker_url.clone().into());
+    // The demo's pins are simulated, and its model is the ONNX one in the source tree.
+    set(&mut table, "board", "sim".into());
     // The device's own files (the audit log) go beside the stills, not to /data.
     let data_dir = args.out.join("device-data");
     set(&mut table, "storage.data_dir", data_dir.display().to_string().into());

@@ -6,6 +6,7 @@ use std::process::ExitCode;
 use std::time::Instant;
 
 use anyhow::{Context, Result};
+use deskcam_core::board::ModelForm;
 use deskcam_core::eval::{parse_labels, Evaluation, Report, Scored, Thresholds};
 use deskcam_core::Config;
 use deskcam_vision::source::DirSource;
@@ -58,7 +59,7 @@ pub fn run(args: EvalArgs) -> Result<ExitCode> {
             return Ok(ExitCode::from(2));
         }
     };
-    let model = crate::model::locate(args.model.as_ref().or(config.detector.model.as_ref()))
+    let model = crate::model::locate(args.model.as_ref().or(config.detector.model.as_ref()), ModelForm::Onnx)
         .map_err(anyhow::Error::msg)?;
     let detector = Detector::load(&model, CURVE_MIN_SCORE, config.detector.nms_iou)
         .with_context(|| format!("loading {}", model.display()))?;

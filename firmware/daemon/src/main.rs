@@ -74,6 +74,9 @@ enum Command {
     /// Print the default config or check a config file.
     #[command(subcommand)]
     Config(ConfigCmd),
+    /// Model files.
+    #[command(subcommand)]
+    Model(ModelCmd),
     /// Close the shutter and turn the LED off on the configured board, then exit
     /// (service stop hook). Exit 3: the board's GPIO is simulated, nothing moved.
     SafeState {
@@ -87,6 +90,13 @@ enum Command {
         #[arg(long, short)]
         config: Option<PathBuf>,
     },
+}
+
+#[derive(Subcommand)]
+enum ModelCmd {
+    /// Write an ONNX model as tract's NNEF archive (`*.nnef.tar`), the form boards with
+    /// `model.form = "nnef"` load.
+    ExportNnef { onnx: PathBuf, out: PathBuf },
 }
 
 #[derive(Subcommand)]
@@ -124,6 +134,7 @@ fn main() -> ExitCode {
             Ok(ExitCode::SUCCESS)
         }
         Command::Config(ConfigCmd::Check { file }) => config_check(&file),
+        Command::Model(ModelCmd::ExportNnef { onnx, out }) => export_nnef(&onnx, &out),
         Command::SafeState { config } => safe_state(config),
         Command::Audit { config } => print_audit(config),
         Command::Run { config } => run_daemon(config),
@@ -173,6 +184,24 @@ fn config_check(file: &Path) -> Result<ExitCode> {
             Ok(ExitCode::from(2))
         }
     }
+}
+
+#[cfg(feature = "onnx")]
+fn export_nnef(onnx: &Path, out: &Path) -> Result<ExitCode> {
+    if !deskcam_vision::detector::is_nnef(out) {
+        eprintln!("deskcam model export-nnef: the output must be named *.nnef.tar");
+        return Ok(ExitCode::from(2));
+    }
+    deskcam_vision::detector::export_nnef(onnx, out)?;
+    let sha = deskcam_vision::sha256_hex(&std::fs::read(out)?);
+    println!("{sha}  {}", out.display());
+    Ok(ExitCode::SUCCESS)
+}
+
+#[cfg(not(feature = "onnx"))]
+fn export_nnef(_onnx: &Path, _out: &Path) -> Result<ExitCode> {
+    eprintln!("deskcam model export-nnef: this build has no ONNX front end (cargo feature `onnx`)");
+    Ok(ExitCode::from(2))
 }
 
 fn safe_state(config: Option<PathBuf>) -> Result<ExitCode> {
@@ -324,7 +353,8 @@ pub fn run_pipeline(
 ) -> Result<Summary> {
     // The board's cores for the network (tract's executor is process-wide).
     let threads = deskcam_vision::detector::set_inference_threads(board.model_threads as usize);
-    let model_path = model::locate(config.detector.model.as_ref()).map_err(anyhow::Error::msg)?;
+    let model_path =
+        model::locate(config.detector.model.as_ref(), board.model_form).map_err(anyhow::Error::msg)?;
     let t = std::time::Instant::now();
     let detector = Detector::load(&model_path, config.detector.min_score, config.detector.nms_iou)
         .context("loading the detector")?;

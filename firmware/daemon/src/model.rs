@@ -2,9 +2,12 @@
 
 use std::path::PathBuf;
 
+use deskcam_core::board::ModelForm;
+
 /// Candidates in order: `$DESKCAM_MODEL`, the installed location, next to the binary,
-/// and the source tree this binary was built from (development and CI).
-pub fn locate(explicit: Option<&PathBuf>) -> Result<PathBuf, String> {
+/// and the source tree this binary was built from (development and CI). The board's
+/// model form picks `nanodet.onnx` or `nanodet.nnef.tar`.
+pub fn locate(explicit: Option<&PathBuf>, form: ModelForm) -> Result<PathBuf, String> {
     if let Some(p) = explicit {
         return if p.is_file() {
             Ok(p.clone())
@@ -12,11 +15,19 @@ pub fn locate(explicit: Option<&PathBuf>) -> Result<PathBuf, String> {
             Err(format!("detector.model: {} does not exist", p.display()))
         };
     }
-    let candidates = installed("DESKCAM_MODEL", "nanodet.onnx", "models/nanodet.onnx");
+    let candidates = match form {
+        ModelForm::Onnx => installed("DESKCAM_MODEL", "nanodet.onnx", "models/nanodet.onnx"),
+        // Made from the ONNX model by `deskcam model export-nnef` (the image build does).
+        ModelForm::Nnef => installed("DESKCAM_MODEL", "nanodet.nnef.tar", "models/nanodet.nnef.tar"),
+    };
     candidates.iter().find(|p| p.is_file()).cloned().ok_or_else(|| {
         let list: Vec<String> = candidates.iter().map(|p| p.display().to_string()).collect();
+        let hint = match form {
+            ModelForm::Onnx => "",
+            ModelForm::Nnef => "; the board loads the NNEF form: `deskcam model export-nnef models/nanodet.onnx models/nanodet.nnef.tar` on a development machine",
+        };
         format!(
-            "no detector model found; looked in: {} (set detector.model or DESKCAM_MODEL)",
+            "no detector model found; looked in: {} (set detector.model or DESKCAM_MODEL){hint}",
             list.join(", ")
         )
     })

@@ -9,7 +9,7 @@ use std::sync::Arc;
 
 use deskcam_core::detection::PERSON;
 use deskcam_core::{BBox, Detection, COCO_CLASSES};
-use tract_onnx::prelude::*;
+use tract_nnef::prelude::*;
 
 use crate::Frame;
 
@@ -79,6 +79,48 @@ pub fn set_inference_threads(n: usize) -> usize {
     }
 }
 
+/// Whether a model file is tract's NNEF archive (`*.nnef.tar`) rather than ONNX.
+pub fn is_nnef(path: &Path) -> bool {
+    path.file_name().and_then(|n| n.to_str()).is_some_and(|n| n.ends_with(".nnef.tar"))
+}
+
+/// An ONNX model with its input fixed to 1×3×N×N (N from the file), typed.
+#[cfg(feature = "onnx")]
+fn onnx_typed(bytes: &[u8]) -> TractResult<TypedModel> {
+    use tract_onnx::prelude::{Framework as _, InferenceModelExt as _};
+    let model = tract_onnx::onnx().model_for_read(&mut &*bytes)?;
+    let shape = model
+        .input_fact(0)?
+        .shape
+        .as_concrete_finite()?
+        .map(|s| s.to_vec())
+        .ok_or_else(|| tract_nnef::internal::format_err!("the input shape is not fixed"))?;
+    model
+        .with_input_fact(0, tract_onnx::prelude::InferenceFact::dt_shape(f32::datum_type(), shape))?
+        .into_typed()
+}
+
+#[cfg(not(feature = "onnx"))]
+fn onnx_typed(_bytes: &[u8]) -> TractResult<TypedModel> {
+    tract_nnef::internal::bail!(
+        "this build reads NNEF models only (`*.nnef.tar`, made by `deskcam model export-nnef`)"
+    )
+}
+
+/// Writes an ONNX model as tract's NNEF archive, typed and decluttered: what the boards
+/// load when their config says `model.form = "nnef"` (no ONNX front end in the binary).
+#[cfg(feature = "onnx")]
+pub fn export_nnef(onnx: &Path, out: &Path) -> Result<(), DetectorError> {
+    use tract_onnx_opl::WithOnnx;
+    let err = |e: TractError| DetectorError::Load { path: onnx.into(), reason: format!("{e:#}") };
+    let bytes = std::fs::read(onnx).map_err(|source| DetectorError::Read { path: onnx.into(), source })?;
+    let model = onnx_typed(&bytes).and_then(|m| m.into_decluttered()).map_err(err)?;
+    let file =
+        std::fs::File::create(out).map_err(|source| DetectorError::Read { path: out.into(), source })?;
+    tract_nnef::nnef().with_onnx().write_to_tar(&model, file).map_err(err)?;
+    Ok(())
+}
+
 pub struct Detector {
     plan: Arc<TypedRunnableModel>,
     input_size: usize,
@@ -95,21 +137,22 @@ impl Detector {
             std::fs::read(path).map_err(|source| DetectorError::Read { path: path.into(), source })?;
         let sha256 = crate::sha256_hex(&bytes);
         let load_err = |e: TractError| DetectorError::Load { path: path.into(), reason: format!("{e:#}") };
-        let model = tract_onnx::onnx().model_for_read(&mut bytes.as_slice()).map_err(load_err)?;
+        let model = if is_nnef(path) {
+            use tract_onnx_opl::WithOnnx;
+            tract_nnef::nnef().with_onnx().model_for_read(&mut bytes.as_slice()).map_err(load_err)?
+        } else {
+            onnx_typed(&bytes).map_err(load_err)?
+        };
         let input_size = model
             .input_fact(0)
             .ok()
-            .and_then(|f| f.shape.as_concrete_finite().ok().flatten().map(|s| s.to_vec()))
+            .and_then(|f| f.shape.as_concrete().map(|s| s.to_vec()))
             .and_then(|s| (s.len() == 4 && s[1] == 3 && s[2] == s[3]).then_some(s[2]))
             .ok_or_else(|| DetectorError::Load {
                 path: path.into(),
                 reason: "input is not 1×3×N×N".into(),
             })?;
-        let plan = model
-            .with_input_fact(0, f32::fact([1, 3, input_size, input_size]).into())
-            .and_then(|m| m.into_optimized())
-            .and_then(|m| m.into_runnable())
-            .map_err(load_err)?;
+        let plan = model.into_optimized().and_then(|m| m.into_runnable()).map_err(load_err)?;
         Ok(Detector { plan, input_size, min_score, nms_iou, sha256, path: path.into() })
     }
 

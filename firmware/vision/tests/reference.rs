@@ -157,3 +157,29 @@ fn int8_model_is_pinned_and_agrees_with_the_float_model() {
     }
     assert!(compared >= 5, "too few detections compared: {compared}");
 }
+
+/// The NNEF form the boards load (`deskcam model export-nnef`) computes what the ONNX
+/// model computes: the same raw head outputs on the demo photos.
+#[test]
+fn nnef_export_matches_the_onnx_model() {
+    let onnx = repo().join("models/nanodet.onnx");
+    let nnef = std::env::temp_dir().join(format!("deskcam-test-{}.nnef.tar", std::process::id()));
+    deskcam_vision::detector::export_nnef(&onnx, &nnef).unwrap();
+    let a = Detector::load(&onnx, 0.3, 0.5).unwrap();
+    let b = Detector::load(&nnef, 0.3, 0.5).unwrap();
+    assert_eq!(a.input_size(), b.input_size());
+    let token = deskcam_hw::sim::simulated_open();
+    let mut source = DirSource::open(&demo_photos(), false).unwrap();
+    let mut frames = 0;
+    while let Ok(frame) = source.next_frame(&token) {
+        let (ha, hb) = (a.run_head(&frame).unwrap(), b.run_head(&frame).unwrap());
+        for (la, lb) in ha.levels().unwrap().iter().zip(hb.levels().unwrap().iter()) {
+            let worst = la.scores.iter().zip(lb.scores).map(|(x, y)| (x - y).abs()).fold(0.0f32, f32::max);
+            assert!(worst < 1e-4, "{}: scores differ by {worst}", frame.origin());
+        }
+        assert_eq!(a.detections(&ha).unwrap(), b.detections(&hb).unwrap());
+        frames += 1;
+    }
+    assert!(frames >= 4);
+    let _ = std::fs::remove_file(&nnef);
+}
