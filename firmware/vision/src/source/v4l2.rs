@@ -237,6 +237,26 @@ mod tests {
     }
 
     #[test]
+    fn read_errors_at_the_device_boundary_become_faults_not_skips() {
+        // What the kernel answers a read on an unplugged camera (ENODEV), a device whose
+        // driver went away under an open file (ENXIO), a stalled stream (timeout), a
+        // device taken by another program (EBUSY) and a bus error (EIO).
+        let p = Path::new("/dev/video0");
+        let e = |code: i32| read_err(p, 500, io::Error::from_raw_os_error(code));
+        assert!(matches!(e(19), CaptureError::Missing { .. }));
+        assert!(matches!(e(6), CaptureError::Missing { .. }));
+        assert!(matches!(e(16), CaptureError::Busy { .. }));
+        assert!(matches!(e(5), CaptureError::Io { .. }));
+        let stalled = read_err(p, 500, io::Error::from(io::ErrorKind::TimedOut));
+        assert!(matches!(stalled, CaptureError::Timeout { timeout_ms: 500, .. }), "{stalled}");
+        // None of them is a bad frame to skip: each closes the shutter and is retried.
+        for err in [e(19), e(6), e(16), e(5), stalled] {
+            assert!(!err.is_skippable(), "{err}");
+            assert!(err.to_string().contains("/dev/video0"), "{err}");
+        }
+    }
+
+    #[test]
     fn missing_device_names_the_path() {
         let e = V4l2Source::open(Path::new("/dev/video-does-not-exist"), 640, 480, 1000).err().unwrap();
         assert!(matches!(e, CaptureError::Missing { .. }));
