@@ -276,7 +276,10 @@ pub async fn run(
 
     if *connected.borrow() {
         // A clean goodbye: the broker does not send the will on DISCONNECT, so say it.
-        let _ = client.publish(cfg.topics.status(), QoS::AtLeastOnce, true, STATUS_OFFLINE).await;
+        // (Counted like every other control publish, so acknowledged ≤ published.)
+        if client.publish(cfg.topics.status(), QoS::AtLeastOnce, true, STATUS_OFFLINE).await.is_ok() {
+            stats.published.fetch_add(1, Ordering::Relaxed);
+        }
         let _ = client.disconnect().await;
         let _ = tokio::time::timeout(Duration::from_secs(2), disconnected).await;
     }
