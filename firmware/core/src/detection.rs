@@ -130,11 +130,16 @@ impl BBox {
         ((self.x0 + self.x1) / 2.0, (self.y0 + self.y1) / 2.0)
     }
 
-    /// Intersection over union; 0 for disjoint or degenerate boxes.
-    pub fn iou(&self, other: &BBox) -> f32 {
+    /// The area the two boxes share.
+    pub fn intersection(&self, other: &BBox) -> f32 {
         let ix = (self.x1.min(other.x1) - self.x0.max(other.x0)).max(0.0);
         let iy = (self.y1.min(other.y1) - self.y0.max(other.y0)).max(0.0);
-        let inter = ix * iy;
+        ix * iy
+    }
+
+    /// Intersection over union; 0 for disjoint or degenerate boxes.
+    pub fn iou(&self, other: &BBox) -> f32 {
+        let inter = self.intersection(other);
         let union = self.area() + other.area() - inter;
         if union <= 0.0 {
             0.0

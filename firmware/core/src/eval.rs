@@ -209,18 +209,12 @@ impl Evaluation {
             if !image.boxes_complete(class) {
                 continue;
             }
-            let gt: Vec<BBox> = image
-                .objects
-                .iter()
-                .filter(|o| o.class == class && !o.iscrowd)
-                .map(|o| BBox::from_xywh(o.bbox_xywh[0], o.bbox_xywh[1], o.bbox_xywh[2], o.bbox_xywh[3]))
-                .collect();
-            let crowd: Vec<BBox> = image
-                .objects
-                .iter()
-                .filter(|o| o.class == class && o.iscrowd)
-                .map(|o| BBox::from_xywh(o.bbox_xywh[0], o.bbox_xywh[1], o.bbox_xywh[2], o.bbox_xywh[3]))
-                .collect();
+            let (crowd, gt): (Vec<_>, Vec<_>) =
+                image.objects.iter().filter(|o| o.class == class).partition(|o| o.iscrowd);
+            let boxes = |objects: Vec<&LabelledObject>| -> Vec<BBox> {
+                objects.iter().map(|o| o.bbox_xywh).map(|[x, y, w, h]| BBox::from_xywh(x, y, w, h)).collect()
+            };
+            let (gt, crowd) = (boxes(gt), boxes(crowd));
             let mut dets: Vec<&Scored> = found.iter().filter(|d| d.class == class).collect();
             dets.sort_by(|a, b| b.score.total_cmp(&a.score));
             let matched = match_greedy(&dets, &gt, &crowd);
@@ -323,13 +317,11 @@ fn match_greedy(dets: &[&Scored], gt: &[BBox], crowd: &[BBox]) -> Vec<Option<boo
 
 /// The part of `a` inside `b`.
 fn covered_by(a: &BBox, b: &BBox) -> f32 {
-    let ix = (a.x1.min(b.x1) - a.x0.max(b.x0)).max(0.0);
-    let iy = (a.y1.min(b.y1) - a.y0.max(b.y0)).max(0.0);
-    let area = (a.x1 - a.x0) * (a.y1 - a.y0);
+    let area = a.area();
     if area <= 0.0 {
         0.0
     } else {
-        ix * iy / area
+        a.intersection(b) / area
     }
 }
 
