@@ -13,6 +13,8 @@ use deskcam_vision::detector::set_inference_threads;
 use deskcam_vision::source::DirSource;
 use deskcam_vision::{render_still, Detector, FrameSource};
 
+use crate::telemetry::percentile;
+
 #[derive(clap::Args)]
 pub struct BenchArgs {
     /// A model to time (repeat for several).
@@ -34,11 +36,6 @@ pub struct BenchArgs {
     /// Print one JSON object.
     #[arg(long)]
     json: bool,
-}
-
-fn percentile(sorted: &[f64], p: f64) -> f64 {
-    let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
-    sorted.get(i).copied().unwrap_or(0.0)
 }
 
 fn peak_rss_mb() -> Option<f64> {
@@ -69,14 +66,14 @@ pub fn run(args: BenchArgs) -> Result<ExitCode> {
             for _ in 0..args.warmup {
                 det.run_head(&first)?;
             }
-            let mut ms: Vec<f64> = (0..args.runs)
+            let ms: Vec<f64> = (0..args.runs)
                 .map(|_| {
                     let t = Instant::now();
                     det.run_head(&first).map(|_| t.elapsed().as_secs_f64() * 1e3)
                 })
                 .collect::<Result<_, _>>()?;
-            ms.sort_by(f64::total_cmp);
-            let (median, p95) = (percentile(&ms, 0.5), percentile(&ms, 0.95));
+            let pick = |p| percentile(&ms, p).unwrap_or(0.0);
+            let (median, p95) = (pick(0.5), pick(0.95));
             if !args.json {
                 println!(
                     "{:<28} threads {threads}  median {median:9.2} ms  p95 {p95:9.2} ms  (load {load_ms:.0} ms)",
@@ -106,8 +103,7 @@ pub fn run(args: BenchArgs) -> Result<ExitCode> {
             ms.push(t.elapsed().as_secs_f64() * 1e3);
         }
     }
-    ms.sort_by(f64::total_cmp);
-    let scan = percentile(&ms, 0.5);
+    let scan = percentile(&ms, 0.5).unwrap_or(0.0);
     let rss = peak_rss_mb();
     if args.json {
         let j = serde_json::json!({

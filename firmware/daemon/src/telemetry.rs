@@ -40,12 +40,13 @@ impl LiveStats {
 }
 
 /// The `p` quantile (0..1) of `values` (nearest rank), if there are any.
-pub fn percentile(values: &[f32], p: f32) -> Option<f32> {
+pub fn percentile<T: Copy + PartialOrd>(values: &[T], p: f32) -> Option<T> {
     if values.is_empty() {
         return None;
     }
     let mut v = values.to_vec();
-    v.sort_by(f32::total_cmp);
+    // (Times and durations: never NaN.)
+    v.sort_by(|a, b| a.partial_cmp(b).unwrap_or(std::cmp::Ordering::Equal));
     Some(v[((v.len() - 1) as f32 * p).round() as usize])
 }
 
