@@ -105,9 +105,46 @@ impl<F: FnMut() -> bool> InputPin for FnInput<F> {
     }
 }
 
-fn sim_lines(board: &Board, echo: bool) -> Result<Lines, HwError> {
-    // (The demo prints what the LED and shutter do, not every blink: see `say`.)
-    let _ = echo;
+/// What a board backend offers, by board line: outputs requested at a level (`true`:
+/// high), inputs (`true`: the switch pulls the line low), and a PWM channel for a servo
+/// (channel, period in ms, starting duty). `role` names the line in errors and labels.
+#[cfg(any(feature = "gpiocdev", feature = "rppal"))]
+struct Backend<'a> {
+    output: &'a dyn Fn(u32, &'static str, bool) -> Result<AnyOutput, HwError>,
+    input: &'a dyn Fn(u32, &'static str, bool) -> Result<AnyInput, HwError>,
+    pwm: &'a dyn Fn(u8, f32, f32) -> Result<AnyPwm, HwError>,
+}
+
+/// The board's lines from a board backend (`sim_lines` builds the simulated ones), each
+/// requested at its safe level: the shutter closed (a two-line drive: the closing side
+/// active), then the LED off.
+#[cfg(any(feature = "gpiocdev", feature = "rppal"))]
+fn board_lines(board: &Board, b: Backend) -> Result<Lines, HwError> {
+    let out = |line, role, high| (b.output)(line, role, high).map(Shared::new);
+    let shutter = match &board.shutter {
+        ShutterDrive::Pin { line, close_line, active_low } => ShutterLine::Pin {
+            line: out(*line, "shutter", *active_low)?,
+            close: close_line.map(|c| out(c, "shutter-close", !*active_low)).transpose()?,
+            active_low: *active_low,
+        },
+        ShutterDrive::Servo { channel, period_ms, open_duty, closed_duty } => ShutterLine::Servo {
+            pwm: Shared::new((b.pwm)(*channel, *period_ms, *closed_duty)?),
+            open: *open_duty,
+            closed: *closed_duty,
+        },
+    };
+    let led = board
+        .led_lines
+        .iter()
+        .zip(led_names(board.led_kind))
+        .map(|(line, name)| out(*line, name, board.led_active_low))
+        .collect::<Result<_, _>>()?;
+    let end_stop = board.end_stop.map(|e| (b.input)(e.line, "end-stop", e.active_low)).transpose()?;
+    let button = board.button.map(|e| (b.input)(e.line, "button", e.active_low)).transpose()?;
+    Ok(Lines { shutter, led, end_stop, button })
+}
+
+fn sim_lines(board: &Board) -> Result<Lines, HwError> {
     let mut recorder = Recorder::default();
     if let Some(path) = std::env::var_os(SIM_TRACE_ENV) {
         recorder = recorder.tracing_to(std::path::Path::new(&path)).map_err(|e| HwError::Backend {
@@ -174,41 +211,19 @@ fn cdev_lines(board: &Board) -> Result<Lines, HwError> {
         what: "gpio.chip".into(),
         detail: "the board config names no chip".into(),
     })?;
-    let shutter = match &board.shutter {
-        ShutterDrive::Pin { line, close_line, active_low } => {
-            let l = cdev::output(&chip, *line, "deskcam-shutter", *active_low)?;
-            let close = match close_line {
-                Some(c) => Some(Shared::new(AnyOutput::new(cdev::output(
-                    &chip,
-                    *c,
-                    "deskcam-shutter-close",
-                    !*active_low,
-                )?))),
-                None => None,
-            };
-            ShutterLine::Pin { line: Shared::new(AnyOutput::new(l)), close, active_low: *active_low }
-        }
-        ShutterDrive::Servo { .. } => {
-            return Err(HwError::Backend {
-                what: "shutter".into(),
-                detail: "a servo shutter needs hardware PWM: use the rppal backend".into(),
-            })
-        }
+    // Labelled `deskcam-<role>`, as `gpioinfo` and debugfs show them.
+    let output =
+        |line, role, high| cdev::output(&chip, line, &format!("deskcam-{role}"), high).map(AnyOutput::new);
+    let input = |line, role, active_low| {
+        cdev::input(&chip, line, &format!("deskcam-{role}"), active_low).map(AnyInput::new)
     };
-    let mut led = Vec::new();
-    for (line, name) in board.led_lines.iter().zip(led_names(board.led_kind)) {
-        let l = cdev::output(&chip, *line, &format!("deskcam-{name}"), board.led_active_low)?;
-        led.push(Shared::new(AnyOutput::new(l)));
-    }
-    let end_stop = match board.end_stop {
-        Some(e) => Some(AnyInput::new(cdev::input(&chip, e.line, "deskcam-end-stop", e.active_low)?)),
-        None => None,
+    let pwm = |_channel, _period_ms, _duty| -> Result<AnyPwm, HwError> {
+        Err(HwError::Backend {
+            what: "shutter".into(),
+            detail: "a servo shutter needs hardware PWM: use the rppal backend".into(),
+        })
     };
-    let button = match board.button {
-        Some(b) => Some(AnyInput::new(cdev::input(&chip, b.line, "deskcam-button", b.active_low)?)),
-        None => None,
-    };
-    Ok(Lines { shutter, led, end_stop, button })
+    board_lines(board, Backend { output: &output, input: &input, pwm: &pwm })
 }
 
 #[cfg(feature = "rppal")]
@@ -216,39 +231,10 @@ fn rppal_lines(board: &Board) -> Result<Lines, HwError> {
     use deskcam_hw::rpi;
     let gpio = rpi::gpio()?;
     let bcm = |line: u32| u8::try_from(line).unwrap_or(u8::MAX);
-    let shutter = match &board.shutter {
-        ShutterDrive::Pin { line, close_line, active_low } => {
-            let p = rpi::output(&gpio, bcm(*line), "shutter", *active_low)?;
-            let close = match close_line {
-                Some(c) => Some(Shared::new(AnyOutput::new(rpi::output(
-                    &gpio,
-                    bcm(*c),
-                    "shutter close",
-                    !*active_low,
-                )?))),
-                None => None,
-            };
-            ShutterLine::Pin { line: Shared::new(AnyOutput::new(p)), close, active_low: *active_low }
-        }
-        ShutterDrive::Servo { channel, period_ms, open_duty, closed_duty } => {
-            let pwm = rpi::pwm(*channel, *period_ms, *closed_duty)?;
-            ShutterLine::Servo { pwm: Shared::new(AnyPwm::new(pwm)), open: *open_duty, closed: *closed_duty }
-        }
-    };
-    let mut led = Vec::new();
-    for (line, name) in board.led_lines.iter().zip(led_names(board.led_kind)) {
-        let p = rpi::output(&gpio, bcm(*line), name, board.led_active_low)?;
-        led.push(Shared::new(AnyOutput::new(p)));
-    }
-    let end_stop = match board.end_stop {
-        Some(e) => Some(AnyInput::new(rpi::input(&gpio, bcm(e.line), "end-stop", e.active_low)?)),
-        None => None,
-    };
-    let button = match board.button {
-        Some(b) => Some(AnyInput::new(rpi::input(&gpio, bcm(b.line), "button", b.active_low)?)),
-        None => None,
-    };
-    Ok(Lines { shutter, led, end_stop, button })
+    let output = |line, role, high| rpi::output(&gpio, bcm(line), role, high).map(AnyOutput::new);
+    let input = |line, role, active_low| rpi::input(&gpio, bcm(line), role, active_low).map(AnyInput::new);
+    let pwm = |channel, period_ms, duty| rpi::pwm(channel, period_ms, duty).map(AnyPwm::new);
+    board_lines(board, Backend { output: &output, input: &input, pwm: &pwm })
 }
 
 #[cfg(not(all(feature = "gpiocdev", feature = "rppal")))]
@@ -332,7 +318,7 @@ impl Hardware {
     pub fn open(board: &Board, simulate: bool, echo: bool) -> Result<Self, HwError> {
         let backend = if simulate { GpioBackend::Sim } else { board.backend };
         let lines = match backend {
-            GpioBackend::Sim => sim_lines(board, echo)?,
+            GpioBackend::Sim => sim_lines(board)?,
             #[cfg(feature = "gpiocdev")]
             GpioBackend::Gpiocdev => cdev_lines(board)?,
             #[cfg(not(feature = "gpiocdev"))]
@@ -417,8 +403,12 @@ impl Hardware {
     }
 
     pub fn set_led(&mut self, p: LedPattern) -> Result<(), HwError> {
-        let changed = self.led().pattern() != p;
-        self.led().set(p)?;
+        let changed = {
+            let mut led = self.led();
+            let changed = led.pattern() != p;
+            led.set(p)?;
+            changed
+        };
         if changed {
             self.say(&format!("LED {}", led_name(p)));
         }
