@@ -108,13 +108,14 @@ impl StatusLed {
         Ok(l)
     }
 
-    /// Shows `pattern` from its beginning (unless it is already showing).
+    /// Shows `pattern` from its beginning (unless it is already showing: then it goes
+    /// on where it is, rather than jumping back to the first phase of a blink).
     pub fn set(&mut self, pattern: LedPattern) -> Result<(), HwError> {
         if pattern != self.pattern {
             self.pattern = pattern;
             self.since = Instant::now();
         }
-        self.render(0)
+        self.tick()
     }
 
     /// Advances a blinking pattern to now.
