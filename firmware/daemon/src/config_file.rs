@@ -2,19 +2,23 @@
 //! or the new one, never a mix: write a temporary file beside it, sync it, rename it
 //! over the old one, sync the directory.
 
-use std::fs::{self, File};
+use std::fs::{self, File, OpenOptions};
 use std::io::{self, Write};
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::Path;
 
-pub fn save(path: &Path, text: &str) -> io::Result<()> {
+/// `header` (comment lines) goes before `text`. The file is created readable by its
+/// owner only: it may hold the broker password.
+pub fn save(path: &Path, header: &str, text: &str) -> io::Result<()> {
     let dir = match path.parent() {
         Some(d) if !d.as_os_str().is_empty() => d,
         _ => Path::new("."),
     };
     let name = path.file_name().ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "no file name"))?;
     let tmp = dir.join(format!(".{}.new", name.to_string_lossy()));
-    let written = File::create(&tmp).and_then(|mut f| {
-        f.write_all(b"# Written by deskcam (config/set). Keys not listed have their defaults.\n")?;
+    let _ = fs::remove_file(&tmp);
+    let written = OpenOptions::new().write(true).create_new(true).mode(0o600).open(&tmp).and_then(|mut f| {
+        f.write_all(header.as_bytes())?;
         f.write_all(text.as_bytes())?;
         f.sync_all()
     });
@@ -36,12 +40,12 @@ mod tests {
         fs::create_dir_all(&dir).unwrap();
         let path = dir.join("deskcam.toml");
         fs::write(&path, "old = 1\n").unwrap();
-        save(&path, "new = 2\n").unwrap();
+        save(&path, "# h\n", "new = 2\n").unwrap();
         assert!(fs::read_to_string(&path).unwrap().ends_with("new = 2\n"));
         assert_eq!(fs::read_dir(&dir).unwrap().count(), 1, "no temporary file left");
         // A directory that cannot be written: the error is returned, the old file stays.
         let missing = dir.join("gone/deskcam.toml");
-        assert!(save(&missing, "x = 1\n").is_err());
+        assert!(save(&missing, "", "x = 1\n").is_err());
         assert!(fs::read_to_string(&path).unwrap().ends_with("new = 2\n"));
         let _ = fs::remove_dir_all(&dir);
     }

@@ -16,6 +16,7 @@ mod hardware;
 mod model;
 mod notify;
 mod pipeline;
+mod provision;
 mod telemetry;
 
 use std::path::{Path, PathBuf};
@@ -84,6 +85,17 @@ enum Command {
         #[arg(long, short)]
         config: Option<PathBuf>,
     },
+    /// First boot: check deskcam.toml (and the certificates it names) on the boot
+    /// partition and move them to the data partition. Exit 2: nothing changed, the
+    /// problems are in the journal and in deskcam-error.txt beside the file.
+    Provision(provision::ProvisionArgs),
+    /// Close the shutter and show the LED's fault pattern until stopped (a device that
+    /// cannot start, e.g. a card with a bad config); then the LED goes off.
+    ShowFault {
+        /// The board (a file in board-configs/) [env DESKCAM_BOARD].
+        #[arg(long, env = "DESKCAM_BOARD")]
+        board: String,
+    },
     /// Print the audit log kept on this device (one line per scan, JSON).
     Audit {
         /// Config file [env DESKCAM_CONFIG, default /data/deskcam.toml].
@@ -137,6 +149,8 @@ fn main() -> ExitCode {
         Command::Model(ModelCmd::ExportNnef { onnx, out }) => export_nnef(&onnx, &out),
         Command::SafeState { config } => safe_state(config),
         Command::Audit { config } => print_audit(config),
+        Command::Provision(args) => provision::run(args),
+        Command::ShowFault { board } => show_fault(&board),
         Command::Run { config } => run_daemon(config),
         Command::Demo(args) => demo::run(args),
         Command::Eval(args) => eval::run(args),
@@ -227,6 +241,34 @@ fn safe_state(config: Option<PathBuf>) -> Result<ExitCode> {
     }
     checked.context("driving the safe state")?;
     eprintln!("deskcam safe-state: shutter closed, LED off ({})", board.name);
+    Ok(ExitCode::SUCCESS)
+}
+
+fn show_fault(name: &str) -> Result<ExitCode> {
+    let board = match board::load(name) {
+        Ok((_, b)) => b,
+        Err(e) => {
+            eprintln!("deskcam show-fault: {e}");
+            return Ok(ExitCode::from(2));
+        }
+    };
+    let mut hw = Hardware::open(&board, board.backend == GpioBackend::Sim, false).context("opening GPIO")?;
+    // A shutter that will not confirm closing is one more fault: show the pattern anyway.
+    if let Err(e) = hw.close_shutter() {
+        eprintln!("deskcam show-fault: {e}");
+    }
+    hw.set_led(deskcam_core::policy::LedPattern::Fault).context("lighting the LED")?;
+    eprintln!("deskcam show-fault: the LED shows the fault pattern on {} until stopped", board.name);
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    runtime.block_on(async {
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            _ = term.recv() => {}
+        }
+        std::io::Result::Ok(())
+    })?;
+    hw.safe_state().context("driving the safe state")?;
     Ok(ExitCode::SUCCESS)
 }
 

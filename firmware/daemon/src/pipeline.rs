@@ -455,8 +455,12 @@ impl Pipeline {
         let patched = self.config.patched(patch).map_err(|e| e.to_string().trim_end().replace('\n', "; "))?;
         let saved = match &self.config_path {
             Some(path) if !patched.changed.is_empty() => {
-                crate::config_file::save(path, &patched.file)
-                    .map_err(|e| format!("could not save {}: {e}; nothing changed", path.display()))?;
+                crate::config_file::save(
+                    path,
+                    "# Written by deskcam (config/set). Keys not listed have their defaults.\n",
+                    &patched.file,
+                )
+                .map_err(|e| format!("could not save {}: {e}; nothing changed", path.display()))?;
                 true
             }
             _ => false,

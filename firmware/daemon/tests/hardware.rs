@@ -157,3 +157,34 @@ fn safe_state_drives_the_configured_board_or_says_it_cannot() {
         assert!(err.contains("/dev/gpiochip0 line 0 (deskcam-shutter)"), "{err}");
     }
 }
+
+#[test]
+fn show_fault_blinks_the_led_with_the_shutter_closed_until_stopped() {
+    let trace_file = std::env::temp_dir().join(format!("deskcam-showfault-{}.trace", std::process::id()));
+    let _ = std::fs::remove_file(&trace_file);
+    let mut child = std::process::Command::new(BIN)
+        .args(["show-fault", "--board", "sim"])
+        .env("DESKCAM_SIM_TRACE", &trace_file)
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(1_500));
+    assert!(child.try_wait().unwrap().is_none(), "show-fault must keep running until stopped");
+    let during = trace(&trace_file);
+    let led_on = during.iter().filter(|(p, l)| p == "led" && l == "high").count();
+    assert!(led_on >= 3, "no fault blink: {during:?}");
+    assert!(during.iter().all(|(p, l)| p != "shutter" || l == "low"), "shutter moved: {during:?}");
+
+    // SAFETY: signalling our own child process.
+    assert_eq!(unsafe { libc::kill(child.id() as i32, libc::SIGTERM) }, 0);
+    let out = child.wait_with_output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let after = trace(&trace_file);
+    let last_led = after.iter().rev().find(|(p, _)| p == "led").map(|(_, l)| l.as_str());
+    assert_eq!(last_led, Some("low"), "LED left on: {after:?}");
+
+    let out =
+        std::process::Command::new(BIN).args(["show-fault", "--board", "no-such-board"]).output().unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("no board config 'no-such-board.toml'"));
+}
