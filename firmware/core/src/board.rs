@@ -77,6 +77,31 @@ pub struct Board {
     pub model_form: ModelForm,
     /// The board has a USB device controller (it can be the PC's webcam).
     pub usb_device: bool,
+    /// How `scripts/build-image` makes the SD image; `None`: the board has no image.
+    pub image: Option<ImageSpec>,
+}
+
+/// The SD image of a board (`[image]`).
+#[derive(Clone, Debug, PartialEq)]
+pub struct ImageSpec {
+    pub boot: BootKind,
+    /// Device trees the firmware may load (file names from Debian's kernel package).
+    pub dtbs: Vec<String>,
+    /// Lines of the Raspberry Pi firmware's `config.txt`: the camera, and the PWM and
+    /// USB device overlays that the shutter and the USB port above need (checked).
+    pub config_txt: Vec<String>,
+    /// Debian's mosquitto on the device (the fleet broker is elsewhere by default).
+    pub local_broker: bool,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum BootKind {
+    /// The Raspberry Pi firmware (`raspi-firmware`) loads the kernel from the boot
+    /// partition, configured by `config.txt` and `cmdline.txt`.
+    Raspi,
+    /// A boot loader outside the card (QEMU's `-kernel`) takes the kernel and initrd
+    /// from the boot partition.
+    External,
 }
 
 #[derive(Deserialize)]
@@ -91,6 +116,19 @@ struct Raw {
     camera: RawCamera,
     model: RawModel,
     usb: RawUsb,
+    image: Option<RawImage>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawImage {
+    boot: String,
+    #[serde(default)]
+    dtbs: Vec<String>,
+    #[serde(default)]
+    config_txt: Vec<String>,
+    #[serde(default)]
+    local_broker: bool,
 }
 
 #[derive(Deserialize)]
@@ -303,6 +341,49 @@ impl Board {
                 ModelForm::Onnx
             }
         };
+        let image = raw.image.map(|i| {
+            let boot = match i.boot.as_str() {
+                "raspi" => BootKind::Raspi,
+                "external" => BootKind::External,
+                other => {
+                    err("image.boot", format!("'{other}' is not one of raspi, external"));
+                    BootKind::External
+                }
+            };
+            let has = |prefix: &str, parts: &[&str]| {
+                i.config_txt.iter().any(|l| l.starts_with(prefix) && parts.iter().all(|p| l.contains(p)))
+            };
+            match boot {
+                BootKind::Raspi => {
+                    if i.dtbs.is_empty() {
+                        err("image.dtbs", "the Raspberry Pi firmware needs the board's device tree".into());
+                    }
+                    // What the hardware above needs from the firmware: the servo's PWM
+                    // pin, the USB port in device mode.
+                    if let (ShutterDrive::Servo { .. }, Some(pin)) = (&shutter, raw.shutter.pwm_line) {
+                        let pin = format!("pin={pin}");
+                        if !has("dtoverlay=pwm", &[pin.as_str()]) {
+                            err(
+                                "image.config_txt",
+                                format!("the servo shutter needs a dtoverlay=pwm line with {pin}"),
+                            );
+                        }
+                    }
+                    if raw.usb.device_controller && !has("dtoverlay=dwc2", &["dr_mode=peripheral"]) {
+                        err(
+                            "image.config_txt",
+                            "usb.device_controller needs dtoverlay=dwc2,dr_mode=peripheral".into(),
+                        );
+                    }
+                }
+                BootKind::External => {
+                    if !i.config_txt.is_empty() {
+                        err("image.config_txt", "only the Raspberry Pi firmware reads config.txt".into());
+                    }
+                }
+            }
+            ImageSpec { boot, dtbs: i.dtbs, config_txt: i.config_txt, local_broker: i.local_broker }
+        });
         if !errors.is_empty() {
             return Err(ConfigErrors(errors));
         }
@@ -323,6 +404,7 @@ impl Board {
             model_threads: m.threads,
             model_form,
             usb_device: raw.usb.device_controller,
+            image,
         })
     }
 }
@@ -374,5 +456,32 @@ mod tests {
         let e = Board::from_toml("rpi5", &text).unwrap_err().to_string();
         assert!(e.contains("does not match the file name"), "{e}");
         assert!(Board::from_toml("qemu-virt", "name = 1").is_err());
+    }
+
+    #[test]
+    fn the_image_enables_what_the_board_uses() {
+        let text = std::fs::read_to_string(board_dir().join("rpi4-64.toml")).unwrap();
+        let board = Board::from_toml("rpi4-64", &text).unwrap();
+        let image = board.image.expect("rpi4-64 has an image");
+        assert_eq!(image.boot, BootKind::Raspi);
+        assert!(!image.local_broker);
+        let no_pwm: String = text
+            .lines()
+            .filter(|l| !l.trim_start().starts_with("\"dtoverlay=pwm"))
+            .collect::<Vec<_>>()
+            .join("\n");
+        let e = Board::from_toml("rpi4-64", &no_pwm).unwrap_err().to_string();
+        assert!(e.contains("image.config_txt") && e.contains("pin=18"), "{e}");
+        let no_usb: String = text
+            .lines()
+            .filter(|l| !l.trim_start().starts_with("\"dtoverlay=dwc2"))
+            .collect::<Vec<_>>()
+            .join("\n");
+        let e = Board::from_toml("rpi4-64", &no_usb).unwrap_err().to_string();
+        assert!(e.contains("dr_mode=peripheral"), "{e}");
+        let qemu = std::fs::read_to_string(board_dir().join("qemu-virt.toml")).unwrap();
+        let image = Board::from_toml("qemu-virt", &qemu).unwrap().image.unwrap();
+        assert_eq!(image.boot, BootKind::External);
+        assert!(image.local_broker, "the VM test talks to a broker in the guest");
     }
 }
