@@ -264,9 +264,6 @@ impl Board {
                 if !(1.0..=100.0).contains(&period_ms) {
                     err("shutter.period_ms", format!("{period_ms} is outside 1..100"));
                 }
-                if backend != GpioBackend::Rppal && backend != GpioBackend::Sim {
-                    err("shutter.drive", "a servo needs hardware PWM: the rppal (or sim) backend".into());
-                }
                 ShutterDrive::Servo { channel, period_ms, open_duty: open, closed_duty: closed }
             }
             other => {

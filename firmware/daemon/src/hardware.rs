@@ -217,12 +217,12 @@ fn cdev_lines(board: &Board) -> Result<Lines, HwError> {
     let input = |line, role, active_low| {
         cdev::input(&chip, line, &format!("deskcam-{role}"), active_low).map(AnyInput::new)
     };
-    let pwm = |_channel, _period_ms, _duty| -> Result<AnyPwm, HwError> {
-        Err(HwError::Backend {
-            what: "shutter".into(),
-            detail: "a servo shutter needs hardware PWM: use the rppal backend".into(),
-        })
-    };
+    // A servo's hardware PWM is the kernel's sysfs PWM, which rppal drives on any
+    // kernel (its register access to the GPIO, not used here, needs /dev/gpiomem).
+    #[cfg(feature = "rppal")]
+    let pwm = |channel, period_ms, duty| deskcam_hw::rpi::pwm(channel, period_ms, duty).map(AnyPwm::new);
+    #[cfg(not(feature = "rppal"))]
+    let pwm = |_channel, _period_ms, _duty| -> Result<AnyPwm, HwError> { Err(not_built("rppal (sysfs PWM)")) };
     board_lines(board, Backend { output: &output, input: &input, pwm: &pwm })
 }
 
