@@ -92,6 +92,10 @@ pub struct ImageSpec {
     pub config_txt: Vec<String>,
     /// Debian's mosquitto on the device (the fleet broker is elsewhere by default).
     pub local_broker: bool,
+    /// Kernel modules loaded at boot (a camera driver that is not probed by itself).
+    pub modules: Vec<String>,
+    /// Kernel modules never loaded (a driver that would claim one of the lines above).
+    pub blacklist: Vec<String>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -129,6 +133,10 @@ struct RawImage {
     config_txt: Vec<String>,
     #[serde(default)]
     local_broker: bool,
+    #[serde(default)]
+    modules: Vec<String>,
+    #[serde(default)]
+    blacklist: Vec<String>,
 }
 
 #[derive(Deserialize)]
@@ -379,7 +387,21 @@ impl Board {
                     }
                 }
             }
-            ImageSpec { boot, dtbs: i.dtbs, config_txt: i.config_txt, local_broker: i.local_broker }
+            for (key, list) in [("image.modules", &i.modules), ("image.blacklist", &i.blacklist)] {
+                for m in list.iter().filter(|m| {
+                    m.is_empty() || !m.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
+                }) {
+                    err(key, format!("'{m}' is not a kernel module name"));
+                }
+            }
+            ImageSpec {
+                boot,
+                dtbs: i.dtbs,
+                config_txt: i.config_txt,
+                local_broker: i.local_broker,
+                modules: i.modules,
+                blacklist: i.blacklist,
+            }
         });
         if !errors.is_empty() {
             return Err(ConfigErrors(errors));
@@ -480,5 +502,10 @@ mod tests {
         let image = Board::from_toml("qemu-virt", &qemu).unwrap().image.unwrap();
         assert_eq!(image.boot, BootKind::External);
         assert!(image.local_broker, "the VM test talks to a broker in the guest");
+        assert_eq!(image.modules, ["vivid"]);
+        assert_eq!(image.blacklist, ["gpio_keys"], "the kernel must leave the button's line alone");
+        let bad = qemu.replace("modules = [\"vivid\"]", "modules = [\"vivid; reboot\"]");
+        let e = Board::from_toml("qemu-virt", &bad).unwrap_err().to_string();
+        assert!(e.contains("image.modules"), "{e}");
     }
 }
