@@ -222,7 +222,8 @@ fn cdev_lines(board: &Board) -> Result<Lines, HwError> {
     #[cfg(feature = "rppal")]
     let pwm = |channel, period_ms, duty| deskcam_hw::rpi::pwm(channel, period_ms, duty).map(AnyPwm::new);
     #[cfg(not(feature = "rppal"))]
-    let pwm = |_channel, _period_ms, _duty| -> Result<AnyPwm, HwError> { Err(not_built("rppal (sysfs PWM)")) };
+    let pwm =
+        |_channel, _period_ms, _duty| -> Result<AnyPwm, HwError> { Err(not_built("rppal (sysfs PWM)")) };
     board_lines(board, Backend { output: &output, input: &input, pwm: &pwm })
 }
 
