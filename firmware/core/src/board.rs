@@ -96,6 +96,8 @@ pub struct ImageSpec {
     pub modules: Vec<String>,
     /// Kernel modules never loaded (a driver that would claim one of the lines above).
     pub blacklist: Vec<String>,
+    /// Debian packages beyond the common set (the VM test board's camera tools).
+    pub packages: Vec<String>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -137,6 +139,8 @@ struct RawImage {
     modules: Vec<String>,
     #[serde(default)]
     blacklist: Vec<String>,
+    #[serde(default)]
+    packages: Vec<String>,
 }
 
 #[derive(Deserialize)]
@@ -387,6 +391,12 @@ impl Board {
                     }
                 }
             }
+            for p in i.packages.iter().filter(|p| {
+                p.is_empty()
+                    || !p.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || "+-.".contains(c))
+            }) {
+                err("image.packages", format!("'{p}' is not a Debian package name"));
+            }
             for (key, list) in [("image.modules", &i.modules), ("image.blacklist", &i.blacklist)] {
                 for m in list.iter().filter(|m| {
                     m.is_empty() || !m.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
@@ -401,6 +411,7 @@ impl Board {
                 local_broker: i.local_broker,
                 modules: i.modules,
                 blacklist: i.blacklist,
+                packages: i.packages,
             }
         });
         if !errors.is_empty() {
