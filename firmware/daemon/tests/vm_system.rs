@@ -1,0 +1,399 @@
+//! The system test: the qemu-virt SD image as built (scripts/build-image) boots in an
+//! arm64 VM (QEMU virt, Cortex-A72, Debian's kernel from the image) with the vivid camera
+//! and QEMU's PL061 GPIO chip, the service started by systemd as on a board, and is
+//! driven only as a fleet owner would: over MQTT, through the guest's broker forwarded
+//! to a loopback port. The pins are checked from the guest's debugfs by an observer the
+//! test injects on the kernel command line (tests/vm/), and the button is QEMU's power
+//! button (line 3). Run by `scripts/vm-test` (ignored by a plain `cargo test`: it needs
+//! the image, `DESKCAM_VM_IMAGE`).
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use deskcam_testkit::*;
+
+const DEVICE: &str = "vm-desk-1";
+const OBSERVER_UNIT: &str = include_str!("../../../tests/vm/deskcam-vmtest.service");
+const OBSERVER_SH: &str = include_str!("../../../tests/vm/observer.sh");
+
+/// The topics of DESIGN.md's table under `deskcam/<device>/` (nothing else may appear).
+fn allowed(topic: &str) -> bool {
+    let Some(rest) = topic.strip_prefix(&format!("deskcam/{DEVICE}/")) else { return false };
+    matches!(rest, "status" | "state" | "config" | "event/violation" | "audit" | "telemetry" | "reply")
+        || rest.starts_with("cmd/")
+        || rest
+            .strip_prefix("event/violation/")
+            .is_some_and(|r| r.ends_with("/still") && r.matches('/').count() == 1)
+}
+
+fn b64(text: &str) -> String {
+    // Comment lines stay in the repository: the kernel command line has 2 KiB.
+    let body: String = text.lines().filter(|l| !l.starts_with('#')).map(|l| format!("{l}\n")).collect();
+    let out = Command::new("base64").arg("-w0").stdin(Stdio::piped()).stdout(Stdio::piped()).spawn().unwrap();
+    out.stdin.as_ref().unwrap().write_all(body.as_bytes()).unwrap();
+    String::from_utf8(out.wait_with_output().unwrap().stdout).unwrap()
+}
+
+fn run(cmd: &mut Command) {
+    let out = cmd.output().unwrap_or_else(|e| panic!("{cmd:?}: {e}"));
+    assert!(out.status.success(), "{cmd:?}: {}", String::from_utf8_lossy(&out.stderr));
+}
+
+/// Byte offset of the first (boot) partition, from the MBR.
+fn boot_offset(disk: &Path) -> u64 {
+    let mut mbr = [0u8; 512];
+    std::fs::File::open(disk).unwrap().read_exact(&mut mbr).unwrap();
+    let lba = u32::from_le_bytes(mbr[446 + 8..446 + 12].try_into().unwrap());
+    u64::from(lba) * 512
+}
+
+struct Vm {
+    qemu: ChildGuard,
+    lines: Arc<Mutex<Vec<(Instant, String)>>>,
+    ctl: UnixStream,
+    monitor: PathBuf,
+    port: u16,
+}
+
+impl Vm {
+    fn boot(dir: &Path, port: u16) -> Vm {
+        let disk = dir.join("disk.img");
+        let cmdline = std::fs::read_to_string(dir.join("cmdline.txt")).unwrap();
+        let append = format!(
+            "{} systemd.journald.forward_to_console=1 \
+             systemd.set_credential_binary=systemd.extra-unit.deskcam-vmtest.service:{} \
+             systemd.set_credential_binary=deskcam-vmtest.sh:{} systemd.wants=deskcam-vmtest.service",
+            cmdline.trim(),
+            b64(OBSERVER_UNIT),
+            b64(OBSERVER_SH)
+        );
+        assert!(append.len() < 2048, "kernel command line too long: {}", append.len());
+        let (ctl_path, monitor) = (dir.join("ctl.sock"), dir.join("mon.sock"));
+        let _ = std::fs::remove_file(&ctl_path);
+        let qemu = Command::new("qemu-system-aarch64")
+            .args(["-M", "virt", "-cpu", "cortex-a72", "-smp", "2", "-m", "1024", "-display", "none"])
+            .arg("-kernel")
+            .arg(dir.join("vmlinuz"))
+            .arg("-initrd")
+            .arg(dir.join("initrd.img"))
+            .args(["-append", &append])
+            .arg("-drive")
+            .arg(format!("file={},if=virtio,format=raw", disk.display()))
+            .args(["-netdev", &format!("user,id=n0,hostfwd=tcp:127.0.0.1:{port}-:1883")])
+            .args(["-device", "virtio-net-pci,netdev=n0", "-device", "virtio-serial-device"])
+            .args(["-chardev", &format!("socket,id=ctl,path={},server=on,wait=off", ctl_path.display())])
+            .args(["-device", "virtconsole,chardev=ctl"])
+            .args(["-monitor", &format!("unix:{},server=on,wait=off", monitor.display())])
+            .args(["-serial", &format!("file:{}", dir.join("serial.log").display())])
+            .arg("-no-reboot")
+            .stdin(Stdio::null())
+            .spawn()
+            .expect("qemu-system-aarch64 (package qemu-system-arm)");
+        let deadline = Instant::now() + Duration::from_secs(20);
+        let ctl = loop {
+            match UnixStream::connect(&ctl_path) {
+                Ok(s) => break s,
+                Err(e) if Instant::now() > deadline => panic!("QEMU's control socket: {e}"),
+                Err(_) => std::thread::sleep(Duration::from_millis(100)),
+            }
+        };
+        let lines = Arc::new(Mutex::new(Vec::new()));
+        let (l, reader) = (lines.clone(), ctl.try_clone().unwrap());
+        std::thread::spawn(move || {
+            for line in BufReader::new(reader).lines().map_while(Result::ok) {
+                l.lock().unwrap().push((Instant::now(), line.trim().to_string()));
+            }
+        });
+        Vm { qemu: ChildGuard(qemu), lines, ctl, monitor, port }
+    }
+
+    fn wait_line(&self, timeout: Duration, pred: impl Fn(&str) -> bool) -> Option<String> {
+        let deadline = Instant::now() + timeout;
+        while Instant::now() < deadline {
+            if let Some((_, l)) = self.lines.lock().unwrap().iter().find(|(_, l)| pred(l)) {
+                return Some(l.clone());
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        None
+    }
+
+    /// Runs one of the observer's commands in the guest; its exit status.
+    fn guest(&mut self, cmd: &str) -> i32 {
+        let since = self.lines.lock().unwrap().len();
+        writeln!(self.ctl, "{cmd}").unwrap();
+        let done = format!("DONE {cmd} ");
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while Instant::now() < deadline {
+            let found = self.lines.lock().unwrap()[since..]
+                .iter()
+                .find_map(|(_, l)| l.strip_prefix(&done).map(str::to_string));
+            if let Some(code) = found {
+                return code.trim().parse().unwrap_or(-1);
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        panic!("the guest did not run '{cmd}'");
+    }
+
+    /// Reboots the guest; QEMU (`-no-reboot`) exits when the guest has shut down.
+    fn reboot(mut self) {
+        writeln!(self.ctl, "reboot").unwrap();
+        let deadline = Instant::now() + Duration::from_secs(120);
+        while self.qemu.0.try_wait().unwrap().is_none() {
+            assert!(Instant::now() < deadline, "the guest did not shut down for the reboot");
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+
+    fn monitor(&self, cmd: &str) {
+        let mut s = UnixStream::connect(&self.monitor).unwrap();
+        writeln!(s, "{cmd}").unwrap();
+        std::thread::sleep(Duration::from_millis(300));
+    }
+
+    /// Pin levels (`deskcam-shutter` -> `hi`/`lo`) from the observer's reports after
+    /// `since`, in order.
+    fn pins_since(&self, since: Instant) -> Vec<(Instant, String, String)> {
+        let mut out = Vec::new();
+        for (t, l) in self.lines.lock().unwrap().iter().filter(|(t, _)| *t >= since) {
+            let Some(rest) = l.strip_prefix("PINS ") else { continue };
+            for kv in rest.split_whitespace() {
+                if let Some((k, v)) = kv.split_once('=') {
+                    out.push((*t, k.to_string(), v.to_string()));
+                }
+            }
+        }
+        out
+    }
+
+    /// The latest reported level of a line.
+    fn level(&self, pin: &str) -> Option<String> {
+        let lines = self.lines.lock().unwrap();
+        let (_, last) = lines.iter().rev().find(|(_, l)| l.starts_with("PINS "))?;
+        last.split_whitespace().find_map(|kv| kv.strip_prefix(&format!("{pin}=")).map(str::to_string))
+    }
+
+    fn send(&self, cmd: &str, payload: &str) {
+        run(Command::new("mosquitto_pub")
+            .args(["-h", "127.0.0.1", "-p", &self.port.to_string(), "-q", "1"])
+            .args(["-t", &format!("deskcam/{DEVICE}/cmd/{cmd}"), "-m", payload]));
+    }
+
+    /// Waits until the guest's broker answers with the device's retained status, then
+    /// records everything it receives.
+    fn recorder(&self, timeout: Duration) -> Recorder {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let out = Command::new("mosquitto_sub")
+                .args(["-h", "127.0.0.1", "-p", &self.port.to_string(), "-C", "1", "-W", "5"])
+                .args(["-t", &format!("deskcam/{DEVICE}/status")])
+                .output()
+                .unwrap();
+            if out.status.success() && String::from_utf8_lossy(&out.stdout).trim() == "online" {
+                return Recorder::start(self.port, "#");
+            }
+            assert!(Instant::now() < deadline, "the device did not come online");
+            std::thread::sleep(Duration::from_secs(1));
+        }
+    }
+}
+
+/// Waits for a message received after the first `from` ones; its index.
+fn index_after(rec: &Recorder, from: usize, timeout: Duration, pred: impl Fn(&Msg) -> bool) -> Option<usize> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(i) = rec.snapshot().iter().skip(from).position(&pred) {
+            return Some(from + i);
+        }
+        if Instant::now() > deadline {
+            return None;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+fn after(rec: &Recorder, from: usize, timeout: Duration, pred: impl Fn(&Msg) -> bool) -> Option<Msg> {
+    index_after(rec, from, timeout, pred).map(|i| rec.snapshot()[i].clone())
+}
+
+fn text(m: &Msg) -> String {
+    String::from_utf8_lossy(&m.payload).into_owned()
+}
+
+fn on(m: &Msg, end: &str, needle: &str) -> bool {
+    m.topic == format!("deskcam/{DEVICE}/{end}") && text(m).contains(needle)
+}
+
+#[test]
+#[ignore = "needs the qemu-virt SD image: scripts/vm-test"]
+fn the_shipped_image_boots_and_does_its_job() {
+    let image = PathBuf::from(std::env::var("DESKCAM_VM_IMAGE").expect("DESKCAM_VM_IMAGE: the built image"));
+    let dir = tempdir("vm-system");
+    println!("vm-test: the guest's console (with the journal) is {}", dir.join("serial.log").display());
+    let disk = dir.join("disk.img");
+    run(Command::new("cp").arg("--sparse=always").arg(&image).arg(&disk));
+    let boot = format!("{}@@{}", disk.display(), boot_offset(&disk));
+    for f in ["vmlinuz", "initrd.img", "cmdline.txt"] {
+        run(Command::new("mcopy").args(["-n", "-i", &boot, &format!("::/{f}")]).arg(dir.join(f)));
+    }
+    // First boot as a user would do it: deskcam.toml on the card's boot partition. No
+    // check is due: scheduled checks at a time half a day away.
+    let far = (std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs() / 3600
+        + 12)
+        % 24;
+    let config = format!(
+        "device_id = \"{DEVICE}\"\nboard = \"qemu-virt\"\n[camera]\nsource = \"v4l2:/dev/video0\"\n\
+         [scan]\nmode = \"scheduled\"\ntimes = [\"{far:02}:00\"]\nfps = 2.0\n{ALL_WEEK}"
+    );
+    std::fs::write(dir.join("deskcam.toml"), config).unwrap();
+    run(Command::new("mcopy").args(["-i", &boot]).arg(dir.join("deskcam.toml")).arg("::/deskcam.toml"));
+
+    let port = free_port();
+    let mut phases: Vec<(&str, f64)> = Vec::new();
+    let t0 = Instant::now();
+    let mut vm = Vm::boot(&dir, port);
+    let rec = vm.recorder(Duration::from_secs(240));
+    phases.push(("boot to online", t0.elapsed().as_secs_f64()));
+    assert!(vm.wait_line(Duration::from_secs(30), |l| l == "READY").is_some(), "no observer in the guest");
+    assert!(vm.wait_line(Duration::from_secs(30), |l| l.contains("deskcam-shutter=")).is_some(), "no pins");
+    let state =
+        rec.wait_for(Duration::from_secs(30), |m| on(m, "state", "\"shutter\":\"closed\"")).expect("state");
+    assert!(text(&state).contains("\"camera\":\"ok\""), "{}", text(&state));
+    assert_eq!(vm.level("deskcam-shutter").as_deref(), Some("lo"), "shutter closed until a scan");
+    assert_eq!(vm.level("deskcam-led").as_deref(), Some("lo"), "LED off until a scan");
+
+    // A covered lens: vivid's solid black pattern, then a check on command.
+    assert_eq!(vm.guest("black"), 0);
+    let t = Instant::now();
+    let from = rec.snapshot().len();
+    vm.send("scan-now", "{\"id\":\"scan-1\"}");
+    let event = rec
+        .wait_for(Duration::from_secs(120), |m| on(m, "event/violation", "\"rule\":\"covered\""))
+        .expect("a covered violation");
+    phases.push(("scan-now to event", t.elapsed().as_secs_f64()));
+    let id = serde_json::from_slice::<serde_json::Value>(&event.payload).unwrap()["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let still = rec
+        .wait_for(Duration::from_secs(60), |m| {
+            m.topic == format!("deskcam/{DEVICE}/event/violation/{id}/still")
+        })
+        .expect("the still");
+    assert!(still.payload.starts_with(&[0xff, 0xd8]), "a JPEG");
+    rec.wait_for(Duration::from_secs(60), |m| on(m, "audit", "\"result\":\"violation\""))
+        .expect("audit entry");
+    let opened = index_after(&rec, from, Duration::from_secs(5), |m| on(m, "state", "\"shutter\":\"open\""))
+        .expect("the shutter opened for the check");
+    let closed = after(&rec, opened, Duration::from_secs(30), |m| on(m, "state", "\"shutter\":\"closed\""));
+    assert!(closed.is_some(), "no closed state after the check");
+    std::thread::sleep(Duration::from_secs(1));
+    let during = vm.pins_since(t);
+    assert!(
+        during.iter().any(|(_, p, v)| p == "deskcam-shutter" && v == "hi"),
+        "the shutter opened: {during:?}"
+    );
+    assert!(
+        during.iter().any(|(_, p, v)| p == "deskcam-led" && v == "hi"),
+        "the LED lit while looking: {during:?}"
+    );
+    assert_eq!(vm.level("deskcam-shutter").as_deref(), Some("lo"), "closed after the check");
+    assert_eq!(vm.level("deskcam-led").as_deref(), Some("lo"), "off after the check");
+    assert_eq!(vm.guest("bars"), 0);
+
+    // A break from the button (QEMU's power button is line 3), then from a command: no
+    // check happens during either (scan-now is refused), and each ends.
+    let t = Instant::now();
+    let break_from = rec.snapshot().len();
+    vm.monitor("system_powerdown");
+    rec.wait_for(Duration::from_secs(20), |m| on(m, "state", "\"break\":true"))
+        .expect("button starts a break");
+    phases.push(("button to break", t.elapsed().as_secs_f64()));
+    vm.send("scan-now", "{\"id\":\"scan-2\"}");
+    let refused = rec.wait_for(Duration::from_secs(20), |m| on(m, "reply", "\"scan-2\"")).expect("reply");
+    assert!(text(&refused).contains("\"ok\":false"), "no check during a break: {}", text(&refused));
+    let from = rec.snapshot().len();
+    vm.monitor("system_powerdown");
+    after(&rec, from, Duration::from_secs(20), |m| on(m, "state", "\"break\":false"))
+        .expect("button ends it");
+    vm.send("break/start", "{\"id\":\"brk\",\"reason\":\"lunch\"}");
+    rec.wait_for(Duration::from_secs(20), |m| on(m, "reply", "\"brk\"") && text(m).contains("\"ok\":true"))
+        .expect("break by command");
+    vm.send("scan-now", "{\"id\":\"scan-3\"}");
+    let refused = rec.wait_for(Duration::from_secs(20), |m| on(m, "reply", "\"scan-3\"")).expect("reply");
+    assert!(text(&refused).contains("\"ok\":false"), "{}", text(&refused));
+    vm.send("break/end", "{\"id\":\"brk-end\"}");
+    rec.wait_for(Duration::from_secs(20), |m| {
+        on(m, "reply", "\"brk-end\"") && text(m).contains("\"ok\":true")
+    })
+    .expect("break ends");
+    assert!(
+        !rec.snapshot()[break_from..]
+            .iter()
+            .any(|m| on(m, "audit", "\"result\":\"clear\"") || on(m, "audit", "\"result\":\"violation\"")),
+        "a check happened during a break"
+    );
+    let breaks = vm.pins_since(t);
+    assert!(
+        breaks.iter().all(|(_, p, v)| p != "deskcam-shutter" || v == "lo"),
+        "shutter opened in a break: {breaks:?}"
+    );
+
+    // The camera goes away in continuous mode (the driver unbound and removed) and comes
+    // back (the module loaded again).
+    let from = rec.snapshot().len();
+    vm.send("mode", "{\"id\":\"m1\",\"mode\":\"continuous\"}");
+    after(&rec, from, Duration::from_secs(60), |m| on(m, "state", "\"shutter\":\"open\""))
+        .expect("continuous");
+    let t = Instant::now();
+    assert_eq!(vm.guest("unplug"), 0, "vivid could not be removed");
+    rec.wait_for(Duration::from_secs(30), |m| on(m, "audit", "\"result\":\"camera_lost\""))
+        .expect("camera lost");
+    rec.wait_for(Duration::from_secs(30), |m| on(m, "state", "\"camera\":\"lost\"")).expect("lost state");
+    phases.push(("unplug to camera lost", t.elapsed().as_secs_f64()));
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(vm.level("deskcam-shutter").as_deref(), Some("lo"), "shutter closed while the camera is lost");
+    let t = Instant::now();
+    assert_eq!(vm.guest("plug"), 0);
+    rec.wait_for(Duration::from_secs(60), |m| on(m, "audit", "\"result\":\"camera_back\""))
+        .expect("camera back");
+    phases.push(("replug to camera back", t.elapsed().as_secs_f64()));
+    vm.send("mode", "{\"id\":\"m2\",\"mode\":\"scheduled\"}");
+    rec.wait_for(Duration::from_secs(30), |m| on(m, "reply", "\"m2\"")).expect("mode reply");
+
+    // A bad value is refused with the reason, and the device keeps its config, also
+    // across a reboot.
+    vm.send("config/set", "{\"id\":\"bad\",\"patch\":{\"scan\":{\"fps\":\"fast\"}}}");
+    let reply = rec.wait_for(Duration::from_secs(20), |m| on(m, "reply", "\"bad\"")).expect("config reply");
+    assert!(text(&reply).contains("\"ok\":false") && text(&reply).contains("scan.fps"), "{}", text(&reply));
+    let mut all = rec.snapshot();
+    let t = Instant::now();
+    vm.reboot();
+    let vm = Vm::boot(&dir, port);
+    let rec2 = vm.recorder(Duration::from_secs(240));
+    phases.push(("reboot to online", t.elapsed().as_secs_f64()));
+    let config = rec2.wait_for(Duration::from_secs(30), |m| on(m, "config", "\"scan\"")).expect("config");
+    let c: serde_json::Value = serde_json::from_slice(&config.payload).unwrap();
+    assert_eq!(c["scan"]["fps"], serde_json::json!(2.0), "the config file's value kept: {c}");
+    assert_eq!(c["scan"]["mode"], "scheduled");
+    all.extend(rec2.snapshot());
+
+    // Everything the broker received is on the design's topic list.
+    let stray: Vec<&str> = all.iter().map(|m| m.topic.as_str()).filter(|t| !allowed(t)).collect();
+    assert!(stray.is_empty(), "topics outside the design's list: {stray:?}");
+
+    println!("vm-test phases ({} messages on {} topics):", all.len(), {
+        let mut t: Vec<&str> = all.iter().map(|m| m.topic.as_str()).collect();
+        t.sort();
+        t.dedup();
+        t.len()
+    });
+    for (what, s) in &phases {
+        println!("  {what:<24} {s:6.1} s");
+    }
+}
