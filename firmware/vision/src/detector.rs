@@ -123,6 +123,9 @@ pub fn export_nnef(onnx: &Path, out: &Path) -> Result<(), DetectorError> {
 
 pub struct Detector {
     plan: Arc<TypedRunnableModel>,
+    /// The input tensor, written in place for every frame: tract holds it only during a
+    /// run, so it is free again (and no 2 MB buffer is allocated) for the next frame.
+    input: std::sync::Mutex<Option<Arc<Tensor>>>,
     input_size: usize,
     min_score: f32,
     nms_iou: f32,
@@ -153,7 +156,15 @@ impl Detector {
                 reason: "input is not 1×3×N×N".into(),
             })?;
         let plan = model.into_optimized().and_then(|m| m.into_runnable()).map_err(load_err)?;
-        Ok(Detector { plan, input_size, min_score, nms_iou, sha256, path: path.into() })
+        Ok(Detector {
+            plan,
+            input: std::sync::Mutex::new(None),
+            input_size,
+            min_score,
+            nms_iou,
+            sha256,
+            path: path.into(),
+        })
     }
 
     /// Changes the output filter of a loaded model (a config change, applied live).
@@ -182,8 +193,24 @@ impl Detector {
 
     /// Runs the network on a frame and returns its raw head outputs.
     pub fn run_head(&self, frame: &Frame) -> Result<HeadOutputs, DetectorError> {
-        let (input, letterbox) = preprocess(frame.image(), self.input_size);
-        let outputs = self.plan.run(tvec!(input.into())).map_err(|e| DetectorError::Run(format!("{e:#}")))?;
+        let n = self.input_size;
+        let mut slot = self.input.lock().unwrap_or_else(|p| p.into_inner());
+        let mut input = match slot.take() {
+            Some(t) if Arc::strong_count(&t) == 1 && Arc::weak_count(&t) == 0 => t,
+            // The first frame, or the last input is still shared: a fresh tensor.
+            _ => Tensor::zero::<f32>(&[1, 3, n, n])
+                .map(Arc::new)
+                .map_err(|e| DetectorError::Run(format!("{e:#}")))?,
+        };
+        let not_writable = || DetectorError::Run("the input tensor is not writable in place".into());
+        let tensor = Arc::get_mut(&mut input).ok_or_else(not_writable)?;
+        let mut view =
+            tensor.to_plain_array_view_mut::<f32>().map_err(|e| DetectorError::Run(format!("{e:#}")))?;
+        let data = view.as_slice_mut().ok_or_else(not_writable)?;
+        let letterbox = preprocess_into(frame.image(), n, data);
+        let outputs = self.plan.run(tvec!(TValue::from_const(input.clone())));
+        *slot = Some(input);
+        let outputs = outputs.map_err(|e| DetectorError::Run(format!("{e:#}")))?;
         Ok(HeadOutputs {
             outputs,
             letterbox,
@@ -238,6 +265,14 @@ impl HeadOutputs {
 /// `models/make_reference.py`) so the reference outputs of onnxruntime can be
 /// reproduced to float precision.
 pub fn preprocess(img: &image::RgbImage, size: usize) -> (Tensor, Letterbox) {
+    let mut data = vec![0f32; 3 * size * size];
+    let letterbox = preprocess_into(img, size, &mut data);
+    (Tensor::from_shape(&[1, 3, size, size], &data).expect("shape matches data length"), letterbox)
+}
+
+/// [`preprocess`] into `data` (`3 × size × size`, NCHW), overwriting all of it: the
+/// detector's reused input tensor.
+pub fn preprocess_into(img: &image::RgbImage, size: usize, data: &mut [f32]) -> Letterbox {
     let (w, h) = (img.width().max(1) as usize, img.height().max(1) as usize);
     let scale = (size as f32 / w as f32).min(size as f32 / h as f32);
     let nw = ((w as f32 * scale).round() as usize).clamp(1, size);
@@ -245,17 +280,18 @@ pub fn preprocess(img: &image::RgbImage, size: usize) -> (Tensor, Letterbox) {
     let pad_x = (size - nw) / 2;
     let pad_y = (size - nh) / 2;
     let plane = size * size;
-    let mut data = vec![0f32; 3 * plane];
+    // The padding normalises to 0 (it is the training mean).
+    data.fill(0.0);
     let src = img.as_raw();
     let taps = |out: usize, n_out: usize, n_in: usize| {
         let s = ((out as f32 + 0.5) * n_in as f32 / n_out as f32 - 0.5).clamp(0.0, (n_in - 1) as f32);
         let i0 = s.floor() as usize;
         (i0, (i0 + 1).min(n_in - 1), s - i0 as f32)
     };
-    let xtaps: Vec<(usize, usize, f32)> = (0..nw).map(|x| taps(x, nw, w)).collect();
     for oy in 0..nh {
         let (y0, y1, fy) = taps(oy, nh, h);
-        for (ox, &(x0, x1, fx)) in xtaps.iter().enumerate() {
+        for ox in 0..nw {
+            let (x0, x1, fx) = taps(ox, nw, w);
             let px = |x: usize, y: usize, c: usize| src[(y * w + x) * 3 + c] as f32;
             let idx = (oy + pad_y) * size + ox + pad_x;
             // Model channel c takes B, G, R for c = 0, 1, 2.
@@ -268,8 +304,7 @@ pub fn preprocess(img: &image::RgbImage, size: usize) -> (Tensor, Letterbox) {
             }
         }
     }
-    let tensor = Tensor::from_shape(&[1, 3, size, size], &data).expect("shape matches data length");
-    (tensor, Letterbox { scale, pad_x: pad_x as f32, pad_y: pad_y as f32 })
+    Letterbox { scale, pad_x: pad_x as f32, pad_y: pad_y as f32 }
 }
 
 /// Pairs the six outputs into levels by their shapes: `[1, n, 80]` scores and
