@@ -13,6 +13,7 @@ use deskcam_vision::detector::set_inference_threads;
 use deskcam_vision::source::DirSource;
 use deskcam_vision::{render_still, Detector, FrameSource};
 
+use crate::alloc_count;
 use crate::telemetry::percentile;
 
 #[derive(clap::Args)]
@@ -66,23 +67,29 @@ pub fn run(args: BenchArgs) -> Result<ExitCode> {
             for _ in 0..args.warmup {
                 det.run_head(&first)?;
             }
+            let (allocs0, bytes0) = alloc_count::count();
             let ms: Vec<f64> = (0..args.runs)
                 .map(|_| {
                     let t = Instant::now();
                     det.run_head(&first).map(|_| t.elapsed().as_secs_f64() * 1e3)
                 })
                 .collect::<Result<_, _>>()?;
+            // Counted over the timed runs (steady state), the timing vector included.
+            let (allocs1, bytes1) = alloc_count::count();
+            let allocs = (allocs1 - allocs0) as f64 / args.runs as f64;
+            let alloc_mb = (bytes1 - bytes0) as f64 / args.runs as f64 / 1048576.0;
             let pick = |p| percentile(&ms, p).unwrap_or(0.0);
             let (median, p95) = (pick(0.5), pick(0.95));
             if !args.json {
                 println!(
-                    "{:<28} threads {threads}  median {median:9.2} ms  p95 {p95:9.2} ms  (load {load_ms:.0} ms)",
+                    "{:<28} threads {threads}  median {median:9.2} ms  p95 {p95:9.2} ms  (load {load_ms:.0} ms)  {allocs:.0} allocations ({alloc_mb:.1} MB) per inference",
                     model.file_name().map(|n| n.to_string_lossy()).unwrap_or_default()
                 );
             }
             results.push(serde_json::json!({
                 "model": model.display().to_string(), "threads": threads,
-                "median_ms": median, "p95_ms": p95, "load_ms": load_ms,
+                "median_ms": median, "p95_ms": p95, "load_ms": load_ms, "allocs_per_inference": allocs,
+                "alloc_mb_per_inference": alloc_mb,
             }));
         }
     }
@@ -93,7 +100,9 @@ pub fn run(args: BenchArgs) -> Result<ExitCode> {
     let evidence = Config::default().evidence;
     let mut source = DirSource::open(&args.photos, true)?;
     let mut ms = Vec::with_capacity(args.runs);
+    let (mut allocs, mut bytes) = (0u64, 0u64);
     for i in 0..args.runs + args.warmup {
+        let (a0, b0) = alloc_count::count();
         let t = Instant::now();
         let frame = source.next_frame(&token)?;
         let found = det.detect(&frame)?;
@@ -101,17 +110,26 @@ pub fn run(args: BenchArgs) -> Result<ExitCode> {
         std::hint::black_box(still);
         if i >= args.warmup {
             ms.push(t.elapsed().as_secs_f64() * 1e3);
+            let (a1, b1) = alloc_count::count();
+            allocs += a1 - a0;
+            bytes += b1 - b0;
         }
     }
+    let scan_allocs = allocs as f64 / args.runs as f64;
+    let scan_mb = bytes as f64 / args.runs as f64 / 1048576.0;
     let scan = percentile(&ms, 0.5).unwrap_or(0.0);
     let rss = peak_rss_mb();
     if args.json {
         let j = serde_json::json!({
             "runs": args.runs, "results": results, "scan_path_ms": scan, "peak_rss_mb": rss,
+            "scan_path_allocs_per_frame": scan_allocs, "scan_path_alloc_mb_per_frame": scan_mb,
         });
         println!("{j}");
     } else {
         println!("scan path (photo → detector → still), 1 thread: median {scan:.2} ms");
+        println!(
+            "allocations per frame on the scan path: {scan_allocs:.0} ({scan_mb:.1} MB; the photo decode and the JPEG still included)"
+        );
         if let Some(r) = rss {
             println!("peak RSS {r:.1} MB");
         }
