@@ -324,6 +324,23 @@ fn the_shipped_image_boots_and_does_its_job() {
     vm.send("break/start", "{\"id\":\"brk\",\"reason\":\"lunch\"}");
     rec.wait_for(Duration::from_secs(20), |m| on(m, "reply", "\"brk\"") && text(m).contains("\"ok\":true"))
         .expect("break by command");
+    // A scheduled check that falls into the break is not taken, and the audit says so.
+    let soon = (std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs() + 90)
+        / 60
+        % 1440;
+    let patch = format!(
+        "{{\"id\":\"times\",\"patch\":{{\"scan\":{{\"times\":[\"{:02}:{:02}\"]}}}}}}",
+        soon / 60,
+        soon % 60
+    );
+    vm.send("config/set", &patch);
+    let set =
+        rec.wait_for(Duration::from_secs(20), |m| on(m, "reply", "\"times\"")).expect("config/set reply");
+    assert!(text(&set).contains("\"ok\":true"), "{}", text(&set));
+    let t_skip = Instant::now();
+    rec.wait_for(Duration::from_secs(150), |m| on(m, "audit", "\"result\":\"skipped\""))
+        .expect("the check due in the break is audited as skipped");
+    phases.push(("due check to skipped", t_skip.elapsed().as_secs_f64()));
     vm.send("scan-now", "{\"id\":\"scan-3\"}");
     let refused = rec.wait_for(Duration::from_secs(20), |m| on(m, "reply", "\"scan-3\"")).expect("reply");
     assert!(text(&refused).contains("\"ok\":false"), "{}", text(&refused));
