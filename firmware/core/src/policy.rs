@@ -423,7 +423,12 @@ impl Policy {
             self.burst_left = 0;
             self.close(out, self.idle_led());
             // A check that falls due now is skipped (and a scheduled one reported), so
-            // no check is taken the moment the shift starts or a break ends.
+            // no check is taken the moment the shift starts or a break ends. Scheduled
+            // times stay planned here (also after a config change during a break), so
+            // each one that passes unseen is reported.
+            if self.next_scan.is_none() && matches!(self.cfg.mode, ScanMode::Scheduled { .. }) {
+                self.schedule_first(now);
+            }
             if let Some(due) = self.next_scan.filter(|due| now >= *due) {
                 if matches!(self.cfg.mode, ScanMode::Scheduled { .. }) {
                     out.push(Action::Event(PolicyEvent::ScanSkipped { due }));

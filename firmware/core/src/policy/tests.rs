@@ -389,6 +389,28 @@ fn scheduled_scan_during_a_break_is_skipped_and_reported() {
     assert!(!out.contains(&Action::OpenShutter));
 }
 
+#[test]
+fn scheduled_times_changed_during_a_break_are_still_reported_when_skipped() {
+    let warning = Span::from_secs(10);
+    let mut p = policy(ScanMode::Scheduled { times: vec![15 * 60], warning }, 1, workdays(), 1);
+    p.step(MON_0800, Input::Tick);
+    let at_10 = MON_0800 + 2 * HOUR;
+    p.step(at_10 - 10 * 60_000, Input::BreakStart { reason: "lunch".into() });
+    // The fleet owner moves the check into the break.
+    let cfg = PolicyConfig {
+        mode: ScanMode::Scheduled { times: vec![10 * 60], warning },
+        frames_per_check: 1,
+        shift: workdays(),
+        max_break_ms: 30 * 60_000,
+        camera_retry_ms: 5_000,
+    };
+    p.step(at_10 - 9 * 60_000, Input::Reconfigure(cfg));
+    assert!(p.step(at_10 - 1, Input::Tick).iter().all(|a| !matches!(a, Action::Event(_))));
+    let out = p.step(at_10 + 1, Input::Tick);
+    assert!(out.contains(&Action::Event(PolicyEvent::ScanSkipped { due: at_10 })), "{out:?}");
+    assert!(!out.contains(&Action::OpenShutter));
+}
+
 /// Random inputs at random times, across modes and shifts: after every step the
 /// invariants hold (see `Model::apply`).
 #[test]
