@@ -123,9 +123,8 @@ pub fn export_nnef(onnx: &Path, out: &Path) -> Result<(), DetectorError> {
 
 pub struct Detector {
     plan: Arc<TypedRunnableModel>,
-    /// The input tensor, written in place for every frame: tract holds it only during a
-    /// run, so it is free again (and no 2 MB buffer is allocated) for the next frame.
-    input: std::sync::Mutex<Option<Arc<Tensor>>>,
+    /// What pre-processing reuses from frame to frame.
+    buffers: std::sync::Mutex<Buffers>,
     input_size: usize,
     min_score: f32,
     nms_iou: f32,
@@ -158,7 +157,7 @@ impl Detector {
         let plan = model.into_optimized().and_then(|m| m.into_runnable()).map_err(load_err)?;
         Ok(Detector {
             plan,
-            input: std::sync::Mutex::new(None),
+            buffers: std::sync::Mutex::new(Buffers::default()),
             input_size,
             min_score,
             nms_iou,
@@ -194,7 +193,8 @@ impl Detector {
     /// Runs the network on a frame and returns its raw head outputs.
     pub fn run_head(&self, frame: &Frame) -> Result<HeadOutputs, DetectorError> {
         let n = self.input_size;
-        let mut slot = self.input.lock().unwrap_or_else(|p| p.into_inner());
+        let mut buffers = self.buffers.lock().unwrap_or_else(|p| p.into_inner());
+        let Buffers { input: slot, xtaps } = &mut *buffers;
         let mut input = match slot.take() {
             Some(t) if Arc::strong_count(&t) == 1 && Arc::weak_count(&t) == 0 => t,
             // The first frame, or the last input is still shared: a fresh tensor.
@@ -207,7 +207,7 @@ impl Detector {
         let mut view =
             tensor.to_plain_array_view_mut::<f32>().map_err(|e| DetectorError::Run(format!("{e:#}")))?;
         let data = view.as_slice_mut().ok_or_else(not_writable)?;
-        let letterbox = preprocess_into(frame.image(), n, data);
+        let letterbox = preprocess_into(frame.image(), n, data, xtaps);
         let outputs = self.plan.run(tvec!(TValue::from_const(input.clone())));
         *slot = Some(input);
         let outputs = outputs.map_err(|e| DetectorError::Run(format!("{e:#}")))?;
@@ -266,13 +266,30 @@ impl HeadOutputs {
 /// reproduced to float precision.
 pub fn preprocess(img: &image::RgbImage, size: usize) -> (Tensor, Letterbox) {
     let mut data = vec![0f32; 3 * size * size];
-    let letterbox = preprocess_into(img, size, &mut data);
+    let letterbox = preprocess_into(img, size, &mut data, &mut Vec::new());
     (Tensor::from_shape(&[1, 3, size, size], &data).expect("shape matches data length"), letterbox)
 }
 
+/// The input tensor and the resize's column taps, reused from frame to frame: tract holds
+/// the tensor only during a run, so no 2 MB buffer is allocated per frame.
+#[derive(Default)]
+struct Buffers {
+    input: Option<Arc<Tensor>>,
+    xtaps: Vec<Tap>,
+}
+
+/// Bilinear taps of one output column or row: the two source indices and the weight of
+/// the second.
+pub type Tap = (usize, usize, f32);
+
 /// [`preprocess`] into `data` (`3 × size × size`, NCHW), overwriting all of it: the
-/// detector's reused input tensor.
-pub fn preprocess_into(img: &image::RgbImage, size: usize, data: &mut [f32]) -> Letterbox {
+/// detector's reused input tensor. `xtaps` is scratch space for the column taps.
+pub fn preprocess_into(
+    img: &image::RgbImage,
+    size: usize,
+    data: &mut [f32],
+    xtaps: &mut Vec<Tap>,
+) -> Letterbox {
     let (w, h) = (img.width().max(1) as usize, img.height().max(1) as usize);
     let scale = (size as f32 / w as f32).min(size as f32 / h as f32);
     let nw = ((w as f32 * scale).round() as usize).clamp(1, size);
@@ -283,15 +300,16 @@ pub fn preprocess_into(img: &image::RgbImage, size: usize, data: &mut [f32]) -> 
     // The padding normalises to 0 (it is the training mean).
     data.fill(0.0);
     let src = img.as_raw();
-    let taps = |out: usize, n_out: usize, n_in: usize| {
+    let taps = |out: usize, n_out: usize, n_in: usize| -> Tap {
         let s = ((out as f32 + 0.5) * n_in as f32 / n_out as f32 - 0.5).clamp(0.0, (n_in - 1) as f32);
         let i0 = s.floor() as usize;
         (i0, (i0 + 1).min(n_in - 1), s - i0 as f32)
     };
+    xtaps.clear();
+    xtaps.extend((0..nw).map(|x| taps(x, nw, w)));
     for oy in 0..nh {
         let (y0, y1, fy) = taps(oy, nh, h);
-        for ox in 0..nw {
-            let (x0, x1, fx) = taps(ox, nw, w);
+        for (ox, &(x0, x1, fx)) in xtaps.iter().enumerate() {
             let px = |x: usize, y: usize, c: usize| src[(y * w + x) * 3 + c] as f32;
             let idx = (oy + pad_y) * size + ox + pad_x;
             // Model channel c takes B, G, R for c = 0, 1, 2.
