@@ -1,6 +1,6 @@
-//! Saving the config file so that a power cut at any moment leaves either the old file
-//! or the new one, never a mix: write a temporary file beside it, sync it, rename it
-//! over the old one, sync the directory.
+//! Saving the config file (and, at first boot, the certificates beside it) so that a
+//! power cut at any moment leaves either the old file or the new one, never a mix: write
+//! a temporary file beside it, sync it, rename it over the old one, sync the directory.
 
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Write};
@@ -10,10 +10,7 @@ use std::path::Path;
 /// `header` (comment lines) goes before `text`. The file is created readable by its
 /// owner only: it may hold the broker password.
 pub fn save(path: &Path, header: &str, text: &str) -> io::Result<()> {
-    let dir = match path.parent() {
-        Some(d) if !d.as_os_str().is_empty() => d,
-        _ => Path::new("."),
-    };
+    let dir = dir_of(path);
     let name = path.file_name().ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "no file name"))?;
     let tmp = dir.join(format!(".{}.new", name.to_string_lossy()));
     let _ = fs::remove_file(&tmp);
@@ -26,6 +23,19 @@ pub fn save(path: &Path, header: &str, text: &str) -> io::Result<()> {
         let _ = fs::remove_file(&tmp);
         return Err(e);
     }
+    sync_dir(dir)
+}
+
+/// The directory a file is in (`.` for a bare file name).
+pub fn dir_of(path: &Path) -> &Path {
+    match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d,
+        _ => Path::new("."),
+    }
+}
+
+/// Makes the directory's entries (a rename, a removal) durable.
+pub fn sync_dir(dir: &Path) -> io::Result<()> {
     File::open(dir)?.sync_all()
 }
 

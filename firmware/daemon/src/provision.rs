@@ -11,13 +11,14 @@
 //! unit shows the LED's fault pattern.
 
 use std::fs;
-use std::io::Write;
-use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use anyhow::{Context, Result};
 use deskcam_core::Config;
+
+use crate::config_file::{dir_of, save, sync_dir};
 
 pub const ERROR_FILE: &str = "deskcam-error.txt";
 pub const DONE_FILE: &str = "deskcam-provisioned.txt";
@@ -53,7 +54,7 @@ struct Plan {
 }
 
 pub fn run(args: ProvisionArgs) -> Result<ExitCode> {
-    let boot_dir = parent(&args.from);
+    let boot_dir = dir_of(&args.from);
     if !args.from.exists() {
         let current = args.data.join("deskcam.toml");
         if current.exists() {
@@ -66,15 +67,15 @@ pub fn run(args: ProvisionArgs) -> Result<ExitCode> {
              deskcam.toml.example beside it) on the card's boot partition.",
             args.from.display()
         );
-        return refuse(&boot_dir, &how);
+        return refuse(boot_dir, &how);
     }
     let owner = match args.owner.as_deref().map(lookup_user).transpose() {
         Ok(o) => o,
-        Err(e) => return refuse(&boot_dir, &e),
+        Err(e) => return refuse(boot_dir, &e),
     };
     let plan = match check(&args.from, &args.data, args.board.as_deref()) {
         Ok(p) => p,
-        Err(e) => return refuse(&boot_dir, &e),
+        Err(e) => return refuse(boot_dir, &e),
     };
     install(&plan, &args.data, owner).context("moving the config to the data partition")?;
     // Only once the data partition has everything (synced) do the originals go.
@@ -94,7 +95,7 @@ pub fn run(args: ProvisionArgs) -> Result<ExitCode> {
         ),
     )
     .context("writing the provisioned note")?;
-    sync_dir(&boot_dir).context("syncing the boot partition")?;
+    sync_dir(boot_dir).context("syncing the boot partition")?;
     println!(
         "deskcam provision: device '{}' provisioned: {} and {} certificate file(s) moved to {}",
         plan.device_id,
@@ -103,13 +104,6 @@ pub fn run(args: ProvisionArgs) -> Result<ExitCode> {
         args.data.display()
     );
     Ok(ExitCode::SUCCESS)
-}
-
-fn parent(p: &Path) -> PathBuf {
-    match p.parent() {
-        Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
-        _ => PathBuf::from("."),
-    }
 }
 
 /// Reports a problem in the journal and on the card; exit 2 (the unit's OnFailure shows
@@ -150,7 +144,7 @@ fn check(from: &Path, data: &Path, image_board: Option<&str>) -> Result<Plan, St
         ));
     }
     let mut doc: toml_edit::DocumentMut = text.parse().map_err(|e| format!("{}: {e}", from.display()))?;
-    let boot_dir = parent(from);
+    let boot_dir = dir_of(from);
     let mut certs = Vec::new();
     for (key, private) in CERT_KEYS {
         let Some(value) = doc.get("mqtt").and_then(|m| m.get(key)).and_then(|v| v.as_str()) else { continue };
@@ -164,7 +158,7 @@ fn check(from: &Path, data: &Path, image_board: Option<&str>) -> Result<Plan, St
             problems.push(format!("mqtt.{key}: {e}"));
             continue;
         }
-        if path.starts_with(&boot_dir) {
+        if path.starts_with(boot_dir) {
             let Some(name) = path.file_name().map(|n| n.to_string_lossy().into_owned()) else { continue };
             let target = data.join(SECRETS_DIR).join(&name);
             if let Some(v) = doc["mqtt"][key].as_value_mut() {
@@ -206,23 +200,19 @@ fn install(plan: &Plan, data: &Path, owner: Option<(u32, u32)>) -> std::io::Resu
         fs::create_dir_all(&secrets)?;
         fs::set_permissions(&secrets, fs::Permissions::from_mode(0o700))?;
         for (src, name, private) in &plan.certs {
+            // Written like the config: whole or not at all, and unreadable to others
+            // from the first byte; a certificate (not the key) is then opened up.
             let target = secrets.join(name);
-            let tmp = secrets.join(format!(".{name}.new"));
-            let bytes = fs::read(src)?;
-            // Created unreadable to others from the first byte, not chmod-ed afterwards.
-            let mut f =
-                fs::OpenOptions::new().write(true).create(true).truncate(true).mode(0o600).open(&tmp)?;
-            f.write_all(&bytes)?;
-            f.sync_all()?;
-            fs::set_permissions(&tmp, fs::Permissions::from_mode(if *private { 0o600 } else { 0o644 }))?;
-            chown(&tmp, owner)?;
-            fs::rename(&tmp, &target)?;
+            save(&target, "", &fs::read_to_string(src)?)?;
+            if !private {
+                fs::set_permissions(&target, fs::Permissions::from_mode(0o644))?;
+            }
+            chown(&target, owner)?;
         }
         chown(&secrets, owner)?;
-        sync_dir(&secrets)?;
     }
     let config = data.join("deskcam.toml");
-    crate::config_file::save(&config, "# Moved here from the boot partition at first boot.\n", &plan.config)?;
+    save(&config, "# Moved here from the boot partition at first boot.\n", &plan.config)?;
     chown(&config, owner)?;
     sync_dir(data)
 }
@@ -232,10 +222,6 @@ fn chown(path: &Path, owner: Option<(u32, u32)>) -> std::io::Result<()> {
         Some((uid, gid)) => std::os::unix::fs::chown(path, Some(uid), Some(gid)),
         None => Ok(()),
     }
-}
-
-fn sync_dir(dir: &Path) -> std::io::Result<()> {
-    fs::File::open(dir)?.sync_all()
 }
 
 /// uid and gid of a user from /etc/passwd (the image's users are local; no NSS needed).
