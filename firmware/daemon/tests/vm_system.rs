@@ -150,6 +150,15 @@ impl Vm {
         }
     }
 
+    /// Sends a command with `id` (and the JSON members in `fields`, each led by a comma)
+    /// and waits for the device's reply to it; the reply's text.
+    fn command(&self, rec: &Recorder, cmd: &str, id: &str, fields: &str) -> String {
+        self.send(cmd, &format!("{{\"id\":\"{id}\"{fields}}}"));
+        let id_field = format!("\"id\":\"{id}\"");
+        let reply = rec.wait_for(Duration::from_secs(30), |m| on(m, "reply", &id_field));
+        text(&reply.unwrap_or_else(|| panic!("no reply to {cmd} ({id})")))
+    }
+
     fn monitor(&self, cmd: &str) {
         let mut s = UnixStream::connect(&self.monitor).unwrap();
         writeln!(s, "{cmd}").unwrap();
@@ -314,41 +323,29 @@ fn the_shipped_image_boots_and_does_its_job() {
     rec.wait_for(Duration::from_secs(20), |m| on(m, "state", "\"break\":true"))
         .expect("button starts a break");
     phases.push(("button to break", t.elapsed().as_secs_f64()));
-    vm.send("scan-now", "{\"id\":\"scan-2\"}");
-    let refused = rec.wait_for(Duration::from_secs(20), |m| on(m, "reply", "\"scan-2\"")).expect("reply");
-    assert!(text(&refused).contains("\"ok\":false"), "no check during a break: {}", text(&refused));
+    let refused = vm.command(&rec, "scan-now", "scan-2", "");
+    assert!(refused.contains("\"ok\":false"), "no check during a break: {refused}");
     let from = rec.snapshot().len();
     vm.monitor("system_powerdown");
     after(&rec, from, Duration::from_secs(20), |m| on(m, "state", "\"break\":false"))
         .expect("button ends it");
-    vm.send("break/start", "{\"id\":\"brk\",\"reason\":\"lunch\"}");
-    rec.wait_for(Duration::from_secs(20), |m| on(m, "reply", "\"brk\"") && text(m).contains("\"ok\":true"))
-        .expect("break by command");
+    let started = vm.command(&rec, "break/start", "brk", ",\"reason\":\"lunch\"");
+    assert!(started.contains("\"ok\":true"), "break by command: {started}");
     // A scheduled check that falls into the break is not taken, and the audit says so.
     let soon = (std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs() + 90)
         / 60
         % 1440;
-    let patch = format!(
-        "{{\"id\":\"times\",\"patch\":{{\"scan\":{{\"times\":[\"{:02}:{:02}\"]}}}}}}",
-        soon / 60,
-        soon % 60
-    );
-    vm.send("config/set", &patch);
-    let set =
-        rec.wait_for(Duration::from_secs(20), |m| on(m, "reply", "\"times\"")).expect("config/set reply");
-    assert!(text(&set).contains("\"ok\":true"), "{}", text(&set));
+    let patch = format!(",\"patch\":{{\"scan\":{{\"times\":[\"{:02}:{:02}\"]}}}}", soon / 60, soon % 60);
+    let set = vm.command(&rec, "config/set", "times", &patch);
+    assert!(set.contains("\"ok\":true"), "{set}");
     let t_skip = Instant::now();
     rec.wait_for(Duration::from_secs(150), |m| on(m, "audit", "\"result\":\"skipped\""))
         .expect("the check due in the break is audited as skipped");
     phases.push(("due check to skipped", t_skip.elapsed().as_secs_f64()));
-    vm.send("scan-now", "{\"id\":\"scan-3\"}");
-    let refused = rec.wait_for(Duration::from_secs(20), |m| on(m, "reply", "\"scan-3\"")).expect("reply");
-    assert!(text(&refused).contains("\"ok\":false"), "{}", text(&refused));
-    vm.send("break/end", "{\"id\":\"brk-end\"}");
-    rec.wait_for(Duration::from_secs(20), |m| {
-        on(m, "reply", "\"brk-end\"") && text(m).contains("\"ok\":true")
-    })
-    .expect("break ends");
+    let refused = vm.command(&rec, "scan-now", "scan-3", "");
+    assert!(refused.contains("\"ok\":false"), "{refused}");
+    let ended = vm.command(&rec, "break/end", "brk-end", "");
+    assert!(ended.contains("\"ok\":true"), "break ends: {ended}");
     assert!(
         !rec.snapshot()[break_from..]
             .iter()
@@ -380,14 +377,12 @@ fn the_shipped_image_boots_and_does_its_job() {
     rec.wait_for(Duration::from_secs(60), |m| on(m, "audit", "\"result\":\"camera_back\""))
         .expect("camera back");
     phases.push(("replug to camera back", t.elapsed().as_secs_f64()));
-    vm.send("mode", "{\"id\":\"m2\",\"mode\":\"scheduled\"}");
-    rec.wait_for(Duration::from_secs(30), |m| on(m, "reply", "\"m2\"")).expect("mode reply");
+    vm.command(&rec, "mode", "m2", ",\"mode\":\"scheduled\"");
 
     // A bad value is refused with the reason, and the device keeps its config, also
     // across a reboot.
-    vm.send("config/set", "{\"id\":\"bad\",\"patch\":{\"scan\":{\"fps\":\"fast\"}}}");
-    let reply = rec.wait_for(Duration::from_secs(20), |m| on(m, "reply", "\"bad\"")).expect("config reply");
-    assert!(text(&reply).contains("\"ok\":false") && text(&reply).contains("scan.fps"), "{}", text(&reply));
+    let reply = vm.command(&rec, "config/set", "bad", ",\"patch\":{\"scan\":{\"fps\":\"fast\"}}");
+    assert!(reply.contains("\"ok\":false") && reply.contains("scan.fps"), "{reply}");
     let mut all = rec.snapshot();
     let t = Instant::now();
     vm.reboot();
