@@ -79,9 +79,7 @@ pub fn run(args: ProvisionArgs) -> Result<ExitCode> {
     };
     install(&plan, &args.data, owner).context("moving the config to the data partition")?;
     // Only once the data partition has everything (synced) do the originals go.
-    let mut removed = vec![args.from.clone()];
-    removed.extend(plan.certs.iter().map(|(src, _, _)| src.clone()));
-    for path in &removed {
+    for path in std::iter::once(&args.from).chain(plan.certs.iter().map(|(src, _, _)| src)) {
         fs::remove_file(path)
             .with_context(|| format!("removing {} from the boot partition", path.display()))?;
     }
