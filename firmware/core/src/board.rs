@@ -513,9 +513,9 @@ mod tests {
         let image = Board::from_toml("qemu-virt", &qemu).unwrap().image.unwrap();
         assert_eq!(image.boot, BootKind::External);
         assert!(image.local_broker, "the VM test talks to a broker in the guest");
-        assert_eq!(image.modules, ["vivid"]);
+        assert_eq!(image.modules, ["vivid", "usbip_vudc"]);
         assert_eq!(image.blacklist, ["gpio_keys"], "the kernel must leave the button's line alone");
-        let bad = qemu.replace("modules = [\"vivid\"]", "modules = [\"vivid; reboot\"]");
+        let bad = qemu.replace("modules = [\"vivid\", \"usbip_vudc\"]", "modules = [\"vivid; reboot\", \"usbip_vudc\"]");
         let e = Board::from_toml("qemu-virt", &bad).unwrap_err().to_string();
         assert!(e.contains("image.modules"), "{e}");
     }

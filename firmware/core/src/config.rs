@@ -89,6 +89,16 @@ struct Raw {
     rules: RawRules,
     evidence: RawEvidence,
     homeassistant: RawHomeAssistant,
+    usb: RawUsb,
+}
+
+#[derive(Deserialize)]
+struct RawUsb {
+    enabled: bool,
+    vendor_id: i64,
+    product_id: i64,
+    manufacturer: String,
+    product: String,
 }
 
 #[derive(Deserialize)]
@@ -502,6 +512,17 @@ pub struct EvidenceConfig {
     pub jpeg_quality: u8,
 }
 
+/// The USB device side: a webcam for the worker's meetings and a network link to the
+/// worker's page. The serial number is the device id.
+#[derive(Clone, Debug, PartialEq)]
+pub struct UsbConfig {
+    pub enabled: bool,
+    pub vendor_id: u16,
+    pub product_id: u16,
+    pub manufacturer: String,
+    pub product: String,
+}
+
 /// A validated configuration. Only [`Config::from_toml`] and [`Config::default`] make one.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Config {
@@ -523,6 +544,8 @@ pub struct Config {
     pub evidence: EvidenceConfig,
     /// Home Assistant discovery prefix, when discovery is on.
     pub homeassistant: Option<String>,
+    /// The box as the worker's PC sees it over USB (boards with a device controller).
+    pub usb: UsbConfig,
     /// The merged TOML this config was validated from (for `config` reporting).
     effective: toml::Table,
     /// What the config file said (the keys it changes), for patches.
@@ -545,9 +568,10 @@ pub const RESTART_KEYS: &[&str] = &[
 /// Keys that are not set over MQTT, only in the file on the device: the regional preset
 /// (the owner's legal limit) and what decides how much of a still is hidden (redaction
 /// level, blur threshold, desk region), so the fleet owner cannot widen what leaves the
-/// device (privacy invariant 3).
+/// device (privacy invariant 3); and the USB side, which is the worker's (their webcam
+/// and their page, invariant 8), not the fleet owner's to switch off.
 pub const LOCAL_ONLY_KEYS: &[&str] =
-    &["preset", "evidence.redaction", "evidence.person_min_score", "evidence.region"];
+    &["preset", "evidence.redaction", "evidence.person_min_score", "evidence.region", "usb"];
 
 /// A validated patch: the config to run now, the file to save, and which changed keys
 /// wait for a restart.
@@ -840,6 +864,15 @@ impl Validator {
             return lo as u32;
         }
         v as u32
+    }
+
+    /// A USB string descriptor: printable ASCII (what every host shows alike), 1-63
+    /// characters.
+    fn usb_string(&mut self, key: &str, v: String) -> String {
+        if v.is_empty() || v.len() > 63 || !v.chars().all(|c| c.is_ascii_graphic() || c == ' ') {
+            self.err(key, format!("'{v}' must be 1-63 printable ASCII characters"));
+        }
+        v
     }
 
     fn region(&mut self, key: &str, pts: &[Vec<f64>]) -> Region {
@@ -1151,6 +1184,13 @@ impl Validator {
                 as u64,
             jpeg_quality: self.int_in("evidence.jpeg_quality", raw.evidence.jpeg_quality, 1, 100) as u8,
         };
+        let usb = UsbConfig {
+            enabled: raw.usb.enabled,
+            vendor_id: self.int_in("usb.vendor_id", raw.usb.vendor_id, 0, 0xffff) as u16,
+            product_id: self.int_in("usb.product_id", raw.usb.product_id, 0, 0xffff) as u16,
+            manufacturer: self.usb_string("usb.manufacturer", raw.usb.manufacturer),
+            product: self.usb_string("usb.product", raw.usb.product),
+        };
 
         Config {
             device_id: DeviceId(raw.device_id),
@@ -1172,6 +1212,7 @@ impl Validator {
                 client_cert,
             },
             scan,
+            usb,
             frames_per_check,
             rules,
             evidence,
@@ -1366,6 +1407,19 @@ redaction = "pixelate"
         let p = c.patched(&patch(r#"{"scan": {"mode": null}}"#)).unwrap();
         assert_eq!(p.live.scan.name(), "spot");
         assert_eq!(c.patched(&patch("{}")).unwrap().changed, Vec::<String>::new());
+    }
+
+    #[test]
+    fn the_usb_identity_is_checked_and_not_set_over_mqtt() {
+        let c = Config::default();
+        assert_eq!((c.usb.vendor_id, c.usb.product_id, c.usb.enabled), (0x1d6b, 0x0104, true));
+        let e = Config::from_toml("[usb]\nvendor_id = 70000\nproduct = \"caf\u{00e9}\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("usb.vendor_id") && e.contains("usb.product"), "{e}");
+        let patch = serde_json::json!({"usb": {"enabled": false}});
+        let e = c.patched(patch.as_object().unwrap()).unwrap_err().to_string();
+        assert!(e.contains("usb") && e.contains("not over MQTT"), "{e}");
     }
 
     #[test]

@@ -6,6 +6,13 @@
 //! LED shows "analysing" before the shutter opens, the shutter closes before the LED
 //! goes off, a capture is only requested while the shutter is open, and the camera
 //! never looks outside the shift, during a break or in mode `off`.
+//!
+//! The worker's PC may use the box as its webcam (invariant 7 of the design): from
+//! `CallStarted` (the PC's STREAMON) to `CallEnded` (STREAMOFF, unplug) the LED shows
+//! "on a call" and the shutter is open for the stream, in any mode, shift or break,
+//! since only the PC starts it; nothing is analysed in that time, and a check that
+//! falls due is audited as deferred and taken after the call. The stream's camera use
+//! ends (`EndCall`) before the shutter closes, at the end of the call and on any fault.
 
 use crate::config::ScanMode;
 use crate::schedule::Shift;
@@ -25,6 +32,8 @@ pub enum LedPattern {
     Fault,
     /// `cmd/identify`: "this is the device you mean", for a few seconds.
     Identify,
+    /// The worker's PC streams from the camera (a meeting): lit for as long as it does.
+    OnCall,
 }
 
 /// Something that happened, fed to [`Policy::step`].
@@ -53,6 +62,10 @@ pub enum Input {
     ShutterFault,
     /// The source has no more frames (a directory without `loop`).
     SourceExhausted,
+    /// The worker's PC started streaming from the box's webcam function (STREAMON).
+    CallStarted,
+    /// The PC stopped streaming (STREAMOFF) or the cable was unplugged (DISCONNECT).
+    CallEnded,
     /// The daemon is stopping.
     Shutdown,
     /// The config changed (`cmd/mode`, `cmd/config/set`): the new mode, shift and
@@ -85,6 +98,17 @@ pub enum PolicyEvent {
     },
     /// The shutter did not confirm closing; the camera stays closed until restart.
     ShutterFault,
+    /// A check fell due while the worker's PC streamed; it is taken after the call.
+    ScanDeferred {
+        due: Millis,
+    },
+    /// The PC started streaming (kept on the device: a meeting is none of the
+    /// employer's business, only the deferred checks are audited).
+    CallStarted,
+    /// The PC stopped streaming, after `duration_ms`.
+    CallEnded {
+        duration_ms: Millis,
+    },
 }
 
 /// What the daemon must do, in order.
@@ -95,6 +119,11 @@ pub enum Action {
     CloseShutter,
     /// Read one frame and analyse it; answer with `FrameCaptured` or `CameraFault`.
     Capture,
+    /// The LED shows "on a call": open the shutter and let the PC's stream read the
+    /// camera (nothing it reads is analysed).
+    BeginCall,
+    /// Stop the stream's camera reads, then close the shutter.
+    EndCall,
     /// The camera is lost: try to open it (no frame is read, the shutter stays closed);
     /// answer with `CameraBack` or `CameraFault`.
     ProbeCamera,
@@ -183,6 +212,13 @@ pub struct Policy {
     identify_until: Option<Millis>,
     /// Until when the break pattern acknowledges a new break.
     break_ack_until: Option<Millis>,
+    /// The worker's PC streams (from `CallStarted` to `CallEnded`), since when.
+    call: Option<Millis>,
+    /// The stream may read the camera (`BeginCall` given, `EndCall` not yet): false
+    /// during a call while the camera is lost or the shutter failed.
+    streaming: bool,
+    /// A check fell due during the call: it is taken when the call ends.
+    deferred: bool,
     finished: bool,
 }
 
@@ -202,12 +238,26 @@ impl Policy {
             on_break: None,
             identify_until: None,
             break_ack_until: None,
+            call: None,
+            streaming: false,
+            deferred: false,
             finished: false,
         }
     }
 
+    /// Whether the shutter is open: for a check, or for the PC's stream.
     pub fn shutter_open(&self) -> bool {
-        self.shutter_open
+        self.shutter_open || self.streaming
+    }
+
+    /// Whether the worker's PC is streaming from the box (a call is on).
+    pub fn on_call(&self) -> bool {
+        self.call.is_some()
+    }
+
+    /// Whether the PC's stream may read the camera now.
+    pub fn streaming(&self) -> bool {
+        self.streaming
     }
 
     pub fn led(&self) -> LedPattern {
@@ -259,11 +309,13 @@ impl Policy {
         self.expire_led(now, &mut out);
         match input {
             Input::Shutdown => {
+                self.stop_stream(&mut out);
                 self.close(&mut out, LedPattern::Off);
                 self.finish(&mut out);
             }
             Input::SourceExhausted => {
                 self.capturing = false;
+                self.stop_stream(&mut out);
                 self.close(&mut out, LedPattern::Off);
                 self.finish(&mut out);
             }
@@ -275,7 +327,8 @@ impl Policy {
                 let lost = self.camera_lost.get_or_insert(Lost { since: now, failures: 0 });
                 lost.failures = lost.failures.saturating_add(1);
                 let failures = lost.failures;
-                // Closed first, then reported.
+                // Closed first, then reported; a call goes on without the camera.
+                self.stop_stream(&mut out);
                 let idle = self.idle_led();
                 self.close(&mut out, idle);
                 if first {
@@ -288,6 +341,10 @@ impl Policy {
                 let Some(lost) = self.camera_lost.take() else { return out };
                 self.capturing = false;
                 out.push(Action::Event(PolicyEvent::CameraBack { down_ms: now.saturating_sub(lost.since) }));
+                if self.call.is_some() && !self.shutter_fault {
+                    // The call, still on, has its camera back.
+                    self.begin_stream(&mut out);
+                }
                 let idle = self.idle_led();
                 self.set_led(&mut out, idle);
                 // Checks resume as after a start: the next one under the current mode.
@@ -299,7 +356,9 @@ impl Policy {
                 self.burst_left = 0;
                 self.prewarn_since = None;
                 let first = !std::mem::replace(&mut self.shutter_fault, true);
-                // The daemon has driven it closed already; nothing reads a frame again.
+                // The daemon has driven it closed already; nothing reads a frame again,
+                // not even for the PC's stream.
+                self.stop_stream(&mut out);
                 let idle = self.idle_led();
                 self.close(&mut out, idle);
                 self.next_scan = None;
@@ -324,7 +383,7 @@ impl Policy {
                 }
             }
             Input::Identify { duration_ms } => {
-                if self.shutter_open {
+                if self.shutter_open || self.streaming {
                     // The LED must keep saying that the camera looks.
                     out.push(Action::Refused("the camera is looking; try again after the scan"));
                 } else {
@@ -341,9 +400,13 @@ impl Policy {
                     self.start_break(now, "button".into(), &mut out);
                 }
             }
+            Input::CallStarted => self.start_call(now, &mut out),
+            Input::CallEnded => self.end_call(now, &mut out),
             Input::FrameCaptured => {
                 self.capturing = false;
-                if !self.may_look(now) {
+                if self.call.is_some() {
+                    // A frame read before the call began; the check ended with it.
+                } else if !self.may_look(now) {
                     self.burst_left = 0;
                     self.close(&mut out, self.idle_led());
                 } else if self.burst_left > 1 {
@@ -406,15 +469,20 @@ impl Policy {
             return;
         }
         if self.camera_lost.is_some() {
-            // Tried again when the gap is over, and only when the camera may look then:
-            // a probe opens the device but reads nothing, and the shutter stays closed.
-            if !self.may_look(now) {
+            // Tried again when the gap is over, and only when the camera may look then
+            // (or the PC wants it for a call): a probe opens the device but reads
+            // nothing, and the shutter stays closed.
+            if !self.may_look(now) && self.call.is_none() {
                 let idle = self.idle_led();
                 self.close(out, idle);
             } else if self.next_scan.is_none_or(|due| now >= due) {
                 self.capturing = true;
                 out.push(Action::ProbeCamera);
             }
+            return;
+        }
+        if self.call.is_some() {
+            self.defer_due_checks(now, out);
             return;
         }
         if !self.may_look(now) {
@@ -471,6 +539,8 @@ impl Policy {
     fn refusal(&self, now: Millis) -> Option<&'static str> {
         if self.shutter_fault {
             Some("the shutter did not confirm closing: the camera stays closed until the device is serviced")
+        } else if self.call.is_some() {
+            Some("the worker's PC is using the camera (a call); the check is taken after it")
         } else if matches!(self.cfg.mode, ScanMode::Off) {
             Some("monitoring is off (scan.mode = \"off\")")
         } else if self.on_break.is_some() {
@@ -488,7 +558,10 @@ impl Policy {
     /// acknowledgement, then nothing (invariant 1, whatever else is wrong); otherwise a
     /// lasting fault, else nothing.
     fn idle_led(&self) -> LedPattern {
-        if self.on_break.is_some() {
+        if self.streaming {
+            // Invariant 2: lit for as long as the camera streams, whatever else is on.
+            LedPattern::OnCall
+        } else if self.on_break.is_some() {
             if self.break_ack_until.is_some() {
                 LedPattern::Break
             } else {
@@ -518,7 +591,9 @@ impl Policy {
         self.prewarn_since = None;
         self.on_break = Some(OnBreak { since: now, reason: reason.clone() });
         self.break_ack_until = Some(now.saturating_add(BREAK_ACK_MS));
-        self.close(out, LedPattern::Break);
+        // During a call the LED keeps saying that the camera streams.
+        let led = if self.streaming { LedPattern::OnCall } else { LedPattern::Break };
+        self.close(out, led);
         out.push(Action::Event(PolicyEvent::BreakStarted { reason }));
     }
 
@@ -537,6 +612,90 @@ impl Policy {
         }));
         // Checks resume from here: a spot gap or the next scheduled time.
         self.next_scan = None;
+    }
+
+    fn start_call(&mut self, now: Millis, out: &mut Vec<Action>) {
+        if self.call.is_some() {
+            return; // a second STREAMON of the same call
+        }
+        self.call = Some(now);
+        out.push(Action::Event(PolicyEvent::CallStarted));
+        // A check under way (or announced) ends here and is taken after the call.
+        let checking = self.shutter_open || self.burst_left > 0 || self.prewarn_since.is_some();
+        if checking && !matches!(self.cfg.mode, ScanMode::Continuous { .. }) {
+            self.deferred = true;
+            out.push(Action::Event(PolicyEvent::ScanDeferred { due: now }));
+        }
+        if self.camera_lost.is_none() {
+            // (A probe in flight stays in flight: its answer is awaited.)
+            self.capturing = false;
+        }
+        self.burst_left = 0;
+        self.prewarn_since = None;
+        if self.shutter_fault {
+            self.close(out, LedPattern::Fault);
+            out.push(Action::Refused("the shutter did not confirm closing: the camera stays closed"));
+        } else if self.camera_lost.is_some() {
+            self.close(out, LedPattern::Fault);
+            out.push(Action::Refused("the camera is not available (retrying)"));
+        } else {
+            self.close(out, LedPattern::OnCall);
+            self.begin_stream(out);
+        }
+    }
+
+    fn end_call(&mut self, now: Millis, out: &mut Vec<Action>) {
+        let Some(since) = self.call.take() else { return };
+        self.stop_stream(out);
+        let idle = self.idle_led();
+        self.set_led(out, idle);
+        out.push(Action::Event(PolicyEvent::CallEnded { duration_ms: now.saturating_sub(since) }));
+        if std::mem::take(&mut self.deferred) {
+            // The deferred check is due now (announced first where scans are).
+            self.next_scan = Some(now);
+        } else if matches!(self.cfg.mode, ScanMode::Continuous { .. }) {
+            self.next_scan = None;
+        }
+        self.tick(now, out);
+    }
+
+    /// During a call: a check that falls due is deferred (one check after the call,
+    /// each due time audited), or skipped as usual where the camera could not look.
+    fn defer_due_checks(&mut self, now: Millis, out: &mut Vec<Action>) {
+        match self.cfg.mode {
+            // A watch pauses and resumes after the call: nothing to defer.
+            ScanMode::Continuous { .. } | ScanMode::Off => self.next_scan = None,
+            ScanMode::Spot { .. } | ScanMode::Scheduled { .. } => {
+                if self.next_scan.is_none() {
+                    self.schedule_first(now);
+                }
+                if let Some(due) = self.next_scan.filter(|due| now >= *due) {
+                    if self.may_look(now) {
+                        self.deferred = true;
+                        out.push(Action::Event(PolicyEvent::ScanDeferred { due }));
+                    } else if matches!(self.cfg.mode, ScanMode::Scheduled { .. }) {
+                        out.push(Action::Event(PolicyEvent::ScanSkipped { due }));
+                    }
+                    self.schedule_next(now);
+                }
+            }
+        }
+    }
+
+    fn begin_stream(&mut self, out: &mut Vec<Action>) {
+        if !self.streaming {
+            // LED first, as for a check.
+            self.set_led(out, LedPattern::OnCall);
+            self.streaming = true;
+            out.push(Action::BeginCall);
+        }
+    }
+
+    fn stop_stream(&mut self, out: &mut Vec<Action>) {
+        if self.streaming {
+            self.streaming = false;
+            out.push(Action::EndCall);
+        }
     }
 
     fn set_led(&mut self, out: &mut Vec<Action>, led: LedPattern) {

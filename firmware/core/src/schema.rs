@@ -211,6 +211,9 @@ pub enum ScanResult {
     Violation,
     /// A scheduled scan fell outside the shift or into a break and was not taken.
     Skipped,
+    /// A check fell due while the worker's PC streamed from the webcam; it is taken
+    /// after the call (invariant 7).
+    Deferred,
     /// The camera failed (missing, unplugged, stalled); nothing was looked at.
     /// Recorded once per outage; retries follow with growing gaps.
     CameraLost,

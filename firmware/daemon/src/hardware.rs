@@ -460,5 +460,6 @@ pub fn led_name(p: LedPattern) -> &'static str {
         LedPattern::Break => "break",
         LedPattern::Fault => "fault",
         LedPattern::Identify => "identify",
+        LedPattern::OnCall => "on-call",
     }
 }

@@ -19,6 +19,7 @@ mod notify;
 mod pipeline;
 mod provision;
 mod telemetry;
+mod usb;
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -101,12 +102,27 @@ enum Command {
         #[arg(long, env = "DESKCAM_BOARD")]
         board: String,
     },
+    /// The USB device side (root: configfs): `up` makes the composite gadget (webcam +
+    /// network link) from the config and board, `down` removes it. A board without a
+    /// USB device controller is told so, with exit 0.
+    #[command(subcommand)]
+    Usb(UsbCmd),
     /// Print the audit log kept on this device (one line per scan, JSON).
     Audit {
         /// Config file [env DESKCAM_CONFIG, default /data/deskcam.toml].
         #[arg(long, short)]
         config: Option<PathBuf>,
     },
+}
+
+#[derive(Subcommand)]
+enum UsbCmd {
+    Up {
+        /// Config file [env DESKCAM_CONFIG, default /data/deskcam.toml].
+        #[arg(long, short)]
+        config: Option<PathBuf>,
+    },
+    Down,
 }
 
 #[derive(Subcommand)]
@@ -156,6 +172,8 @@ fn main() -> ExitCode {
         Command::Audit { config } => print_audit(config),
         Command::Provision(args) => provision::run(args),
         Command::ShowFault { board } => show_fault(&board),
+        Command::Usb(UsbCmd::Up { config }) => usb::up(config),
+        Command::Usb(UsbCmd::Down) => usb::down(),
         Command::Run { config } => run_daemon(config),
         Command::Demo(args) => demo::run(args),
         Command::Eval(args) => eval::run(args),
@@ -526,7 +544,12 @@ pub fn run_pipeline(
 
     let stop = Arc::new(AtomicBool::new(false));
     let progress = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let (usb, usb_thread) = match usb::start(&config, &board, stop.clone()) {
+        Some((link, thread)) => (Some(link), Some(thread)),
+        None => (None, None),
+    };
     let pipeline = Pipeline {
+        usb,
         progress: progress.clone(),
         config,
         detector,
@@ -588,6 +611,10 @@ pub fn run_pipeline(
     notifier.send("STOPPING=1");
     stop.store(true, Ordering::Relaxed);
     let summary = scan.join();
+    if let Some(t) = usb_thread {
+        // It ends its stream (camera released) and closes the node within a poll tick.
+        let _ = t.join();
+    }
     // Whatever happened to the scan loop, the uplink drains and says goodbye.
     let _ = shutdown_tx.send(true);
     match runtime.block_on(uplink) {

@@ -105,6 +105,9 @@ pub struct Pipeline {
     pub max_frames: Option<u64>,
     /// Counts the scan loop's turns: the watchdog is fed only while it moves.
     pub progress: Arc<std::sync::atomic::AtomicU64>,
+    /// The webcam side, on boards that are a USB device: whether the PC streams, and
+    /// the gate that lets the stream read the camera.
+    pub usb: Option<crate::usb::UsbLink>,
 }
 
 /// How long a long press of the button shows the identify pattern.
@@ -125,6 +128,9 @@ impl Pipeline {
         let mut rules = RuleEngine::new(self.config.rules.clone());
         let mut source: Option<Box<dyn FrameSource>> = None;
         let mut token: Option<ShutterOpen> = None;
+        // The shutter held open for the PC's stream (never used to read a frame here).
+        let mut call_token: Option<ShutterOpen> = None;
+        let mut pc_streaming = false;
         let mut summary = Summary::default();
         let mut seq = 0u64;
         let mut pending: Vec<Pending> = vec![(Input::Tick, None)];
@@ -150,6 +156,15 @@ impl Pipeline {
             let enough = self.max_frames.is_some_and(|n| summary.frames >= n);
             if self.stop.load(Ordering::Relaxed) || enough {
                 pending = vec![(Input::Shutdown, None)];
+            }
+            // The PC starting or stopping its stream is a state, read each turn: nothing
+            // to queue, nothing to lose.
+            if let Some(usb) = &self.usb {
+                let now_streaming = usb.stats.pc_streaming.load(Ordering::Relaxed);
+                if now_streaming != pc_streaming && !self.stop.load(Ordering::Relaxed) {
+                    pc_streaming = now_streaming;
+                    pending.push((if now_streaming { Input::CallStarted } else { Input::CallEnded }, None));
+                }
             }
             // Commands are taken while running, not once stopping has begun.
             if !self.stop.load(Ordering::Relaxed) {
@@ -214,7 +229,48 @@ impl Pipeline {
                                 self.publish_state("closed");
                             }
                         }
+                        Action::BeginCall => {
+                            // The stream opens the camera itself: analysis lets go of it.
+                            if let Some(s) = source.as_mut() {
+                                s.pause();
+                            }
+                            source = None;
+                            match self.hardware.open_shutter() {
+                                Ok(t) => {
+                                    call_token = Some(t);
+                                    if let Some(usb) = &self.usb {
+                                        usb.gate.allow();
+                                    }
+                                    tracing::info!(
+                                        "on a call: the PC streams from the webcam; nothing is analysed"
+                                    );
+                                }
+                                Err(e) => {
+                                    tracing::error!("shutter: {e}");
+                                    pending.push((Input::CameraFault, None));
+                                }
+                            }
+                        }
+                        Action::EndCall => {
+                            // The stream stops reading before the shutter closes.
+                            if let Some(usb) = &self.usb {
+                                if !usb.gate.forbid(Duration::from_secs(2)) {
+                                    tracing::warn!("the webcam stream did not release the camera in 2 s; closing the shutter");
+                                }
+                            }
+                            call_token = None;
+                            match self.hardware.close_shutter() {
+                                Ok(()) => {}
+                                Err(e @ HwError::NotClosed { .. }) => {
+                                    tracing::error!("{e}; the camera stays closed");
+                                    pending.push((Input::ShutterFault, None));
+                                }
+                                Err(e) => tracing::error!("shutter: {e}"),
+                            }
+                        }
                         Action::Capture => {
+                            // (The policy never asks for a frame during a call: invariant 7.)
+                            debug_assert!(call_token.is_none(), "a frame analysed during a call");
                             let Some(t) = token.as_ref() else {
                                 pending.push((Input::CameraFault, None));
                                 continue;
@@ -294,6 +350,12 @@ impl Pipeline {
                                 PolicyEvent::ScanSkipped { .. } => {
                                     self.record(ScanResult::Skipped, 0, Vec::new())
                                 }
+                                PolicyEvent::ScanDeferred { .. } => {
+                                    self.record(ScanResult::Deferred, 0, Vec::new())
+                                }
+                                // Kept on the device (the journal): a meeting is none of
+                                // the fleet owner's business.
+                                PolicyEvent::CallStarted | PolicyEvent::CallEnded { .. } => {}
                                 PolicyEvent::BreakStarted { .. } => {
                                     self.state.send_modify(|s| s.on_break = true)
                                 }

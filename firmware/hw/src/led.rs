@@ -37,6 +37,10 @@ fn look(p: LedPattern) -> Option<Look> {
         // A fast blink that nobody mistakes for the steady "analysing".
         LedPattern::Fault => (Colour::Red, 100, 100),
         LedPattern::Identify => (Colour::White, 150, 150),
+        // Steady like "analysing" (invariant 2: lit while the camera streams), in its
+        // own colour where the LED has colours; a single LED cannot tell them apart
+        // without blinking, and a blink would say the camera is not looking.
+        LedPattern::OnCall => (Colour::Green, 1, 0),
     };
     Some(Look { colour, on_ms, off_ms })
 }

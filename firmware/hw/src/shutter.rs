@@ -112,17 +112,18 @@ impl Shutter {
         Ok(s)
     }
 
-    /// Opens the shutter. Requires the LED to show that the camera looks: the caller
-    /// passes the LED to prove it. Returns the token that frame sources require.
+    /// Opens the shutter. Requires the LED to show that the camera looks ("analysing"
+    /// for a check, "on a call" for the PC's stream): the caller passes the LED to
+    /// prove it. Returns the token that frame sources require.
     pub fn open(&mut self, led: &StatusLed) -> Result<ShutterOpen, HwError> {
-        if led.pattern() != LedPattern::Analysing {
+        if !matches!(led.pattern(), LedPattern::Analysing | LedPattern::OnCall) {
             return Err(HwError::LedNotLit(match led.pattern() {
                 LedPattern::Off => "off",
                 LedPattern::PreWarning => "pre-warning",
                 LedPattern::Break => "break",
                 LedPattern::Fault => "fault",
                 LedPattern::Identify => "identify",
-                LedPattern::Analysing => "analysing",
+                LedPattern::Analysing | LedPattern::OnCall => "lit",
             }));
         }
         (self.drive)(true)?;

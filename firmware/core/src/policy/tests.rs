@@ -31,7 +31,10 @@ fn policy(mode: ScanMode, frames: u32, shift: Shift, seed: u64) -> Policy {
 
 /// Replays actions on a model of the hardware and checks the invariants.
 struct Model {
+    /// Open for a check.
     shutter: bool,
+    /// Open for the PC's stream.
+    stream: bool,
     led: LedPattern,
     prewarn_since: Option<Millis>,
     break_since: Option<Millis>,
@@ -39,7 +42,7 @@ struct Model {
 
 impl Model {
     fn new() -> Self {
-        Model { shutter: false, led: LedPattern::Off, prewarn_since: None, break_since: None }
+        Model { shutter: false, stream: false, led: LedPattern::Off, prewarn_since: None, break_since: None }
     }
 
     fn apply(&mut self, p: &Policy, now: Millis, actions: &[Action], shift: &Shift) {
@@ -52,6 +55,7 @@ impl Model {
             match a {
                 Action::OpenShutter => {
                     assert_eq!(self.led, LedPattern::Analysing, "shutter opened before the LED said so");
+                    assert!(!self.stream && !p.on_call(), "a check during a call");
                     assert!(!p.camera_lost(), "shutter opened while the camera is lost");
                     assert!(!p.shutter_fault(), "shutter opened after it failed to close");
                     assert!(shift.contains(now), "shutter opened outside the shift");
@@ -63,7 +67,16 @@ impl Model {
                     self.shutter = true;
                 }
                 Action::CloseShutter => self.shutter = false,
+                Action::BeginCall => {
+                    assert_eq!(self.led, LedPattern::OnCall, "stream began before the LED said so");
+                    assert!(p.on_call(), "stream without a call");
+                    assert!(!self.shutter, "stream while a check looks");
+                    assert!(!p.camera_lost() && !p.shutter_fault(), "stream with a fault");
+                    self.stream = true;
+                }
+                Action::EndCall => self.stream = false,
                 Action::SetLed(l) => {
+                    assert!(!self.stream || *l == LedPattern::OnCall, "LED left 'on a call' while streaming");
                     assert!(
                         !self.shutter || *l == LedPattern::Analysing,
                         "LED left 'analysing' with the shutter open"
@@ -76,6 +89,7 @@ impl Model {
                     self.led = *l;
                 }
                 Action::Capture => {
+                    assert!(!self.stream && !p.on_call(), "a frame analysed during a call");
                     assert!(
                         self.shutter && self.led == LedPattern::Analysing,
                         "capture without open shutter and LED"
@@ -83,10 +97,10 @@ impl Model {
                     assert!(p.may_look(now), "capture while the camera may not look");
                 }
                 Action::ProbeCamera => {
-                    assert!(!self.shutter, "probe with the shutter open");
-                    assert!(p.may_look(now), "probe while the camera may not look");
+                    assert!(!self.shutter && !self.stream, "probe with the shutter open");
+                    assert!(p.may_look(now) || p.on_call(), "probe while the camera may not look");
                 }
-                Action::Finished => assert!(!self.shutter && self.led == LedPattern::Off),
+                Action::Finished => assert!(!self.shutter && !self.stream && self.led == LedPattern::Off),
                 Action::Event(PolicyEvent::BreakStarted { .. }) => self.break_since = Some(now),
                 Action::Event(PolicyEvent::BreakEnded { .. }) => self.break_since = None,
                 Action::Event(_) | Action::Refused(_) => {}
@@ -94,13 +108,21 @@ impl Model {
         }
         // Invariant 1: the LED is off in a break, after a short acknowledgement.
         if let Some(since) = self.break_since.filter(|_| p.on_break()) {
-            if now >= since + BREAK_ACK_MS {
+            if now >= since + BREAK_ACK_MS && !self.stream {
                 assert_ne!(self.led, LedPattern::Break, "break pattern past its acknowledgement");
                 assert_ne!(self.led, LedPattern::Analysing, "analysing during a break");
             }
         }
         if p.shutter_fault() {
-            assert!(!self.shutter, "shutter open after it failed to close");
+            assert!(!self.shutter && !self.stream, "shutter open after it failed to close");
+        }
+        // Invariant 2: lit for as long as the camera streams; invariant 7: no check.
+        if self.stream {
+            assert_eq!(self.led, LedPattern::OnCall, "streaming without the 'on a call' LED");
+            assert!(!self.shutter, "a check during a call");
+        }
+        if !p.on_call() {
+            assert!(!self.stream, "streaming after the call ended");
         }
         if p.on_break() || !shift.contains(now) || matches!(p.mode(), ScanMode::Off) {
             assert!(!self.shutter, "shutter open while the camera may not look");
@@ -452,12 +474,14 @@ fn random_input_sequences_keep_the_invariants() {
                 2 => Input::BreakStart { reason: "r".into() },
                 3 => Input::BreakEnd,
                 4 => Input::ButtonPress,
+                9 => Input::CallStarted,
+                10 | 11 if p.on_call() => Input::CallEnded,
                 5..=8 => Input::FrameCaptured,
                 _ => Input::Tick,
             };
             let actions = p.step(now, input);
             m.apply(&p, now, &actions, &shift);
-            assert_eq!(m.shutter, p.shutter_open());
+            assert_eq!(m.shutter || m.stream, p.shutter_open());
             // Usually the daemon answers a capture at once; sometimes other inputs (a
             // break, the shift's end, a fault) arrive while the frame is in flight.
             if actions.contains(&Action::Capture) && !rng.next_u64().is_multiple_of(3) {
@@ -501,4 +525,140 @@ fn a_config_change_applies_at_once() {
     let at = (T0 / 60_000 + 1) * 60_000;
     assert_eq!(p.step(at - 10_000, Input::Tick), vec![Action::SetLed(LedPattern::PreWarning)]);
     assert!(p.step(at, Input::Tick).contains(&Action::OpenShutter));
+}
+
+/// Runs `input` and checks the actions against the model.
+fn run(p: &mut Policy, m: &mut Model, now: Millis, input: Input, shift: &Shift) -> Vec<Action> {
+    let actions = p.step(now, input);
+    m.apply(p, now, &actions, shift);
+    actions
+}
+
+#[test]
+fn a_call_opens_the_shutter_for_the_stream_in_any_mode_and_closes_it_after() {
+    for mode in [
+        ScanMode::Off,
+        ScanMode::Continuous { fps: 2.0 },
+        ScanMode::Spot { per_hour: 4.0, min_gap: Span::from_secs(60) },
+    ] {
+        // Outside the shift and during a break too: only the PC starts a call.
+        let shift = workdays();
+        let mut p = policy(mode.clone(), 3, shift.clone(), 1);
+        let mut m = Model::new();
+        let sunday = MON_0800 - 24 * HOUR;
+        run(&mut p, &mut m, sunday, Input::Tick, &shift);
+        run(&mut p, &mut m, sunday, Input::BreakStart { reason: "lunch".into() }, &shift);
+        let out = run(&mut p, &mut m, sunday + 1, Input::CallStarted, &shift);
+        assert_eq!(
+            out,
+            [Action::Event(PolicyEvent::CallStarted), Action::SetLed(LedPattern::OnCall), Action::BeginCall],
+            "{mode:?}"
+        );
+        assert!(p.shutter_open() && p.streaming() && p.led() == LedPattern::OnCall);
+        // Nothing is taken or shown over it: scan-now, identify, the break's end.
+        assert!(matches!(run(&mut p, &mut m, sunday + 2, Input::ScanNow, &shift)[..], [Action::Refused(_)]));
+        let identify = Input::Identify { duration_ms: 5_000 };
+        assert!(matches!(run(&mut p, &mut m, sunday + 3, identify, &shift)[..], [Action::Refused(_)]));
+        run(&mut p, &mut m, sunday + 4, Input::BreakEnd, &shift);
+        assert_eq!(p.led(), LedPattern::OnCall);
+        let out = run(&mut p, &mut m, sunday + 60_000, Input::CallEnded, &shift);
+        assert_eq!(out[..2], [Action::EndCall, Action::SetLed(LedPattern::Off)], "{mode:?}");
+        assert!(out.contains(&Action::Event(PolicyEvent::CallEnded { duration_ms: 59_999 })));
+        assert!(!p.shutter_open() && !p.on_call());
+    }
+}
+
+#[test]
+fn a_check_under_way_ends_when_a_call_starts_and_is_taken_after_it() {
+    let shift = Shift::always();
+    let mut p = policy(ScanMode::Spot { per_hour: 1.0, min_gap: Span::from_secs(60) }, 3, shift.clone(), 2);
+    let mut m = Model::new();
+    let out = run(&mut p, &mut m, T0, Input::ScanNow, &shift);
+    assert!(out.contains(&Action::Capture));
+    run(&mut p, &mut m, T0 + 100, Input::FrameCaptured, &shift);
+    let out = run(&mut p, &mut m, T0 + 200, Input::CallStarted, &shift);
+    assert_eq!(
+        out,
+        [
+            Action::Event(PolicyEvent::CallStarted),
+            Action::Event(PolicyEvent::ScanDeferred { due: T0 + 200 }),
+            Action::CloseShutter,
+            Action::SetLed(LedPattern::OnCall),
+            Action::BeginCall
+        ]
+    );
+    // The rest of the burst is not taken during the call.
+    for t in (1..20).map(|i| T0 + i * 1_000) {
+        let out = run(&mut p, &mut m, t, Input::Tick, &shift);
+        assert!(!out.contains(&Action::Capture), "{out:?}");
+    }
+    let out = run(&mut p, &mut m, T0 + 30_000, Input::CallEnded, &shift);
+    let open = out.iter().position(|a| *a == Action::OpenShutter).expect("the deferred check");
+    assert!(out.iter().position(|a| *a == Action::EndCall).unwrap() < open);
+    assert_eq!(out.last(), Some(&Action::Capture));
+}
+
+#[test]
+fn checks_due_during_a_call_are_deferred_reported_and_taken_after_it() {
+    let shift = workdays();
+    let warning = Span::from_secs(30);
+    let at_10 = MON_0800 + 2 * HOUR;
+    let at_11 = MON_0800 + 3 * HOUR;
+    let mode = ScanMode::Scheduled { times: vec![10 * 60, 11 * 60], warning };
+    let mut p = policy(mode, 2, shift.clone(), 3);
+    let mut m = Model::new();
+    run(&mut p, &mut m, at_10 - HOUR, Input::Tick, &shift);
+    run(&mut p, &mut m, at_10 - HOUR + 1, Input::CallStarted, &shift);
+    // A two-hour meeting over both scheduled times: each is reported as deferred, and
+    // neither the pre-warning nor a frame happens while the PC streams.
+    let mut deferred = Vec::new();
+    let mut t = at_10 - HOUR + 1;
+    while t < at_11 + 10 * 60_000 {
+        t += 10_000;
+        for a in run(&mut p, &mut m, t, Input::Tick, &shift) {
+            assert!(!matches!(a, Action::SetLed(_) | Action::OpenShutter | Action::Capture), "{a:?}");
+            if let Action::Event(PolicyEvent::ScanDeferred { due }) = a {
+                deferred.push(due);
+            }
+        }
+    }
+    assert_eq!(deferred, [at_10, at_11]);
+    // After the call: one check, announced for the full warning first.
+    let end = t + 1;
+    let out = run(&mut p, &mut m, end, Input::CallEnded, &shift);
+    assert_eq!(out.iter().filter(|a| **a == Action::SetLed(LedPattern::PreWarning)).count(), 1, "{out:?}");
+    assert!(!out.contains(&Action::OpenShutter));
+    let out = run(&mut p, &mut m, end + warning.0, Input::Tick, &shift);
+    assert!(out.contains(&Action::OpenShutter) && out.contains(&Action::Capture), "{out:?}");
+}
+
+#[test]
+fn a_fault_during_a_call_ends_the_stream_first_and_it_resumes_when_the_camera_is_back() {
+    let shift = Shift::always();
+    let mut p = policy(ScanMode::Off, 1, shift.clone(), 4);
+    let mut m = Model::new();
+    run(&mut p, &mut m, T0, Input::CallStarted, &shift);
+    let out = run(&mut p, &mut m, T0 + 1_000, Input::CameraFault, &shift);
+    assert_eq!(out[..2], [Action::EndCall, Action::SetLed(LedPattern::Fault)]);
+    assert!(!p.shutter_open() && p.on_call());
+    // Tried again while the call is on, even in mode off; the stream resumes.
+    let out = run(&mut p, &mut m, T0 + 7_000, Input::Tick, &shift);
+    assert_eq!(out, [Action::ProbeCamera]);
+    let out = run(&mut p, &mut m, T0 + 7_100, Input::CameraBack, &shift);
+    assert!(
+        out.ends_with(&[Action::SetLed(LedPattern::OnCall), Action::BeginCall])
+            || out.contains(&Action::BeginCall)
+    );
+    assert!(p.streaming());
+    // A shutter that does not close ends the stream for good.
+    let out = run(&mut p, &mut m, T0 + 8_000, Input::ShutterFault, &shift);
+    assert_eq!(out[0], Action::EndCall);
+    let out = run(&mut p, &mut m, T0 + 9_000, Input::CameraBack, &shift);
+    assert!(!out.contains(&Action::BeginCall));
+    // Shutting down during a call: stream stopped, closed, LED off.
+    let mut p = policy(ScanMode::Off, 1, shift.clone(), 5);
+    let mut m = Model::new();
+    run(&mut p, &mut m, T0, Input::CallStarted, &shift);
+    let out = run(&mut p, &mut m, T0 + 1, Input::Shutdown, &shift);
+    assert_eq!(out, [Action::EndCall, Action::SetLed(LedPattern::Off), Action::Finished]);
 }

@@ -1,0 +1,145 @@
+//! The USB device side in the daemon: `deskcam usb up|down` (root, before and after
+//! the service: configfs needs it) make and remove the composite gadget; `deskcam run`
+//! serves it without root (the UVC node is in the `video` group) on a thread of its own.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::atomic::AtomicBool;
+use std::sync::Arc;
+
+use anyhow::{Context, Result};
+use deskcam_core::board::Board;
+use deskcam_core::config::SourceSpec;
+use deskcam_core::Config;
+use deskcam_usb::gadget::{self, GadgetSpec};
+use deskcam_usb::stream::{Gate, StreamStats, Streamer};
+use deskcam_usb::uvc::Negotiation;
+
+/// What the scan loop sees of the USB side.
+pub struct UsbLink {
+    pub stats: Arc<StreamStats>,
+    pub gate: Arc<Gate>,
+}
+
+/// Why this device has no USB side, if it has none (said once in the log).
+fn unavailable(config: &Config, board: &Board) -> Option<String> {
+    if !board.usb_device {
+        return Some(format!("board {} has no USB device controller: no webcam, no USB link", board.name));
+    }
+    if !config.usb.enabled {
+        return Some("usb.enabled = false: no webcam, no USB link".into());
+    }
+    if !matches!(config.camera.source, SourceSpec::V4l2(_)) {
+        return Some("the camera is a photo directory: no webcam, no USB link".into());
+    }
+    if gadget::offers(&board.camera_formats).is_empty() {
+        return Some(format!(
+            "board {}: the camera delivers neither MJPEG nor YUYV ({:?}): no webcam",
+            board.name, board.camera_formats
+        ));
+    }
+    None
+}
+
+fn spec(config: &Config, board: &Board) -> GadgetSpec {
+    GadgetSpec {
+        vendor_id: config.usb.vendor_id,
+        product_id: config.usb.product_id,
+        manufacturer: config.usb.manufacturer.clone(),
+        product: config.usb.product.clone(),
+        serial: config.device_id.to_string(),
+        formats: gadget::offers(&board.camera_formats),
+    }
+}
+
+/// `deskcam usb up`: makes and binds the gadget. A board without a controller (or a
+/// config without the USB side) is not an error: it says so and exits 0.
+pub fn up(config: Option<PathBuf>) -> Result<ExitCode> {
+    let path = crate::config_path(config);
+    let (config, board) = match crate::load_config(&path)? {
+        Ok(c) => c,
+        Err(e) => {
+            eprint!("deskcam: {e}");
+            return Ok(ExitCode::from(2));
+        }
+    };
+    if let Some(why) = unavailable(&config, &board) {
+        println!("{why}");
+        gadget::remove().context("removing an old gadget")?;
+        return Ok(ExitCode::SUCCESS);
+    }
+    let controllers = gadget::controllers();
+    if controllers.is_empty() {
+        // The board can be a device, but the kernel shows no controller: the overlay is
+        // missing, or the module did not load. The daemon runs without the USB side.
+        println!(
+            "board {} should have a USB device controller, but /sys/class/udc is empty \
+             (is dtoverlay=dwc2,dr_mode=peripheral in config.txt?): no webcam, no USB link",
+            board.name
+        );
+        return Ok(ExitCode::SUCCESS);
+    }
+    let spec = spec(&config, &board);
+    let udc = gadget::bind(&spec, None).context("making the USB gadget")?;
+    let info = gadget::describe(&spec).context("reading the bound gadget")?;
+    println!(
+        "USB gadget on {udc}: webcam {} ({} format(s)), network link {}",
+        info.video_node.display(),
+        info.formats.len(),
+        if info.net_ifname.is_empty() { "(no interface)" } else { &info.net_ifname }
+    );
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `deskcam usb down`: removes the gadget (the PC sees the box go).
+pub fn down() -> Result<ExitCode> {
+    gadget::remove().context("removing the USB gadget")?;
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Starts serving the gadget that `deskcam usb up` made, if there is one.
+pub fn start(
+    config: &Config,
+    board: &Board,
+    stop: Arc<AtomicBool>,
+) -> Option<(UsbLink, std::thread::JoinHandle<()>)> {
+    if let Some(why) = unavailable(config, board) {
+        tracing::info!("{why}");
+        return None;
+    }
+    let SourceSpec::V4l2(camera) = &config.camera.source else { return None };
+    let spec = spec(config, board);
+    let info = match gadget::describe(&spec) {
+        Ok(i) => i,
+        Err(e) => {
+            tracing::warn!("USB: {e}; running without the webcam and the USB link");
+            return None;
+        }
+    };
+    let negotiation = Negotiation::new(info.formats.clone(), info.interfaces, gadget::MAX_PACKET);
+    let gate = Arc::new(Gate::default());
+    let stats = Arc::new(StreamStats::default());
+    let streamer =
+        match Streamer::open(&info.video_node, negotiation, camera, gate.clone(), stats.clone(), stop) {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::error!("USB: {e}; running without the webcam");
+                return None;
+            }
+        };
+    tracing::info!(
+        "USB: webcam on {} ({}), waiting for the PC",
+        info.video_node.display(),
+        info.formats
+            .iter()
+            .map(|f| format!(
+                "{:?} {}",
+                f.pixel,
+                f.frames.iter().map(|s| format!("{}x{}", s.width, s.height)).collect::<Vec<_>>().join("/")
+            ))
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
+    let thread = std::thread::Builder::new().name("uvc".into()).spawn(move || streamer.run()).ok()?;
+    Some((UsbLink { stats, gate }, thread))
+}

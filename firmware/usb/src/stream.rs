@@ -1,0 +1,353 @@
+//! The UVC streaming program: answers the UVC function's events and, between the PC's
+//! STREAMON and STREAMOFF, moves camera frames into the gadget's output queue.
+//!
+//! The camera is read only while the daemon's [`Gate`] allows it (the policy has put the
+//! LED on "on a call" and the shutter is open); the daemon closes the gate, and waits
+//! for the camera to be released, before it closes the shutter. The program closes the
+//! camera by itself at STREAMOFF and DISCONNECT. Frames go from the camera's mmap
+//! buffer to the gadget's mmap buffer and nowhere else: nothing here keeps, analyses or
+//! forwards them (invariant 7).
+
+use std::os::fd::AsRawFd;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use v4l::buffer::Type;
+use v4l::io::mmap::Stream;
+use v4l::io::traits::CaptureStream;
+use v4l::video::capture::Parameters;
+use v4l::video::Capture;
+use v4l::{Device, FourCC};
+
+use crate::sys::{GadgetNode, UvcEvent};
+use crate::uvc::{DataOutcome, Negotiation, Pixel, StreamFormat};
+use crate::UsbError;
+
+/// Gadget output buffers: enough to keep the isochronous pipe fed while the next
+/// frame is read.
+const GADGET_BUFFERS: u32 = 4;
+const CAMERA_BUFFERS: u32 = 4;
+/// No camera frame within this is a camera fault (the call goes on without frames).
+const CAMERA_TIMEOUT: Duration = Duration::from_secs(3);
+
+/// Whether the stream may read the camera; the daemon opens and closes it.
+#[derive(Default)]
+pub struct Gate {
+    state: Mutex<GateState>,
+    changed: Condvar,
+}
+
+#[derive(Default)]
+struct GateState {
+    allowed: bool,
+    camera_open: bool,
+}
+
+impl Gate {
+    fn lock(&self) -> MutexGuard<'_, GateState> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The LED shows "on a call" and the shutter is open: the stream may read.
+    pub fn allow(&self) {
+        self.lock().allowed = true;
+        self.changed.notify_all();
+    }
+
+    /// The stream must stop reading: returns once the camera is closed (true), or after
+    /// `wait` (false: the shutter closes anyway, which covers the lens).
+    pub fn forbid(&self, wait: Duration) -> bool {
+        let mut s = self.lock();
+        s.allowed = false;
+        let (s, _) =
+            self.changed.wait_timeout_while(s, wait, |s| s.camera_open).unwrap_or_else(|p| p.into_inner());
+        !s.camera_open
+    }
+
+    fn allowed(&self) -> bool {
+        self.lock().allowed
+    }
+
+    /// Marks the camera open if reading is allowed.
+    fn hold(&self) -> bool {
+        let mut s = self.lock();
+        s.camera_open = s.allowed;
+        s.allowed
+    }
+
+    fn release(&self) {
+        self.lock().camera_open = false;
+        self.changed.notify_all();
+    }
+}
+
+/// What the daemon and the tests can see of the stream.
+#[derive(Default)]
+pub struct StreamStats {
+    /// The PC is streaming (between STREAMON and STREAMOFF/DISCONNECT).
+    pub pc_streaming: AtomicBool,
+    /// The PC has enumerated the gadget (CONNECT seen, no DISCONNECT since).
+    pub connected: AtomicBool,
+    /// Frames queued to the PC since start.
+    pub frames: AtomicU64,
+    /// Camera faults during calls.
+    pub camera_faults: AtomicU64,
+}
+
+/// The camera, opened for a call at the committed format.
+struct CallCamera {
+    stream: Stream<'static>,
+    /// Bytes per line of a YUYV frame as the camera lays it out.
+    stride: usize,
+}
+
+impl CallCamera {
+    fn open(path: &Path, f: &StreamFormat) -> Result<Self, UsbError> {
+        let err = |why: String| UsbError::Camera { path: path.display().to_string(), why };
+        let dev = Device::with_path(path).map_err(|e| err(format!("open: {e}")))?;
+        let mut fmt = dev.format().map_err(|e| err(format!("get format: {e}")))?;
+        fmt.width = f.width;
+        fmt.height = f.height;
+        fmt.fourcc = FourCC::new(&f.pixel.fourcc());
+        let got = dev.set_format(&fmt).map_err(|e| err(format!("set format: {e}")))?;
+        if got.fourcc != fmt.fourcc || got.width != f.width || got.height != f.height {
+            return Err(err(format!(
+                "asked for {} {}x{}, it gives {} {}x{} (the board config's camera formats are wrong)",
+                fmt.fourcc, f.width, f.height, got.fourcc, got.width, got.height
+            )));
+        }
+        // A camera that cannot set its rate keeps its own; the PC takes what comes.
+        let fps = f.fps().round().max(1.0) as u32;
+        if let Err(e) = dev.set_params(&Parameters::with_fps(fps)) {
+            tracing::debug!("camera: frame rate {fps}: {e}");
+        }
+        let mut stream = Stream::with_buffers(&dev, Type::VideoCapture, CAMERA_BUFFERS)
+            .map_err(|e| err(format!("allocate buffers: {e}")))?;
+        stream.set_timeout(CAMERA_TIMEOUT);
+        Ok(CallCamera { stream, stride: got.stride as usize })
+    }
+}
+
+/// The streaming program of one bound gadget.
+pub struct Streamer {
+    node: GadgetNode,
+    negotiation: Negotiation,
+    camera_path: PathBuf,
+    gate: Arc<Gate>,
+    stats: Arc<StreamStats>,
+    stop: Arc<AtomicBool>,
+    format: Option<StreamFormat>,
+    camera: Option<CallCamera>,
+}
+
+impl Streamer {
+    /// Opens the UVC node and subscribes to its events: from here the PC can enumerate
+    /// the webcam.
+    pub fn open(
+        node_path: &Path,
+        negotiation: Negotiation,
+        camera_path: &Path,
+        gate: Arc<Gate>,
+        stats: Arc<StreamStats>,
+        stop: Arc<AtomicBool>,
+    ) -> Result<Self, UsbError> {
+        let node_err = |source| UsbError::Node { path: node_path.display().to_string(), source };
+        let node = GadgetNode::open(node_path).map_err(node_err)?;
+        node.subscribe().map_err(node_err)?;
+        Ok(Streamer {
+            node,
+            negotiation,
+            camera_path: camera_path.to_path_buf(),
+            gate,
+            stats,
+            stop,
+            format: None,
+            camera: None,
+        })
+    }
+
+    /// Runs until `stop` is set. Errors of one request or frame are logged and the
+    /// program goes on: the PC may try again.
+    pub fn run(mut self) {
+        while !self.stop.load(Ordering::Relaxed) {
+            let busy = self.format.is_some() && self.camera.is_some() && self.node.has_free();
+            self.wait_for_event(if busy { 0 } else { 100 });
+            loop {
+                match self.node.next_event() {
+                    Ok(Some(ev)) => self.handle(ev),
+                    Ok(None) => break,
+                    Err(e) => {
+                        tracing::warn!("UVC: reading an event: {e}");
+                        break;
+                    }
+                }
+            }
+            if self.format.is_some() {
+                self.pump();
+            }
+        }
+        self.end_stream();
+    }
+
+    fn wait_for_event(&self, timeout_ms: i32) {
+        let mut fds = [libc::pollfd { fd: self.node.fd().as_raw_fd(), events: libc::POLLPRI, revents: 0 }];
+        // SAFETY: one valid pollfd for the duration of the call.
+        unsafe { libc::poll(fds.as_mut_ptr(), 1, timeout_ms) };
+    }
+
+    fn handle(&mut self, ev: UvcEvent) {
+        match ev {
+            UvcEvent::Connect => {
+                tracing::info!("USB: the PC enumerated the webcam");
+                self.stats.connected.store(true, Ordering::Relaxed);
+            }
+            UvcEvent::Disconnect => {
+                tracing::info!("USB: disconnected");
+                self.stats.connected.store(false, Ordering::Relaxed);
+                self.end_stream();
+            }
+            UvcEvent::StreamOn => self.begin_stream(),
+            UvcEvent::StreamOff => {
+                tracing::info!("USB: the PC stopped the webcam stream");
+                self.end_stream();
+            }
+            UvcEvent::Setup(req) => {
+                let resp = self.negotiation.setup(&req);
+                tracing::trace!(?req, ?resp.length, payload = ?resp.payload(), "UVC setup");
+                if let Err(e) = self.node.send_response(&resp) {
+                    tracing::warn!("UVC: answering {req:?}: {e}");
+                }
+            }
+            UvcEvent::Data { len, bytes } => {
+                let data = &bytes[..len];
+                tracing::trace!(?data, "UVC data");
+                if let DataOutcome::Committed(f) = self.negotiation.data(data) {
+                    tracing::info!(
+                        "USB: the PC chose {:?} {}x{} at {:.0} fps",
+                        f.pixel,
+                        f.width,
+                        f.height,
+                        f.fps()
+                    );
+                }
+            }
+            UvcEvent::Other(ty) => tracing::debug!("UVC: event {ty:#x} ignored"),
+        }
+    }
+
+    fn begin_stream(&mut self) {
+        let f = self.negotiation.committed();
+        // The kernel completes the PC's SET_INTERFACE only when the stream starts here.
+        let started = self.node.set_format(&f).and_then(|()| self.node.start(GADGET_BUFFERS));
+        match started {
+            Ok(()) => {
+                tracing::info!(
+                    "USB: the PC started the webcam stream ({:?} {}x{})",
+                    f.pixel,
+                    f.width,
+                    f.height
+                );
+                self.format = Some(f);
+                self.stats.pc_streaming.store(true, Ordering::Relaxed);
+            }
+            Err(e) => tracing::error!("UVC: starting the stream: {e}"),
+        }
+    }
+
+    fn end_stream(&mut self) {
+        self.close_camera();
+        self.format = None;
+        self.stats.pc_streaming.store(false, Ordering::Relaxed);
+        if let Err(e) = self.node.stop() {
+            tracing::debug!("UVC: stopping the stream: {e}");
+        }
+    }
+
+    fn close_camera(&mut self) {
+        if self.camera.take().is_some() {
+            tracing::debug!("USB: camera released");
+        }
+        self.gate.release();
+    }
+
+    /// One step of the stream: follow the gate, take back sent buffers, send a frame.
+    fn pump(&mut self) {
+        if !self.gate.allowed() {
+            if self.camera.is_some() {
+                self.close_camera();
+            } else {
+                // Keep the daemon's wait short: nothing is held.
+                self.gate.release();
+            }
+            return;
+        }
+        if let Err(e) = self.node.reclaim() {
+            tracing::warn!("UVC: taking back buffers: {e}");
+        }
+        if !self.node.has_free() {
+            return;
+        }
+        let Some(f) = self.format else { return };
+        if self.camera.is_none() {
+            if !self.gate.hold() {
+                return;
+            }
+            match CallCamera::open(&self.camera_path, &f) {
+                Ok(c) => self.camera = Some(c),
+                Err(e) => {
+                    tracing::error!("{e}");
+                    self.stats.camera_faults.fetch_add(1, Ordering::Relaxed);
+                    self.gate.release();
+                    // Not again at once: the stream goes on without frames for a while.
+                    std::thread::sleep(Duration::from_millis(500));
+                    return;
+                }
+            }
+        }
+        let Some(cam) = self.camera.as_mut() else { return };
+        let started = Instant::now();
+        let frame = match cam.stream.next() {
+            Ok(x) => x,
+            Err(e) => {
+                tracing::error!("camera {} during a call: {e}", self.camera_path.display());
+                self.stats.camera_faults.fetch_add(1, Ordering::Relaxed);
+                self.close_camera();
+                return;
+            }
+        };
+        let (buf, meta) = frame;
+        let used = (meta.bytesused as usize).min(buf.len());
+        let stride = cam.stride;
+        let queued = self.node.queue_with(|out| copy_frame(&buf[..used], out, &f, stride));
+        match queued {
+            Ok(true) => {
+                self.stats.frames.fetch_add(1, Ordering::Relaxed);
+            }
+            Ok(false) => {}
+            Err(e) => tracing::warn!("UVC: queueing a frame: {e}"),
+        }
+        tracing::trace!(ms = started.elapsed().as_millis() as u64, "frame");
+    }
+}
+
+/// Copies one camera frame into a gadget buffer; returns the bytes used. YUYV lines are
+/// repacked when the camera pads them; a JPEG is copied as it is.
+pub fn copy_frame(src: &[u8], dst: &mut [u8], f: &StreamFormat, stride: usize) -> usize {
+    let line = f.width as usize * 2;
+    if f.pixel == Pixel::Yuyv && stride > line {
+        let mut n = 0;
+        for row in src.chunks(stride).take(f.height as usize) {
+            let row = &row[..line.min(row.len())];
+            let Some(out) = dst.get_mut(n..n + row.len()) else { break };
+            out.copy_from_slice(row);
+            n += row.len();
+        }
+        n
+    } else {
+        let n = src.len().min(dst.len());
+        dst[..n].copy_from_slice(&src[..n]);
+        n
+    }
+}
