@@ -7,6 +7,58 @@ exec 3<>/dev/hvc0
   [ "$s" = "$prev" ] || echo "PINS $s" >&3
   prev="$s"; sleep 0.1
 done) &
+# The USB cable to the "PC" (this same VM: vhci_hcd as its host controller, the kernel's
+# uvcvideo as its webcam driver), plugged in from power-on: it attaches as soon as the
+# box's gadget can connect (the daemon has subscribed to the UVC events). usbip-vudc
+# carries control and bulk transfers but no isochronous ones (the kernel's vudc answers
+# them with -EXDEV): the PC negotiates and starts streams, but receives no video.
+usb_plug() {
+  perl -MSocket -e '
+    socketpair(my $box, my $pc, AF_UNIX, SOCK_STREAM, 0) or die "socketpair: $!";
+    open(my $v, ">", "/sys/devices/platform/usbip-vudc.0/usbip_sockfd") or die "vudc: $!";
+    print $v fileno($box); close($v) or die "vudc: $!";
+    open(my $h, ">", "/sys/devices/platform/vhci_hcd.0/attach") or die "vhci: $!";
+    print $h "0 " . fileno($pc) . " 65538 3"; close($h) or die "vhci: $!";'
+}
+# The PC's view of the webcam: the uvcvideo capture node.
+pc_node() {
+  for d in /sys/class/video4linux/video*; do
+    case "$(readlink -f "$d/device/driver")" in
+      */uvcvideo) [ "$(cat "$d/index")" = 0 ] && { echo "/dev/${d##*/}"; return 0; } ;;
+    esac
+  done
+  return 1
+}
+# The PC's network interface on the USB link.
+pc_if() {
+  for d in /sys/class/net/*; do
+    case "$(readlink -f "$d/device/driver")" in */cdc_ncm) echo "${d##*/}"; return 0 ;; esac
+  done
+  return 1
+}
+# The PC opens a stream (STREAMON on the box) until stopped; run in a subshell, which
+# it replaces, so that the subshell's pid is v4l2-ctl's (SIGTERM: a background job
+# ignores SIGINT).
+pc_stream() {
+  exec v4l2-ctl -d "$(pc_node)" --set-fmt-video=width=640,height=480,pixelformat=YUYV \
+    --stream-mmap=4 --stream-count=1000000 --stream-to=/dev/null >/dev/null 2>&1
+}
+# The daemon's USB lines, as they are logged.
+journalctl -f -o cat -u deskcam.service | grep --line-buffered "USB:" | sed -u 's/.*USB: /JRNL USB: /' >&3 &
+(modprobe vhci-hcd; i=0
+ until usb_plug 2>/dev/null || [ $i -ge 1200 ]; do i=$((i+1)); sleep 0.1; done
+ until pc_node >/dev/null || [ $i -ge 2400 ]; do i=$((i+1)); sleep 0.1; done
+ echo "USB ENUMERATED" >&3
+ # The PC's first stream, as a meeting app starting: ten seconds.
+ (pc_stream) & p=$!; sleep 10; kill $p; wait $p
+ echo "USB FIRST STREAM DONE" >&3
+ # The PC's network interface on the same cable (cdc_ncm) gets its address from the box.
+ j=0; addr=""
+ until [ -n "$addr" ] || [ $j -ge 900 ]; do
+   addr=$(networkctl status "$(pc_if)" 2>/dev/null | grep -o '10\.199\.77\.[0-9]*' | grep -vx '10.199.77.1' | head -1)
+   j=$((j+1)); sleep 0.1
+ done
+ echo "USB PCNET ${addr:-none} forward=$(cat /proc/sys/net/ipv4/ip_forward)" >&3) &
 echo READY >&3
 while read -r cmd <&3; do
   case "$cmd" in
@@ -17,6 +69,9 @@ while read -r cmd <&3; do
             [ ! -e /sys/module/vivid ] ;;
     plug) modprobe vivid ;;
     reboot) systemctl reboot ;;
+    usb-start) (pc_stream) & echo $! > /tmp/usb-bg.pid ;;
+    usb-stop) kill "$(cat /tmp/usb-bg.pid)"; wait "$(cat /tmp/usb-bg.pid)" 2>/dev/null; true ;;
+    usb-unplug) echo 0 > /sys/devices/platform/vhci_hcd.0/detach ;;
     *) false ;;
   esac
   echo "DONE $cmd $?" >&3

@@ -515,7 +515,10 @@ mod tests {
         assert!(image.local_broker, "the VM test talks to a broker in the guest");
         assert_eq!(image.modules, ["vivid", "usbip_vudc"]);
         assert_eq!(image.blacklist, ["gpio_keys"], "the kernel must leave the button's line alone");
-        let bad = qemu.replace("modules = [\"vivid\", \"usbip_vudc\"]", "modules = [\"vivid; reboot\", \"usbip_vudc\"]");
+        let bad = qemu.replace(
+            "modules = [\"vivid\", \"usbip_vudc\"]",
+            "modules = [\"vivid; reboot\", \"usbip_vudc\"]",
+        );
         let e = Board::from_toml("qemu-virt", &bad).unwrap_err().to_string();
         assert!(e.contains("image.modules"), "{e}");
     }

@@ -158,7 +158,12 @@ fn main() -> ExitCode {
         Err(_) => default_filter(),
     };
     tracing_subscriber::registry()
-        .with(tracing_subscriber::fmt::layer().with_writer(std::io::stderr))
+        // Colours on a terminal only: under systemd the journal keeps plain text.
+        .with(
+            tracing_subscriber::fmt::layer()
+                .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+                .with_writer(std::io::stderr),
+        )
         .with(filter)
         .init();
     let result = match cli.command {

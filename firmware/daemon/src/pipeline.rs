@@ -217,14 +217,7 @@ impl Pipeline {
                             if let Some(s) = source.as_mut() {
                                 s.pause();
                             }
-                            match self.hardware.close_shutter() {
-                                Ok(()) => {}
-                                Err(e @ HwError::NotClosed { .. }) => {
-                                    tracing::error!("{e}; the camera stays closed");
-                                    pending.push((Input::ShutterFault, None));
-                                }
-                                Err(e) => tracing::error!("shutter: {e}"),
-                            }
+                            self.close_shutter(&mut pending);
                             if !shutting_down {
                                 self.publish_state("closed");
                             }
@@ -259,14 +252,7 @@ impl Pipeline {
                                 }
                             }
                             call_token = None;
-                            match self.hardware.close_shutter() {
-                                Ok(()) => {}
-                                Err(e @ HwError::NotClosed { .. }) => {
-                                    tracing::error!("{e}; the camera stays closed");
-                                    pending.push((Input::ShutterFault, None));
-                                }
-                                Err(e) => tracing::error!("shutter: {e}"),
-                            }
+                            self.close_shutter(&mut pending);
                         }
                         Action::Capture => {
                             // (The policy never asks for a frame during a call: invariant 7.)
@@ -380,6 +366,18 @@ impl Pipeline {
         }
         self.publish_state("closed");
         summary
+    }
+
+    /// Drives the shutter closed; an end-stop that does not confirm it is a shutter fault.
+    fn close_shutter(&mut self, pending: &mut Vec<Pending>) {
+        match self.hardware.close_shutter() {
+            Ok(()) => {}
+            Err(e @ HwError::NotClosed { .. }) => {
+                tracing::error!("{e}; the camera stays closed");
+                pending.push((Input::ShutterFault, None));
+            }
+            Err(e) => tracing::error!("shutter: {e}"),
+        }
     }
 
     /// Opens the camera if it is not open. A (re)opened camera starts a new watch of

@@ -18,6 +18,9 @@ use deskcam_testkit::*;
 
 const DEVICE: &str = "vm-desk-1";
 const OBSERVER_UNIT: &str = include_str!("../../../tests/vm/deskcam-vmtest.service");
+/// The daemon's USB side logs each step in the test, each UVC request and answer too
+/// (the serial log is kept).
+const LOG_DROPIN: &str = "[Service]\nEnvironment=DESKCAM_LOG=info,deskcam_usb=trace\n";
 const OBSERVER_SH: &str = include_str!("../../../tests/vm/observer.sh");
 
 /// The topics of DESIGN.md's table under `deskcam/<device>/` (nothing else may appear).
@@ -66,11 +69,13 @@ impl Vm {
         let append = format!(
             "{} systemd.journald.forward_to_console=1 \
              systemd.set_credential_binary=systemd.extra-unit.deskcam-vmtest.service:{} \
-             systemd.set_credential_binary=deskcam-vmtest.sh:{} systemd.wants=deskcam-vmtest.service",
+             systemd.set_credential_binary=systemd.unit-dropin.deskcam.service:{} \
+             systemd.wants=deskcam-vmtest.service",
             cmdline.trim(),
             b64(OBSERVER_UNIT),
-            b64(OBSERVER_SH)
+            b64(LOG_DROPIN),
         );
+        std::fs::write(dir.join("observer.sh"), OBSERVER_SH).unwrap();
         assert!(append.len() < 2048, "kernel command line too long: {}", append.len());
         let (ctl_path, monitor) = (dir.join("ctl.sock"), dir.join("mon.sock"));
         let _ = std::fs::remove_file(&ctl_path);
@@ -89,6 +94,10 @@ impl Vm {
             .args(["-device", "virtconsole,chardev=ctl"])
             .args(["-monitor", &format!("unix:{},server=on,wait=off", monitor.display())])
             .args(["-serial", &format!("file:{}", dir.join("serial.log").display())])
+            .args([
+                "-fw_cfg",
+                &format!("name=opt/deskcam/observer.sh,file={}", dir.join("observer.sh").display()),
+            ])
             .arg("-no-reboot")
             .stdin(Stdio::null())
             .spawn()
@@ -120,6 +129,12 @@ impl Vm {
             std::thread::sleep(Duration::from_millis(50));
         }
         None
+    }
+
+    /// When the first line matching `pred` arrived.
+    fn line_at(&self, timeout: Duration, pred: impl Fn(&str) -> bool) -> Option<Instant> {
+        self.wait_line(timeout, &pred)?;
+        self.lines.lock().unwrap().iter().find(|(_, l)| pred(l)).map(|(t, _)| *t)
     }
 
     /// Runs one of the observer's commands in the guest; its exit status.
@@ -270,6 +285,10 @@ fn the_shipped_image_boots_and_does_its_job() {
     phases.push(("boot to online", t0.elapsed().as_secs_f64()));
     assert!(vm.wait_line(Duration::from_secs(30), |l| l == "READY").is_some(), "no observer in the guest");
     assert!(vm.wait_line(Duration::from_secs(30), |l| l.contains("deskcam-shutter=")).is_some(), "no pins");
+    // The cable is in from power-on: the PC streams for ten seconds as soon as it sees the
+    // webcam (see usb_webcam); that short call is over before the checks below.
+    assert!(vm.wait_line(Duration::from_secs(180), |l| l == "USB FIRST STREAM DONE").is_some(), "no webcam");
+    std::thread::sleep(Duration::from_secs(3));
     let state =
         rec.wait_for(Duration::from_secs(30), |m| on(m, "state", "\"shutter\":\"closed\"")).expect("state");
     assert!(text(&state).contains("\"camera\":\"ok\""), "{}", text(&state));
@@ -314,6 +333,8 @@ fn the_shipped_image_boots_and_does_its_job() {
     assert_eq!(vm.level("deskcam-shutter").as_deref(), Some("lo"), "closed after the check");
     assert_eq!(vm.level("deskcam-led").as_deref(), Some("lo"), "off after the check");
     assert_eq!(vm.guest("bars"), 0);
+
+    usb_webcam(&mut vm, &rec, t0, &mut phases);
 
     // A break from the button (QEMU's power button is line 3), then from a command: no
     // check happens during either (scan-now is refused), and each ends.
@@ -406,6 +427,120 @@ fn the_shipped_image_boots_and_does_its_job() {
         t.len()
     });
     for (what, s) in &phases {
-        println!("  {what:<24} {s:6.1} s");
+        println!("  {what:<36} {s:6.1} s");
+    }
+}
+
+/// The box as the PC's webcam (the PC is the same VM: vhci_hcd and uvcvideo). The cable
+/// is in from power-on (`t0`): the observer attaches it as soon as the gadget can
+/// connect and streams for ten seconds, which gives the boot-to-webcam times. The
+/// virtual controller (usbip-vudc) carries no isochronous transfers, so the PC receives
+/// no video here: the frames are counted where the box queues them to the gadget.
+fn usb_webcam(vm: &mut Vm, rec: &Recorder, t0: Instant, phases: &mut Vec<(&str, f64)>) {
+    let enumerated =
+        vm.line_at(Duration::from_secs(10), |l| l == "USB ENUMERATED").expect("the PC saw the webcam");
+    let negotiated = vm
+        .line_at(Duration::from_secs(10), |l| l.starts_with("JRNL USB: the PC chose YUYV 640x480"))
+        .expect("uvcvideo negotiated the stream with the box");
+    let first = vm
+        .line_at(Duration::from_secs(10), |l| {
+            l.starts_with("JRNL USB: first frame queued to the PC (614400 bytes)")
+        })
+        .expect("a first frame");
+    let (enumerated_s, first_s) = ((enumerated - t0).as_secs_f64(), (first - t0).as_secs_f64());
+    phases.push(("webcam: enumerated to negotiated", (negotiated - enumerated).as_secs_f64()));
+    assert_eq!(vm.level("deskcam-shutter").as_deref(), Some("lo"), "shutter closed after STREAMOFF");
+    assert_eq!(vm.level("deskcam-led").as_deref(), Some("lo"), "LED off after STREAMOFF");
+
+    // The network link on the same cable: the PC's side got an address from the box's
+    // DHCP server, and the box forwards nothing.
+    let t_net = Instant::now();
+    let net = vm.wait_line(Duration::from_secs(120), |l| l.starts_with("USB PCNET ")).expect("the USB link");
+    assert!(net.starts_with("USB PCNET 10.199.77.") && net.ends_with(" forward=0"), "{net}");
+    phases.push(("webcam: link address (wait)", t_net.elapsed().as_secs_f64()));
+
+    // A meeting over a scheduled check: the shutter is open and the LED lit while the PC
+    // streams, the check is deferred and audited as such, nothing from the stream goes
+    // out, and the check is taken after the call.
+    let from = rec.snapshot().len();
+    let t = Instant::now();
+    assert_eq!(vm.guest("usb-start"), 0);
+    wait_level(vm, "deskcam-shutter", "hi", "the shutter did not open for the call");
+    assert_eq!(vm.level("deskcam-led").as_deref(), Some("hi"), "the LED is lit during the call");
+    let soon = (std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs() + 70)
+        / 60
+        % 1440;
+    let patch = format!(
+        ",\"patch\":{{\"scan\":{{\"times\":[\"{:02}:{:02}\"],\"warning_s\":5}}}}",
+        soon / 60,
+        soon % 60
+    );
+    let set = vm.command(rec, "config/set", "call-times", &patch);
+    assert!(set.contains("\"ok\":true"), "{set}");
+    let refused = vm.command(rec, "scan-now", "scan-call", "");
+    assert!(
+        refused.contains("\"ok\":false") && refused.contains("call"),
+        "no check during a call: {refused}"
+    );
+    rec.wait_for(Duration::from_secs(150), |m| on(m, "audit", "\"result\":\"deferred\""))
+        .expect("the check due in the call is audited as deferred");
+    assert_eq!(vm.level("deskcam-shutter").as_deref(), Some("hi"), "the call goes on");
+    let stop_from = rec.snapshot().len();
+    let lines_before = vm.lines.lock().unwrap().len();
+    assert_eq!(vm.guest("usb-stop"), 0);
+    let ended = vm.wait_line(Duration::from_secs(20), |l| l.starts_with("JRNL USB: the stream ended after "));
+    let frames: u64 = vm.lines.lock().unwrap()[lines_before..]
+        .iter()
+        .find_map(|(_, l)| {
+            l.strip_prefix("JRNL USB: the stream ended after ")?.split(' ').next()?.parse().ok()
+        })
+        .unwrap_or(0);
+    assert!(ended.is_some() && frames > 0, "the box queued frames during the call");
+    wait_level(vm, "deskcam-shutter", "lo", "the shutter stayed open after STREAMOFF");
+    phases.push(("webcam: call with a deferred check", t.elapsed().as_secs_f64()));
+    let during: Vec<String> = rec.snapshot()[from..stop_from].iter().map(|m| m.topic.clone()).collect();
+    assert!(
+        during.iter().all(|t| !t.contains("/event/")),
+        "nothing from the stream is published: {during:?}"
+    );
+    assert!(
+        !rec.snapshot()[from..stop_from]
+            .iter()
+            .any(|m| on(m, "audit", "\"result\":\"clear\"") || on(m, "audit", "\"result\":\"violation\"")),
+        "a check was taken during the call"
+    );
+    let after_call = after(rec, stop_from, Duration::from_secs(120), |m| {
+        on(m, "audit", "\"result\":\"clear\"") || on(m, "audit", "\"result\":\"violation\"")
+    });
+    assert!(after_call.is_some(), "the deferred check was taken after the call");
+
+    // Unplugged during a call: the shutter closes.
+    assert_eq!(vm.guest("usb-start"), 0);
+    wait_level(vm, "deskcam-shutter", "hi", "the shutter did not open for the second call");
+    let t = Instant::now();
+    assert_eq!(vm.guest("usb-unplug"), 0);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while vm.level("deskcam-shutter").as_deref() != Some("lo") && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let closed = vm.level("deskcam-shutter").as_deref() == Some("lo");
+    phases.push(("webcam: unplug to closed", t.elapsed().as_secs_f64()));
+    println!(
+        "usb-webcam: enumerated {enumerated_s:.1} s, first frame {first_s:.1} s, frames {frames}, shutter closed after unplug: {}",
+        if closed { "yes" } else { "no" }
+    );
+    println!(
+        "usb-webcam: (first frame and frames: queued by the box to the gadget; the virtual USB controller \
+         carries no isochronous data, so the PC side receives none)"
+    );
+    assert!(closed, "the shutter stayed open after the unplug");
+    assert_eq!(vm.level("deskcam-led").as_deref(), Some("lo"), "LED off after the unplug");
+}
+
+fn wait_level(vm: &Vm, pin: &str, level: &str, why: &str) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while vm.level(pin).as_deref() != Some(level) {
+        assert!(Instant::now() < deadline, "{why}");
+        std::thread::sleep(Duration::from_millis(100));
     }
 }

@@ -12,7 +12,7 @@ use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use v4l::buffer::Type;
 use v4l::io::mmap::Stream;
@@ -140,6 +140,8 @@ pub struct Streamer {
     stop: Arc<AtomicBool>,
     format: Option<StreamFormat>,
     camera: Option<CallCamera>,
+    /// Frames queued in the current stream.
+    stream_frames: u64,
 }
 
 impl Streamer {
@@ -165,6 +167,7 @@ impl Streamer {
             stop,
             format: None,
             camera: None,
+            stream_frames: 0,
         })
     }
 
@@ -225,7 +228,7 @@ impl Streamer {
                 tracing::trace!(?data, "UVC data");
                 if let DataOutcome::Committed(f) = self.negotiation.data(data) {
                     tracing::info!(
-                        "USB: the PC chose {:?} {}x{} at {:.0} fps",
+                        "USB: the PC chose {} {}x{} at {:.0} fps",
                         f.pixel,
                         f.width,
                         f.height,
@@ -244,7 +247,7 @@ impl Streamer {
         match started {
             Ok(()) => {
                 tracing::info!(
-                    "USB: the PC started the webcam stream ({:?} {}x{})",
+                    "USB: the PC started the webcam stream ({} {}x{})",
                     f.pixel,
                     f.width,
                     f.height
@@ -257,6 +260,10 @@ impl Streamer {
     }
 
     fn end_stream(&mut self) {
+        if self.format.is_some() {
+            tracing::info!("USB: the stream ended after {} frames", self.stream_frames);
+        }
+        self.stream_frames = 0;
         self.close_camera();
         self.format = None;
         self.stats.pc_streaming.store(false, Ordering::Relaxed);
@@ -295,7 +302,10 @@ impl Streamer {
                 return;
             }
             match CallCamera::open(&self.camera_path, &f) {
-                Ok(c) => self.camera = Some(c),
+                Ok(c) => {
+                    tracing::debug!("USB: camera {} open for the call", self.camera_path.display());
+                    self.camera = Some(c)
+                }
                 Err(e) => {
                     tracing::error!("{e}");
                     self.stats.camera_faults.fetch_add(1, Ordering::Relaxed);
@@ -307,7 +317,6 @@ impl Streamer {
             }
         }
         let Some(cam) = self.camera.as_mut() else { return };
-        let started = Instant::now();
         let frame = match cam.stream.next() {
             Ok(x) => x,
             Err(e) => {
@@ -324,11 +333,14 @@ impl Streamer {
         match queued {
             Ok(true) => {
                 self.stats.frames.fetch_add(1, Ordering::Relaxed);
+                self.stream_frames += 1;
+                if self.stream_frames == 1 {
+                    tracing::info!("USB: first frame queued to the PC ({used} bytes)");
+                }
             }
             Ok(false) => {}
             Err(e) => tracing::warn!("UVC: queueing a frame: {e}"),
         }
-        tracing::trace!(ms = started.elapsed().as_millis() as u64, "frame");
     }
 }
 
@@ -349,5 +361,63 @@ pub fn copy_frame(src: &[u8], dst: &mut [u8], f: &StreamFormat, stride: usize) -
         let n = src.len().min(dst.len());
         dst[..n].copy_from_slice(&src[..n]);
         n
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Instant;
+
+    fn yuyv(width: u32, height: u32) -> StreamFormat {
+        StreamFormat {
+            pixel: Pixel::Yuyv,
+            width,
+            height,
+            interval: 333_333,
+            max_frame_bytes: width * height * 2,
+        }
+    }
+
+    #[test]
+    fn padded_yuyv_lines_are_repacked_and_jpeg_is_copied_as_it_is() {
+        // 2x2 YUYV (4 bytes a line) in lines of 6 bytes.
+        let src = [1, 2, 3, 4, 0xee, 0xee, 5, 6, 7, 8, 0xee, 0xee];
+        let mut dst = [0u8; 16];
+        assert_eq!(copy_frame(&src, &mut dst, &yuyv(2, 2), 6), 8);
+        assert_eq!(&dst[..8], &[1, 2, 3, 4, 5, 6, 7, 8]);
+        // Unpadded: one copy.
+        assert_eq!(copy_frame(&src[..8], &mut dst, &yuyv(2, 2), 4), 8);
+        // A JPEG of any length, cut to the buffer if it were ever larger.
+        let jpeg = StreamFormat { pixel: Pixel::Mjpeg, ..yuyv(2, 2) };
+        assert_eq!(copy_frame(&[0xff, 0xd8, 0xff, 0xd9], &mut dst, &jpeg, 0), 4);
+        let mut small = [0u8; 3];
+        assert_eq!(copy_frame(&[0xff, 0xd8, 0xff, 0xd9], &mut small, &jpeg, 0), 3);
+    }
+
+    #[test]
+    fn the_gate_lets_the_stream_hold_the_camera_only_while_allowed() {
+        let gate = Arc::new(Gate::default());
+        assert!(!gate.hold(), "closed at start");
+        gate.allow();
+        assert!(gate.hold());
+        // Forbidding waits for the stream to let go of the camera.
+        let g = gate.clone();
+        let releaser = std::thread::spawn(move || {
+            while g.allowed() {
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            std::thread::sleep(Duration::from_millis(50));
+            g.release();
+        });
+        let t = Instant::now();
+        assert!(gate.forbid(Duration::from_secs(5)));
+        assert!(t.elapsed() >= Duration::from_millis(40), "returned before the release");
+        releaser.join().unwrap();
+        assert!(!gate.hold(), "closed again");
+        // A stream that never lets go: forbid gives up after its wait.
+        gate.allow();
+        assert!(gate.hold());
+        assert!(!gate.forbid(Duration::from_millis(20)));
     }
 }

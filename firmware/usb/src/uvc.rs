@@ -97,6 +97,15 @@ pub enum Pixel {
     Yuyv,
 }
 
+impl std::fmt::Display for Pixel {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Pixel::Mjpeg => "MJPEG",
+            Pixel::Yuyv => "YUYV",
+        })
+    }
+}
+
 impl Pixel {
     /// The V4L2 fourcc of the format.
     pub fn fourcc(self) -> [u8; 4] {

@@ -197,3 +197,72 @@ fn responses_are_cut_to_the_length_the_pc_asked_for() {
     assert_eq!(n.setup(&req(GET_CUR, 1, 1, 0, 8)).length, 8);
     assert_eq!(n.setup(&req(GET_INFO, 1, 1, 0, 0)).length, 0);
 }
+
+/// One step of a recorded session: a SETUP packet and our answer (a GET's data, or for
+/// a SET_CUR the accepted length), or the data stage of a SET_CUR.
+enum Step {
+    Setup(&'static str, i32, &'static str),
+    Data(&'static str),
+}
+
+fn hex(s: &str) -> Vec<u8> {
+    s.split_whitespace().map(|b| u8::from_str_radix(b, 16).unwrap()).collect()
+}
+
+/// Linux 6.12's `uvcvideo` opening the box's webcam in the VM system test (from the
+/// daemon's trace log, `scripts/vm-test`): GET_DEF of the probe, SET_CUR with it,
+/// GET_CUR; SET_CUR at its own choice (YUYV 640x480, 666 666 × 100 ns: the frame
+/// descriptor's default, 15 fps), GET_MIN, GET_MAX, SET_CUR again, GET_CUR, and the
+/// commit. The answers are the ones the box gave; they must not change by accident.
+#[test]
+fn a_recorded_session_with_linux_uvcvideo_gives_the_same_answers() {
+    // The qemu-virt board's webcam: YUYV 640x480 at 30 and 15 fps, 3072-byte packets.
+    let formats = vec![FormatDesc {
+        index: 1,
+        pixel: Pixel::Yuyv,
+        frames: vec![FrameSize { index: 1, width: 640, height: 480, intervals: vec![333_333, 666_666] }],
+    }];
+    let mut n = Negotiation::new(formats, IFACES, 3072);
+    const DEF: &str = "00 00 01 01 15 16 05 00 00 00 00 00 00 00 00 00 00 00 00 60 09 00 00 0c 00 00 00 6c dc 02 03 01 01 01";
+    const ASKED: &str = "01 00 01 01 2a 2c 0a 00 00 00 00 00 00 00 00 00 00 00 00 00 00 00 00 00 00 00 00 00 00 00 00 00 00 00";
+    const FITTED: &str = "01 00 01 01 2a 2c 0a 00 00 00 00 00 00 00 00 00 00 00 00 60 09 00 00 0c 00 00 00 6c dc 02 03 01 01 01";
+    const MAX: &str = "00 00 01 01 2a 2c 0a 00 00 00 00 00 00 00 00 00 00 00 00 60 09 00 00 0c 00 00 00 6c dc 02 03 01 01 01";
+    let session = [
+        Step::Setup("a1 87 00 01 01 00 22 00", 34, DEF),
+        Step::Setup("21 01 00 01 01 00 22 00", 34, ""),
+        Step::Data(DEF),
+        Step::Setup("a1 81 00 01 01 00 22 00", 34, DEF),
+        Step::Setup("21 01 00 01 01 00 22 00", 34, ""),
+        Step::Data(ASKED),
+        Step::Setup("a1 82 00 01 01 00 22 00", 34, DEF),
+        Step::Setup("a1 83 00 01 01 00 22 00", 34, MAX),
+        Step::Setup("21 01 00 01 01 00 22 00", 34, ""),
+        Step::Data(ASKED),
+        Step::Setup("a1 81 00 01 01 00 22 00", 34, FITTED),
+        // The commit: the probe as the PC read it back.
+        Step::Setup("21 01 00 02 01 00 22 00", 34, ""),
+        Step::Data(FITTED),
+    ];
+    let mut last = None;
+    for (i, step) in session.iter().enumerate() {
+        match step {
+            Step::Setup(setup, length, payload) => {
+                let b: [u8; 8] = hex(setup).try_into().unwrap();
+                let r = n.setup(&CtrlRequest::from_bytes(&b));
+                assert_eq!(r.length, *length, "step {i}: {setup}");
+                if !payload.is_empty() {
+                    assert_eq!(r.payload(), &hex(payload)[..], "step {i}: {setup}");
+                }
+            }
+            Step::Data(data) => last = Some(n.data(&hex(data))),
+        }
+    }
+    let want = StreamFormat {
+        pixel: Pixel::Yuyv,
+        width: 640,
+        height: 480,
+        interval: 666_666,
+        max_frame_bytes: 614_400,
+    };
+    assert_eq!(last, Some(DataOutcome::Committed(want)));
+}

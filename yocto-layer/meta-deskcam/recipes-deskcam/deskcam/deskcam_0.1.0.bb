@@ -88,6 +88,11 @@ do_install:append:class-target() {
         install -d ${D}${nonarch_libdir}/tmpfiles.d ${D}${nonarch_libdir}/sysusers.d
         install -m 0644 ${UNPACKDIR}/deskcam-tmpfiles.conf ${D}${nonarch_libdir}/tmpfiles.d/deskcam.conf
         install -m 0644 ${UNPACKDIR}/deskcam.sysusers ${D}${nonarch_libdir}/sysusers.d/deskcam.conf
+        # The USB link to the worker's PC (address, DHCP server without router or DNS)
+        # and no forwarding: the SD image's files.
+        install -d ${D}${sysconfdir}/systemd/network ${D}${sysconfdir}/sysctl.d
+        install -m 0644 ${S}/image/rootfs/etc/systemd/network/10-deskcam-usb.network ${D}${sysconfdir}/systemd/network/
+        install -m 0644 ${S}/image/rootfs/etc/sysctl.d/60-deskcam.conf ${D}${sysconfdir}/sysctl.d/
     fi
 }
 
@@ -105,7 +110,9 @@ SYSTEMD_SERVICE:${PN} = "${DESKCAM_UNITS}"
 
 FILES:${PN} += "${systemd_system_unitdir}/deskcam-fault.service \
                 ${nonarch_libdir}/tmpfiles.d/deskcam.conf \
-                ${nonarch_libdir}/sysusers.d/deskcam.conf"
+                ${nonarch_libdir}/sysusers.d/deskcam.conf \
+                ${sysconfdir}/systemd/network/10-deskcam-usb.network \
+                ${sysconfdir}/sysctl.d/60-deskcam.conf"
 
 # firmware/daemon/src/model.rs and demo.rs compile the source tree's path in (a
 # development fallback when looking for the model, board configs and demo frames); with
