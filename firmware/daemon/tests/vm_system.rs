@@ -488,14 +488,19 @@ fn usb_webcam(vm: &mut Vm, rec: &Recorder, t0: Instant, phases: &mut Vec<(&str, 
     let stop_from = rec.snapshot().len();
     let lines_before = vm.lines.lock().unwrap().len();
     assert_eq!(vm.guest("usb-stop"), 0);
-    let ended = vm.wait_line(Duration::from_secs(20), |l| l.starts_with("JRNL USB: the stream ended after "));
-    let frames: u64 = vm.lines.lock().unwrap()[lines_before..]
-        .iter()
-        .find_map(|(_, l)| {
+    // (The first stream, at boot, logged the same line: only this stream's counts.)
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let frames: u64 = loop {
+        let found = vm.lines.lock().unwrap()[lines_before..].iter().find_map(|(_, l)| {
             l.strip_prefix("JRNL USB: the stream ended after ")?.split(' ').next()?.parse().ok()
-        })
-        .unwrap_or(0);
-    assert!(ended.is_some() && frames > 0, "the box queued frames during the call");
+        });
+        match found {
+            Some(n) => break n,
+            None if Instant::now() > deadline => panic!("the stream did not end at STREAMOFF"),
+            None => std::thread::sleep(Duration::from_millis(100)),
+        }
+    };
+    assert!(frames > 0, "the box queued frames during the call");
     wait_level(vm, "deskcam-shutter", "lo", "the shutter stayed open after STREAMOFF");
     phases.push(("webcam: call with a deferred check", t.elapsed().as_secs_f64()));
     let during: Vec<String> = rec.snapshot()[from..stop_from].iter().map(|m| m.topic.clone()).collect();
