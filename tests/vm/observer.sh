@@ -71,6 +71,11 @@ while read -r cmd <&3; do
     reboot) systemctl reboot ;;
     usb-start) (pc_stream) & echo $! > /tmp/usb-bg.pid ;;
     usb-stop) kill "$(cat /tmp/usb-bg.pid)"; wait "$(cat /tmp/usb-bg.pid)" 2>/dev/null; true ;;
+    # The worker's page from the PC (bash's /dev/tcp: the image has no HTTP client).
+    page-get) bash -c 'exec 5<>/dev/tcp/10.199.77.1/80 && printf "GET / HTTP/1.0\r\nHost: 10.199.77.1\r\n\r\n" >&5 && cat <&5' \
+                > /tmp/page.html && echo "PAGE $(head -1 /tmp/page.html | tr -d '\r') $(grep -c 'Your desk camera' /tmp/page.html)" >&3 ;;
+    page-break) bash -c 'exec 5<>/dev/tcp/10.199.77.1/80 && printf "POST /break HTTP/1.0\r\nHost: 10.199.77.1\r\nOrigin: http://10.199.77.1\r\nContent-Type: application/x-www-form-urlencoded\r\nContent-Length: 19\r\n\r\nreason=page+test+01" >&5 && cat <&5' \
+                  | head -1 | tr -d '\r' | sed 's/^/PAGE-BREAK /' >&3 ;;
     usb-unplug) echo 0 > /sys/devices/platform/vhci_hcd.0/detach ;;
     *) false ;;
   esac

@@ -69,7 +69,12 @@ impl AuditLog {
 
     /// All entries, oldest first (lines that do not parse are skipped).
     pub fn entries(&self) -> io::Result<Vec<AuditEntry>> {
-        match std::fs::read_to_string(&self.path) {
+        Self::read_entries(&self.path)
+    }
+
+    /// The entries of the log at `path`, oldest first (a cut line is skipped).
+    pub fn read_entries(path: &Path) -> io::Result<Vec<AuditEntry>> {
+        match std::fs::read_to_string(path) {
             Ok(text) => Ok(text.lines().filter_map(|l| serde_json::from_str(l).ok()).collect()),
             Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(Vec::new()),
             Err(e) => Err(e),

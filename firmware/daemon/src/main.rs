@@ -16,8 +16,10 @@ mod eval;
 mod hardware;
 mod model;
 mod notify;
+mod page;
 mod pipeline;
 mod provision;
+mod sent;
 mod telemetry;
 mod usb;
 
@@ -522,6 +524,8 @@ pub fn run_pipeline(
         .build()
         .context("starting the async runtime")?;
     let (shutdown_tx, shutdown_rx) = tokio::sync::watch::channel(false);
+    let shutdown_rx_page = shutdown_rx.clone();
+    let page_commands = commands_tx.clone();
     let link = deskcam_uplink::Link {
         store: store.clone(),
         evidence_ready: evidence_ready.clone(),
@@ -553,8 +557,37 @@ pub fn run_pipeline(
         Some((link, thread)) => (Some(link), Some(thread)),
         None => (None, None),
     };
+    let sent = Arc::new(
+        sent::SentLog::open(&config.data_dir, config.evidence.max_age.as_millis())
+            .with_context(|| format!("opening the sent-events log in {}", config.data_dir.display()))?,
+    );
+    // The worker's page, on the USB link only, where there is one.
+    if let Some(link) = &usb {
+        let device = Arc::new(page::PageDevice {
+            device_id: config.device_id.to_string(),
+            retention_ms: config.evidence.max_age.as_millis(),
+            state: state_tx.subscribe(),
+            config: config_tx.subscribe(),
+            store: store.clone(),
+            audit_path: audit.path().to_path_buf(),
+            sent: sent.clone(),
+            commands: page_commands,
+            usb: link.stats.clone(),
+            next_id: std::sync::atomic::AtomicU64::new(1),
+        });
+        let mut until = shutdown_rx_page;
+        runtime.spawn(async move {
+            let stop = async move {
+                let _ = until.wait_for(|s| *s).await;
+            };
+            if let Err(e) = deskcam_page::serve(page::address(), page::LINK_NET, device, stop).await {
+                tracing::error!("{e}");
+            }
+        });
+    }
     let pipeline = Pipeline {
         usb,
+        sent,
         progress: progress.clone(),
         config,
         detector,

@@ -108,6 +108,9 @@ pub struct Pipeline {
     /// The webcam side, on boards that are a USB device: whether the PC streams, and
     /// the gate that lets the stream read the camera.
     pub usb: Option<crate::usb::UsbLink>,
+    /// What was sent about the worker, for the worker's page (kept for the retention
+    /// period, after the store has deleted the evidence).
+    pub sent: Arc<crate::sent::SentLog>,
 }
 
 /// How long a long press of the button shows the identify pattern.
@@ -720,6 +723,13 @@ impl Pipeline {
     fn commit(&mut self, p: Prepared) {
         let json = serde_json::to_vec(&p.event).unwrap_or_default();
         let stored = lock_store(&self.store).put(p.time, &p.event.id, &json, p.still.as_deref());
+        if stored.is_ok() {
+            let sent =
+                crate::sent::Sent { t: p.time, id: p.event.id.clone(), rule: p.event.rule.name().into() };
+            if let Err(e) = self.sent.append(&sent) {
+                tracing::error!("sent-events log: {e}");
+            }
+        }
         match stored {
             Ok(evicted) if !evicted.is_empty() => {
                 tracing::warn!("evidence store full: evicted the oldest {}", evicted.join(", "))

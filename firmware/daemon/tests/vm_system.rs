@@ -60,10 +60,12 @@ struct Vm {
     ctl: UnixStream,
     monitor: PathBuf,
     port: u16,
+    /// Forwarded to the guest's port 80 on its own (non-USB) network.
+    page_port: u16,
 }
 
 impl Vm {
-    fn boot(dir: &Path, port: u16) -> Vm {
+    fn boot(dir: &Path, port: u16, page_port: u16) -> Vm {
         let disk = dir.join("disk.img");
         let cmdline = std::fs::read_to_string(dir.join("cmdline.txt")).unwrap();
         let append = format!(
@@ -88,7 +90,12 @@ impl Vm {
             .args(["-append", &append])
             .arg("-drive")
             .arg(format!("file={},if=virtio,format=raw", disk.display()))
-            .args(["-netdev", &format!("user,id=n0,hostfwd=tcp:127.0.0.1:{port}-:1883")])
+            .args([
+                "-netdev",
+                &format!(
+                    "user,id=n0,hostfwd=tcp:127.0.0.1:{port}-:1883,hostfwd=tcp:127.0.0.1:{page_port}-:80"
+                ),
+            ])
             .args(["-device", "virtio-net-pci,netdev=n0", "-device", "virtio-serial-device"])
             .args(["-chardev", &format!("socket,id=ctl,path={},server=on,wait=off", ctl_path.display())])
             .args(["-device", "virtconsole,chardev=ctl"])
@@ -117,7 +124,7 @@ impl Vm {
                 l.lock().unwrap().push((Instant::now(), line.trim().to_string()));
             }
         });
-        Vm { qemu: ChildGuard(qemu), lines, ctl, monitor, port }
+        Vm { qemu: ChildGuard(qemu), lines, ctl, monitor, port, page_port }
     }
 
     fn wait_line(&self, timeout: Duration, pred: impl Fn(&str) -> bool) -> Option<String> {
@@ -280,7 +287,8 @@ fn the_shipped_image_boots_and_does_its_job() {
     let port = free_port();
     let mut phases: Vec<(&str, f64)> = Vec::new();
     let t0 = Instant::now();
-    let mut vm = Vm::boot(&dir, port);
+    let page_port = free_port();
+    let mut vm = Vm::boot(&dir, port, page_port);
     let rec = vm.recorder(Duration::from_secs(240));
     phases.push(("boot to online", t0.elapsed().as_secs_f64()));
     assert!(vm.wait_line(Duration::from_secs(30), |l| l == "READY").is_some(), "no observer in the guest");
@@ -407,7 +415,7 @@ fn the_shipped_image_boots_and_does_its_job() {
     let mut all = rec.snapshot();
     let t = Instant::now();
     vm.reboot();
-    let vm = Vm::boot(&dir, port);
+    let vm = Vm::boot(&dir, port, page_port);
     let rec2 = vm.recorder(Duration::from_secs(240));
     phases.push(("reboot to online", t.elapsed().as_secs_f64()));
     let config = rec2.wait_for(Duration::from_secs(30), |m| on(m, "config", "\"scan\"")).expect("config");
@@ -458,6 +466,23 @@ fn usb_webcam(vm: &mut Vm, rec: &Recorder, t0: Instant, phases: &mut Vec<(&str, 
     let net = vm.wait_line(Duration::from_secs(120), |l| l.starts_with("USB PCNET ")).expect("the USB link");
     assert!(net.starts_with("USB PCNET 10.199.77.") && net.ends_with(" forward=0"), "{net}");
     phases.push(("webcam: link address (wait)", t_net.elapsed().as_secs_f64()));
+
+    // The worker's page: from the PC over the link, a break with a reason from it; and
+    // nothing answers on the box's other network (QEMU forwards a host port to it).
+    assert_eq!(vm.guest("page-get"), 0);
+    let page = vm.wait_line(Duration::from_secs(10), |l| l.starts_with("PAGE ")).expect("the page");
+    assert!(page.contains(" 200 OK") && page.ends_with(" 1"), "the worker's page over the link: {page}");
+    let from = rec.snapshot().len();
+    assert_eq!(vm.guest("page-break"), 0);
+    let brk =
+        vm.wait_line(Duration::from_secs(10), |l| l.starts_with("PAGE-BREAK ")).expect("the break answer");
+    assert!(brk.contains(" 200 OK"), "{brk}");
+    after(rec, from, Duration::from_secs(20), |m| on(m, "state", "\"break\":true"))
+        .expect("a break from the page");
+    let ended = vm.command(rec, "break/end", "page-brk-end", "");
+    assert!(ended.contains("\"ok\":true"), "{ended}");
+    let other = http_get(vm.page_port);
+    assert!(!other.contains("HTTP/"), "the page answered on the other network: {other}");
 
     // A meeting over a scheduled check: the shutter is open and the LED lit while the PC
     // streams, the check is deferred and audited as such, nothing from the stream goes
@@ -548,4 +573,15 @@ fn wait_level(vm: &Vm, pin: &str, level: &str, why: &str) {
         assert!(Instant::now() < deadline, "{why}");
         std::thread::sleep(Duration::from_millis(100));
     }
+}
+
+/// A GET through QEMU's forward to the guest's own network; what came back (nothing
+/// when no one listens there).
+fn http_get(port: u16) -> String {
+    let Ok(mut s) = std::net::TcpStream::connect(("127.0.0.1", port)) else { return String::new() };
+    let _ = s.set_read_timeout(Some(Duration::from_secs(5)));
+    let _ = s.write_all(b"GET / HTTP/1.0\r\nHost: x\r\n\r\n");
+    let mut out = String::new();
+    let _ = s.read_to_string(&mut out);
+    out
 }

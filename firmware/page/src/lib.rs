@@ -129,8 +129,16 @@ fn render(app: &App, message: Option<&str>, status: StatusCode) -> Response {
     }
 }
 
+/// The device is read and asked off the async threads (it reads files and waits for
+/// the scan loop), so the MQTT link on the same runtime never waits for the page.
+async fn blocking(f: impl FnOnce() -> Response + Send + 'static) -> Response {
+    tokio::task::spawn_blocking(f)
+        .await
+        .unwrap_or_else(|_| secured(StatusCode::INTERNAL_SERVER_ERROR.into_response()))
+}
+
 async fn page(State(app): State<Arc<App>>) -> Response {
-    render(&app, None, StatusCode::OK)
+    blocking(move || render(&app, None, StatusCode::OK)).await
 }
 
 async fn style() -> Response {
@@ -142,10 +150,12 @@ async fn still(State(app): State<Arc<App>>, Path(file): Path<String>) -> Respons
     let valid = !id.is_empty()
         && id.len() <= 128
         && id.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_');
-    match app.device.still(id).filter(|_| valid) {
+    let id = id.to_string();
+    blocking(move || match app.device.still(&id).filter(|_| valid) {
         Some(jpeg) => secured(([(header::CONTENT_TYPE, "image/jpeg")], jpeg).into_response()),
         None => secured((StatusCode::NOT_FOUND, "the camera no longer holds this photo").into_response()),
-    }
+    })
+    .await
 }
 
 /// A POST must come from this page: its `Origin` is this host (browsers send it with
@@ -173,23 +183,31 @@ async fn start_break(
     // One line of printable text: it goes into the device's audit log.
     let reason: String =
         form.reason.chars().filter(|c| !c.is_control()).collect::<String>().trim().to_string();
-    if reason.is_empty() || reason.chars().count() > MAX_REASON {
-        return render(&app, Some("Please give a reason (at most 200 characters)."), StatusCode::BAD_REQUEST);
-    }
-    match app.device.start_break(&reason) {
-        Ok(()) => render(&app, Some("Your break has started: the camera does not look."), StatusCode::OK),
-        Err(why) => render(&app, Some(&format!("The break did not start: {why}")), StatusCode::CONFLICT),
-    }
+    blocking(move || {
+        if reason.is_empty() || reason.chars().count() > MAX_REASON {
+            return render(
+                &app,
+                Some("Please give a reason (at most 200 characters)."),
+                StatusCode::BAD_REQUEST,
+            );
+        }
+        match app.device.start_break(&reason) {
+            Ok(()) => render(&app, Some("Your break has started: the camera does not look."), StatusCode::OK),
+            Err(why) => render(&app, Some(&format!("The break did not start: {why}")), StatusCode::CONFLICT),
+        }
+    })
+    .await
 }
 
 async fn end_break(State(app): State<Arc<App>>, headers: HeaderMap) -> Response {
     if !same_origin(&headers) {
         return secured((StatusCode::FORBIDDEN, "refused: not sent from this page").into_response());
     }
-    match app.device.end_break() {
+    blocking(move || match app.device.end_break() {
         Ok(()) => render(&app, Some("Your break has ended."), StatusCode::OK),
         Err(why) => render(&app, Some(&format!("The break did not end: {why}")), StatusCode::CONFLICT),
-    }
+    })
+    .await
 }
 
 /// Serves the page on `addr` (the USB link's address) until `stop` resolves, answering
