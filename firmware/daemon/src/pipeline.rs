@@ -250,8 +250,12 @@ impl Pipeline {
                         Action::EndCall => {
                             // The stream stops reading before the shutter closes.
                             if let Some(usb) = &self.usb {
-                                if !usb.gate.forbid(Duration::from_secs(2)) {
-                                    tracing::warn!("the webcam stream did not release the camera in 2 s; closing the shutter");
+                                let wait = deskcam_usb::stream::RELEASE_WAIT;
+                                if !usb.gate.forbid(wait) {
+                                    tracing::warn!(
+                                        "the webcam stream did not release the camera in {} s; closing the shutter",
+                                        wait.as_secs()
+                                    );
                                 }
                             }
                             call_token = None;

@@ -10,7 +10,7 @@
 
 use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::Duration;
 
@@ -31,6 +31,10 @@ const GADGET_BUFFERS: u32 = 4;
 const CAMERA_BUFFERS: u32 = 4;
 /// No camera frame within this is a camera fault (the call goes on without frames).
 const CAMERA_TIMEOUT: Duration = Duration::from_secs(3);
+/// How long the daemon waits in [`Gate::forbid`] before it closes the shutter: longer
+/// than a camera read can take, so the read under way ends before the shutter closes
+/// (invariant 2: no frame is read with the shutter closed).
+pub const RELEASE_WAIT: Duration = Duration::from_secs(CAMERA_TIMEOUT.as_secs() + 1);
 
 /// Whether the stream may read the camera; the daemon opens and closes it.
 #[derive(Default)]
@@ -83,17 +87,11 @@ impl Gate {
     }
 }
 
-/// What the daemon and the tests can see of the stream.
+/// What the daemon sees of the stream.
 #[derive(Default)]
 pub struct StreamStats {
     /// The PC is streaming (between STREAMON and STREAMOFF/DISCONNECT).
     pub pc_streaming: AtomicBool,
-    /// The PC has enumerated the gadget (CONNECT seen, no DISCONNECT since).
-    pub connected: AtomicBool,
-    /// Frames queued to the PC since start.
-    pub frames: AtomicU64,
-    /// Camera faults during calls.
-    pub camera_faults: AtomicU64,
 }
 
 /// The camera, opened for a call at the committed format.
@@ -204,11 +202,9 @@ impl Streamer {
         match ev {
             UvcEvent::Connect => {
                 tracing::info!("USB: the PC enumerated the webcam");
-                self.stats.connected.store(true, Ordering::Relaxed);
             }
             UvcEvent::Disconnect => {
                 tracing::info!("USB: disconnected");
-                self.stats.connected.store(false, Ordering::Relaxed);
                 self.end_stream();
             }
             UvcEvent::StreamOn => self.begin_stream(),
@@ -282,11 +278,9 @@ impl Streamer {
     /// One step of the stream: follow the gate, take back sent buffers, send a frame.
     fn pump(&mut self) {
         if !self.gate.allowed() {
+            // (Without a camera nothing is held: `hold` was never granted or was released.)
             if self.camera.is_some() {
                 self.close_camera();
-            } else {
-                // Keep the daemon's wait short: nothing is held.
-                self.gate.release();
             }
             return;
         }
@@ -308,7 +302,6 @@ impl Streamer {
                 }
                 Err(e) => {
                     tracing::error!("{e}");
-                    self.stats.camera_faults.fetch_add(1, Ordering::Relaxed);
                     self.gate.release();
                     // Not again at once: the stream goes on without frames for a while.
                     std::thread::sleep(Duration::from_millis(500));
@@ -321,7 +314,6 @@ impl Streamer {
             Ok(x) => x,
             Err(e) => {
                 tracing::error!("camera {} during a call: {e}", self.camera_path.display());
-                self.stats.camera_faults.fetch_add(1, Ordering::Relaxed);
                 self.close_camera();
                 return;
             }
@@ -332,7 +324,6 @@ impl Streamer {
         let queued = self.node.queue_with(|out| copy_frame(&buf[..used], out, &f, stride));
         match queued {
             Ok(true) => {
-                self.stats.frames.fetch_add(1, Ordering::Relaxed);
                 self.stream_frames += 1;
                 if self.stream_frames == 1 {
                     tracing::info!("USB: first frame queued to the PC ({used} bytes)");
