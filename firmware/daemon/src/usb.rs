@@ -14,6 +14,7 @@ use deskcam_core::Config;
 use deskcam_usb::gadget::{self, GadgetSpec};
 use deskcam_usb::stream::{Gate, StreamStats, Streamer};
 use deskcam_usb::uvc::Negotiation;
+use deskcam_usb::UsbError;
 
 /// What the scan loop sees of the USB side.
 pub struct UsbLink {
@@ -68,19 +69,21 @@ pub fn up(config: Option<PathBuf>) -> Result<ExitCode> {
         gadget::remove().context("removing an old gadget")?;
         return Ok(ExitCode::SUCCESS);
     }
-    let controllers = gadget::controllers();
-    if controllers.is_empty() {
+    let spec = spec(&config, &board);
+    let udc = match gadget::bind(&spec) {
+        Ok(udc) => udc,
         // The board can be a device, but the kernel shows no controller: the overlay is
         // missing, or the module did not load. The daemon runs without the USB side.
-        println!(
-            "board {} should have a USB device controller, but /sys/class/udc is empty \
-             (is dtoverlay=dwc2,dr_mode=peripheral in config.txt?): no webcam, no USB link",
-            board.name
-        );
-        return Ok(ExitCode::SUCCESS);
-    }
-    let spec = spec(&config, &board);
-    let udc = gadget::bind(&spec, None).context("making the USB gadget")?;
+        Err(UsbError::NoController) => {
+            println!(
+                "board {} should have a USB device controller, but /sys/class/udc is empty \
+                 (is dtoverlay=dwc2,dr_mode=peripheral in config.txt?): no webcam, no USB link",
+                board.name
+            );
+            return Ok(ExitCode::SUCCESS);
+        }
+        Err(e) => return Err(e).context("making the USB gadget"),
+    };
     let info = gadget::describe(&spec).context("reading the bound gadget")?;
     println!(
         "USB gadget on {udc}: webcam {} ({} format(s)), network link {}",
@@ -133,7 +136,7 @@ pub fn start(
         info.formats
             .iter()
             .map(|f| format!(
-                "{:?} {}",
+                "{} {}",
                 f.pixel,
                 f.frames.iter().map(|s| format!("{}x{}", s.width, s.height)).collect::<Vec<_>>().join("/")
             ))

@@ -61,13 +61,6 @@ fn gadget_dir() -> PathBuf {
     Path::new("/sys/kernel/config/usb_gadget").join(GADGET_NAME)
 }
 
-/// The USB device controllers the kernel has (`/sys/class/udc`).
-pub fn controllers() -> Vec<String> {
-    usb_gadget::udcs()
-        .map(|u| u.into_iter().map(|u| u.name().to_string_lossy().into_owned()).collect())
-        .unwrap_or_default()
-}
-
 /// Two locally administered MAC addresses for the link, stable per device id (so the PC
 /// keeps seeing the same adapter and keeps its settings for it).
 pub fn link_macs(serial: &str) -> ([u8; 6], [u8; 6]) {
@@ -83,19 +76,17 @@ pub fn link_macs(serial: &str) -> ([u8; 6], [u8; 6]) {
     (dev, host)
 }
 
-/// Makes the gadget and binds it to `udc` (the first controller if `None`), replacing
-/// one left from before. It stays in configfs after this process ends (it needs root;
+/// Makes the gadget and binds it to the first USB device controller (a board has one),
+/// replacing one left from before; [`UsbError::NoController`] if the kernel shows none. It stays in configfs after this process ends (it needs root;
 /// the daemon, without root, serves it); [`remove`] takes it away. The UVC function
 /// stays disconnected until a program subscribes to its events.
-pub fn bind(spec: &GadgetSpec, udc: Option<&str>) -> Result<String, UsbError> {
+pub fn bind(spec: &GadgetSpec) -> Result<String, UsbError> {
     remove()?;
-    let udcs =
-        usb_gadget::udcs().map_err(|e| UsbError::Gadget(format!("listing USB device controllers: {e}")))?;
-    let udc = match udc {
-        Some(name) => udcs.into_iter().find(|u| u.name() == name),
-        None => udcs.into_iter().next(),
-    }
-    .ok_or(UsbError::NoController)?;
+    let udc = usb_gadget::udcs()
+        .map_err(|e| UsbError::Gadget(format!("listing USB device controllers: {e}")))?
+        .into_iter()
+        .next()
+        .ok_or(UsbError::NoController)?;
     let mut builder = Uvc::builder();
     for (pixel, frames) in &spec.formats {
         let format = match pixel {
