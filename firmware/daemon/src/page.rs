@@ -154,6 +154,11 @@ impl PageDevice {
     /// Hands a command to the scan loop as MQTT would, and waits (at most 3 s) for the
     /// break state it should lead to.
     fn command(&self, name: &str, mut body: serde_json::Value, on_break: bool) -> Result<(), String> {
+        // Already so (a page loaded before the button changed it): the scan loop would
+        // refuse, and the wait below would take the old state for success.
+        if self.state.borrow().on_break == on_break {
+            return Err(if on_break { "already on a break" } else { "no break in progress" }.into());
+        }
         let n = self.next_id.fetch_add(1, Ordering::Relaxed);
         body["id"] = serde_json::Value::String(format!("page-{n}"));
         let payload = serde_json::to_vec(&body).map_err(|e| e.to_string())?;
@@ -167,12 +172,7 @@ impl PageDevice {
             }
             std::thread::sleep(Duration::from_millis(50));
         }
-        Err(if on_break {
-            "the device did not start it (a break may be on already)"
-        } else {
-            "no break was on"
-        }
-        .into())
+        Err("the device did not answer in 3 s; see its state above".into())
     }
 }
 
@@ -195,5 +195,51 @@ mod tests {
         let (_, next) = schedule(&config, "spot", monday_9);
         assert!(next.unwrap().contains("not announced"));
         assert_eq!(schedule(&config, "off", monday_9).1, None);
+    }
+
+    #[test]
+    fn a_break_already_on_or_off_is_refused_without_a_command() {
+        let dir = std::env::temp_dir().join(format!("deskcam-page-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let state = State {
+            v: 1,
+            device_id: "d".into(),
+            mode: "spot".into(),
+            shutter: "closed".into(),
+            on_break: true,
+            camera: "ok".into(),
+            firmware: "0".into(),
+            model: deskcam_core::schema::ModelInfo { name: "m".into(), sha256: "0".into() },
+        };
+        let (state_tx, state_rx) = tokio::sync::watch::channel(state);
+        let (commands, inbox) = std::sync::mpsc::sync_channel(4);
+        let store =
+            deskcam_uplink::store::EvidenceStore::open(&dir.join("evidence"), 1_000, 1 << 20).unwrap();
+        let page = PageDevice {
+            device_id: "d".into(),
+            retention_ms: 1_000,
+            state: state_rx,
+            config: tokio::sync::watch::channel(serde_json::json!({})).1,
+            store: Arc::new(std::sync::Mutex::new(store)),
+            audit_path: dir.join("audit.jsonl"),
+            sent: Arc::new(SentLog::open(&dir, 1_000).unwrap()),
+            commands,
+            usb: Arc::new(StreamStats::default()),
+            next_id: AtomicU64::new(1),
+        };
+        assert_eq!(page.start_break("lunch").unwrap_err(), "already on a break");
+        assert!(inbox.try_recv().is_err(), "nothing handed to the scan loop");
+        // Ending it goes to the scan loop, and succeeds when the state says so.
+        let ender = std::thread::spawn(move || {
+            let (name, payload) = inbox.recv().unwrap();
+            state_tx.send_modify(|s| s.on_break = false);
+            (name, payload)
+        });
+        page.end_break().unwrap();
+        let (name, payload) = ender.join().unwrap();
+        assert_eq!(name, "break/end");
+        assert!(String::from_utf8_lossy(&payload).contains("\"id\":\"page-1\""));
+        assert_eq!(page.end_break().unwrap_err(), "no break in progress");
+        let _ = std::fs::remove_dir_all(&dir);
     }
 }
