@@ -99,6 +99,7 @@ struct RawUsb {
     product_id: i64,
     manufacturer: String,
     product: String,
+    page: String,
 }
 
 #[derive(Deserialize)]
@@ -521,6 +522,17 @@ pub struct UsbConfig {
     pub product_id: u16,
     pub manufacturer: String,
     pub product: String,
+    pub page: PageServing,
+}
+
+/// Where the daemon serves the worker's page (always on the USB link's address only).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PageServing {
+    /// Where this daemon runs the USB gadget (the link is its NCM function).
+    WithGadget,
+    /// Also without the gadget: the link's address is made by someone else (a board
+    /// whose USB side another program sets up, or a test's network namespace).
+    Always,
 }
 
 /// A validated configuration. Only [`Config::from_toml`] and [`Config::default`] make one.
@@ -1190,6 +1202,14 @@ impl Validator {
             product_id: self.int_in("usb.product_id", raw.usb.product_id, 0, 0xffff) as u16,
             manufacturer: self.usb_string("usb.manufacturer", raw.usb.manufacturer),
             product: self.usb_string("usb.product", raw.usb.product),
+            page: match raw.usb.page.as_str() {
+                "with-gadget" => PageServing::WithGadget,
+                "always" => PageServing::Always,
+                other => {
+                    self.err("usb.page", format!("'{other}' is not one of with-gadget, always"));
+                    PageServing::WithGadget
+                }
+            },
         };
 
         Config {
@@ -1413,10 +1433,13 @@ redaction = "pixelate"
     fn the_usb_identity_is_checked_and_not_set_over_mqtt() {
         let c = Config::default();
         assert_eq!((c.usb.vendor_id, c.usb.product_id, c.usb.enabled), (0x1d6b, 0x0104, true));
-        let e = Config::from_toml("[usb]\nvendor_id = 70000\nproduct = \"caf\u{00e9}\"\n")
+        assert_eq!(c.usb.page, PageServing::WithGadget);
+        let e = Config::from_toml("[usb]\nvendor_id = 70000\nproduct = \"caf\u{00e9}\"\npage = \"never\"\n")
             .unwrap_err()
             .to_string();
-        assert!(e.contains("usb.vendor_id") && e.contains("usb.product"), "{e}");
+        assert!(e.contains("usb.vendor_id") && e.contains("usb.product") && e.contains("usb.page"), "{e}");
+        let always = Config::from_toml("[usb]\npage = \"always\"\n").unwrap();
+        assert_eq!(always.usb.page, PageServing::Always);
         let patch = serde_json::json!({"usb": {"enabled": false}});
         let e = c.patched(patch.as_object().unwrap()).unwrap_err().to_string();
         assert!(e.contains("usb") && e.contains("not over MQTT"), "{e}");

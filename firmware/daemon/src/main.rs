@@ -561,8 +561,14 @@ pub fn run_pipeline(
         sent::SentLog::open(&config.data_dir, config.evidence.max_age.as_millis())
             .with_context(|| format!("opening the sent-events log in {}", config.data_dir.display()))?,
     );
-    // The worker's page, on the USB link only, where there is one.
-    if let Some(link) = &usb {
+    // The worker's page, on the USB link's address only: where this daemon runs the
+    // gadget, or everywhere when the config says another program makes the link.
+    let page_stats = match (&usb, config.usb.page) {
+        (Some(link), _) => Some(link.stats.clone()),
+        (None, deskcam_core::config::PageServing::Always) => Some(Arc::default()),
+        (None, deskcam_core::config::PageServing::WithGadget) => None,
+    };
+    if let Some(usb_stats) = page_stats {
         let device = Arc::new(page::PageDevice {
             device_id: config.device_id.to_string(),
             retention_ms: config.evidence.max_age.as_millis(),
@@ -572,7 +578,7 @@ pub fn run_pipeline(
             audit_path: audit.path().to_path_buf(),
             sent: sent.clone(),
             commands: page_commands,
-            usb: link.stats.clone(),
+            usb: usb_stats,
             next_id: std::sync::atomic::AtomicU64::new(1),
         });
         let mut until = shutdown_rx_page;

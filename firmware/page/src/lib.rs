@@ -106,7 +106,10 @@ fn secured(mut r: Response) -> Response {
         ),
     );
     h.insert(header::X_CONTENT_TYPE_OPTIONS, HeaderValue::from_static("nosniff"));
-    h.insert(header::REFERRER_POLICY, HeaderValue::from_static("no-referrer"));
+    // Not "no-referrer": under it a browser sends `Origin: null` with the page's own
+    // form posts (Fetch, "serializing a request origin"), which same_origin refuses.
+    // "same-origin" keeps the page's address from any other site all the same.
+    h.insert(header::REFERRER_POLICY, HeaderValue::from_static("same-origin"));
     h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
     h.insert(header::X_FRAME_OPTIONS, HeaderValue::from_static("DENY"));
     r
@@ -226,7 +229,10 @@ pub async fn serve(
                 next.run(req).await
             } else {
                 tracing::warn!("worker's page: refused {peer}, not on the USB link");
-                secured(StatusCode::FORBIDDEN.into_response())
+                secured(
+                    (StatusCode::FORBIDDEN, "refused: this page is served only over the USB cable")
+                        .into_response(),
+                )
             }
         },
     ));
