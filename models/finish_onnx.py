@@ -5,12 +5,27 @@ that depends only on the fixed input size. onnxruntime's basic graph optimisatio
 (constant folding, standard ONNX ops only) fold it away, so tract sees a static graph.
 Inputs and outputs get plain names; the result is checked with onnx.checker.
 """
+import math
 import sys
+import tempfile
 
 import onnx
 import onnxruntime as ort
 
 src, dst = sys.argv[1], sys.argv[2]
+# Optional input size (default: the TFJS model's own, 416). The graph computes its
+# resize sizes and output shapes from the input's, so another size is set here, on the
+# input, before those computations are folded.
+size = int(sys.argv[3]) if len(sys.argv) > 3 else None
+if size is not None:
+    raw = onnx.load(src)
+    for d in raw.graph.input[0].type.tensor_type.shape.dim:
+        if d.dim_value == 416:  # height and width, whatever the layout
+            d.dim_value = size
+    for o in raw.graph.output:  # their shapes follow from the input's
+        o.type.tensor_type.ClearField("shape")
+    src = tempfile.mktemp(suffix=".onnx")
+    onnx.save(raw, src)
 opts = ort.SessionOptions()
 opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
 opts.optimized_model_filepath = dst
@@ -18,10 +33,14 @@ ort.InferenceSession(src, opts, providers=["CPUExecutionProvider"])
 
 m = onnx.load(dst)
 names = {"input_1:0": "input"}
+side = max(d.dim_value for d in m.graph.input[0].type.tensor_type.shape.dim)
+m = onnx.shape_inference.infer_shapes(m)
 for o in m.graph.output:
     dims = [d.dim_value for d in o.type.tensor_type.shape.dim]
     kind = "scores" if dims[2] == 80 else "boxes"
-    stride = {2704: 8, 676: 16, 169: 32}[dims[1]]
+    # N cells of a (side / stride)² grid.
+    stride = side // math.isqrt(dims[1])
+    assert stride in (8, 16, 32) and (side // stride) ** 2 == dims[1], (o.name, dims, side)
     names[o.name] = f"{kind}_s{stride}"
 for n in m.graph.node:
     n.input[:] = [names.get(i, i) for i in n.input]

@@ -164,6 +164,15 @@ impl Pipeline {
             // to queue, nothing to lose.
             if let Some(usb) = &self.usb {
                 let now_streaming = usb.stats.pc_streaming.load(Ordering::Relaxed);
+                // The stream's camera failing during a call is a camera fault like any
+                // other: the policy stops the stream, closes the shutter, shows the fault
+                // and probes the camera until it is back (then the call goes on). Pushed
+                // first, so a call starting or ending in the same turn is taken before it.
+                let fault = usb.stats.camera_fault.swap(false, Ordering::Relaxed);
+                if fault && (pc_streaming || now_streaming) && !self.stop.load(Ordering::Relaxed) {
+                    summary.faults += 1;
+                    pending.push((Input::CameraFault, None));
+                }
                 if now_streaming != pc_streaming && !self.stop.load(Ordering::Relaxed) {
                     pc_streaming = now_streaming;
                     pending.push((if now_streaming { Input::CallStarted } else { Input::CallEnded }, None));

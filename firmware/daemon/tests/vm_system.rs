@@ -544,17 +544,42 @@ fn usb_webcam(vm: &mut Vm, rec: &Recorder, t0: Instant, phases: &mut Vec<(&str, 
     });
     assert!(after_call.is_some(), "the deferred check was taken after the call");
 
-    // Unplugged during a call: the shutter closes.
+    // The camera lost during a call (vivid unbound and removed under the stream): a
+    // camera fault like any other, the shutter closes; back, the call goes on.
+    let lines_before = vm.lines.lock().unwrap().len();
     assert_eq!(vm.guest("usb-start"), 0);
     wait_level(vm, "deskcam-shutter", "hi", "the shutter did not open for the second call");
+    wait_stream_camera(vm, lines_before);
+    let from = rec.snapshot().len();
+    let t = Instant::now();
+    assert_eq!(vm.guest("unplug"), 0, "vivid could not be removed during the call");
+    after(rec, from, Duration::from_secs(30), |m| on(m, "audit", "\"result\":\"camera_lost\""))
+        .expect("the camera lost during a call is reported");
+    wait_level(vm, "deskcam-shutter", "lo", "the shutter stayed open with the camera lost in a call");
+    phases.push(("webcam: camera lost in a call to closed", t.elapsed().as_secs_f64()));
+    assert_eq!(vm.guest("plug"), 0);
+    after(rec, from, Duration::from_secs(60), |m| on(m, "audit", "\"result\":\"camera_back\""))
+        .expect("the camera back during the call");
+    wait_level(vm, "deskcam-shutter", "hi", "the call did not go on with the camera back");
+    // (The stream opens the camera again when the gadget has a buffer to fill; here its
+    // buffers, never sent without isochronous transfers, stay queued: see below.)
+
+    // Unplugged during a call: the shutter closes.
     let t = Instant::now();
     assert_eq!(vm.guest("usb-unplug"), 0);
     let deadline = Instant::now() + Duration::from_secs(10);
     while vm.level("deskcam-shutter").as_deref() != Some("lo") && Instant::now() < deadline {
         std::thread::sleep(Duration::from_millis(100));
     }
-    let closed = vm.level("deskcam-shutter").as_deref() == Some("lo");
+    let mut closed = vm.level("deskcam-shutter").as_deref() == Some("lo");
     phases.push(("webcam: unplug to closed", t.elapsed().as_secs_f64()));
+    // And it stays closed: no call goes on without the PC (longer than the camera's
+    // read timeout and retry).
+    let hold = Instant::now() + Duration::from_secs(9);
+    while closed && Instant::now() < hold {
+        closed = vm.level("deskcam-shutter").as_deref() == Some("lo");
+        std::thread::sleep(Duration::from_millis(100));
+    }
     println!(
         "usb-webcam: enumerated {enumerated_s:.1} s, first frame {first_s:.1} s, frames {frames}, shutter closed after unplug: {}",
         if closed { "yes" } else { "no" }
@@ -565,6 +590,18 @@ fn usb_webcam(vm: &mut Vm, rec: &Recorder, t0: Instant, phases: &mut Vec<(&str, 
     );
     assert!(closed, "the shutter stayed open after the unplug");
     assert_eq!(vm.level("deskcam-led").as_deref(), Some("lo"), "LED off after the unplug");
+}
+
+/// Waits for the webcam stream to open the camera (a journal line after `from`).
+fn wait_stream_camera(vm: &Vm, from: usize) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !vm.lines.lock().unwrap()[from..]
+        .iter()
+        .any(|(_, l)| l.contains("USB: camera ") && l.ends_with(" open for the call"))
+    {
+        assert!(Instant::now() < deadline, "the stream did not open the camera");
+        std::thread::sleep(Duration::from_millis(100));
+    }
 }
 
 fn wait_level(vm: &Vm, pin: &str, level: &str, why: &str) {

@@ -92,6 +92,10 @@ impl Gate {
 pub struct StreamStats {
     /// The PC is streaming (between STREAMON and STREAMOFF/DISCONNECT).
     pub pc_streaming: AtomicBool,
+    /// The camera could not be opened or read while the stream was allowed to: the
+    /// daemon takes it (`swap(false)`) and tells the policy, which stops the stream,
+    /// closes the shutter and reports the camera lost until a probe finds it again.
+    pub camera_fault: AtomicBool,
 }
 
 /// The camera, opened for a call at the committed format.
@@ -99,6 +103,9 @@ struct CallCamera {
     stream: Stream<'static>,
     /// Bytes per line of a YUYV frame as the camera lays it out.
     stride: usize,
+    /// The device's descriptor, polled for its removal (POLLERR/POLLHUP) also while
+    /// no frame is wanted.
+    fd: std::os::raw::c_int,
 }
 
 impl CallCamera {
@@ -124,7 +131,8 @@ impl CallCamera {
         let mut stream = Stream::with_buffers(&dev, Type::VideoCapture, CAMERA_BUFFERS)
             .map_err(|e| err(format!("allocate buffers: {e}")))?;
         stream.set_timeout(CAMERA_TIMEOUT);
-        Ok(CallCamera { stream, stride: got.stride as usize })
+        let fd = stream.handle().fd();
+        Ok(CallCamera { stream, stride: got.stride as usize, fd })
     }
 }
 
@@ -174,7 +182,14 @@ impl Streamer {
     pub fn run(mut self) {
         while !self.stop.load(Ordering::Relaxed) {
             let busy = self.format.is_some() && self.camera.is_some() && self.node.has_free();
-            self.wait_for_event(if busy { 0 } else { 100 });
+            if self.wait_for_event(if busy { 0 } else { 100 }) {
+                // The camera went away (its driver unbound) while the stream held it,
+                // perhaps with no frame wanted (the PC not taking them): let go of it at
+                // once, so the driver can go, and report the fault.
+                tracing::error!("camera {} removed during a call", self.camera_path.display());
+                self.close_camera();
+                self.camera_failed();
+            }
             loop {
                 match self.node.next_event() {
                     Ok(Some(ev)) => self.handle(ev),
@@ -192,10 +207,17 @@ impl Streamer {
         self.end_stream();
     }
 
-    fn wait_for_event(&self, timeout_ms: i32) {
-        let mut fds = [libc::pollfd { fd: self.node.fd().as_raw_fd(), events: libc::POLLPRI, revents: 0 }];
-        // SAFETY: one valid pollfd for the duration of the call.
-        unsafe { libc::poll(fds.as_mut_ptr(), 1, timeout_ms) };
+    /// Waits for a gadget event (or the timeout); true when the camera held for the
+    /// stream reports an error or hang-up (a V4L2 device unregistered under an open
+    /// descriptor polls as POLLERR | POLLHUP).
+    fn wait_for_event(&self, timeout_ms: i32) -> bool {
+        let gadget = libc::pollfd { fd: self.node.fd().as_raw_fd(), events: libc::POLLPRI, revents: 0 };
+        // Events 0: only the conditions always reported (error, hang-up, invalid).
+        let camera = self.camera.as_ref().map(|c| libc::pollfd { fd: c.fd, events: 0, revents: 0 });
+        let mut fds = [gadget, camera.unwrap_or(libc::pollfd { fd: -1, events: 0, revents: 0 })];
+        // SAFETY: valid pollfds for the duration of the call (a negative fd is ignored).
+        unsafe { libc::poll(fds.as_mut_ptr(), 2, timeout_ms) };
+        camera.is_some() && fds[1].revents & (libc::POLLERR | libc::POLLHUP | libc::POLLNVAL) != 0
     }
 
     fn handle(&mut self, ev: UvcEvent) {
@@ -275,6 +297,14 @@ impl Streamer {
         self.gate.release();
     }
 
+    /// A camera fault the daemon must hear of, unless the stream was told to stop
+    /// meanwhile (then the camera was not the stream's to read).
+    fn camera_failed(&self) {
+        if self.gate.allowed() {
+            self.stats.camera_fault.store(true, Ordering::Relaxed);
+        }
+    }
+
     /// One step of the stream: follow the gate, take back sent buffers, send a frame.
     fn pump(&mut self) {
         if !self.gate.allowed() {
@@ -303,6 +333,7 @@ impl Streamer {
                 Err(e) => {
                     tracing::error!("{e}");
                     self.gate.release();
+                    self.camera_failed();
                     // Not again at once: the stream goes on without frames for a while.
                     std::thread::sleep(Duration::from_millis(500));
                     return;
@@ -315,6 +346,7 @@ impl Streamer {
             Err(e) => {
                 tracing::error!("camera {} during a call: {e}", self.camera_path.display());
                 self.close_camera();
+                self.camera_failed();
                 return;
             }
         };
@@ -330,6 +362,13 @@ impl Streamer {
                 }
             }
             Ok(false) => {}
+            // The gadget's queue is marked disconnected when its transfers are shut
+            // down (the cable pulled), and the DISCONNECT event may come late or not at
+            // all: the PC receives nothing more, so the stream (and the call) ends here.
+            Err(e) if e.raw_os_error() == Some(libc::ENODEV) => {
+                tracing::info!("USB: the PC is gone (the gadget's queue is disconnected)");
+                self.end_stream();
+            }
             Err(e) => tracing::warn!("UVC: queueing a frame: {e}"),
         }
     }
