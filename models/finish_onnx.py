@@ -34,9 +34,10 @@ ort.InferenceSession(src, opts, providers=["CPUExecutionProvider"])
 m = onnx.load(dst)
 names = {"input_1:0": "input"}
 side = max(d.dim_value for d in m.graph.input[0].type.tensor_type.shape.dim)
-m = onnx.shape_inference.infer_shapes(m)
+# (Shapes read from an inferred copy: the saved graph stays as onnxruntime wrote it.)
+inferred = {o.name: o for o in onnx.shape_inference.infer_shapes(m).graph.output}
 for o in m.graph.output:
-    dims = [d.dim_value for d in o.type.tensor_type.shape.dim]
+    dims = [d.dim_value for d in inferred[o.name].type.tensor_type.shape.dim]
     kind = "scores" if dims[2] == 80 else "boxes"
     # N cells of a (side / stride)² grid.
     stride = side // math.isqrt(dims[1])

@@ -100,16 +100,25 @@ pub fn run(args: BenchArgs) -> Result<ExitCode> {
     let evidence = Config::default().evidence;
     let mut source = DirSource::open(&args.photos, true)?;
     let mut ms = Vec::with_capacity(args.runs);
+    // Where the time goes: reading and decoding the photo, the detector (pre-processing,
+    // inference, decoding, NMS), and the redacted still.
+    let mut stages: [Vec<f64>; 3] = Default::default();
     let (mut allocs, mut bytes) = (0u64, 0u64);
     for i in 0..args.runs + args.warmup {
         let (a0, b0) = alloc_count::count();
         let t = Instant::now();
         let frame = source.next_frame(&token)?;
+        let t_read = t.elapsed();
         let found = det.detect(&frame)?;
+        let t_detect = t.elapsed();
         let still = render_still(&frame, &found, &found, &evidence)?;
         std::hint::black_box(still);
         if i >= args.warmup {
-            ms.push(t.elapsed().as_secs_f64() * 1e3);
+            let total = t.elapsed();
+            for (v, d) in stages.iter_mut().zip([t_read, t_detect - t_read, total - t_detect]) {
+                v.push(d.as_secs_f64() * 1e3);
+            }
+            ms.push(total.as_secs_f64() * 1e3);
             let (a1, b1) = alloc_count::count();
             allocs += a1 - a0;
             bytes += b1 - b0;
@@ -118,15 +127,20 @@ pub fn run(args: BenchArgs) -> Result<ExitCode> {
     let scan_allocs = allocs as f64 / args.runs as f64;
     let scan_mb = bytes as f64 / args.runs as f64 / 1048576.0;
     let scan = percentile(&ms, 0.5).unwrap_or(0.0);
+    let [read_ms, detect_ms, still_ms] = stages.map(|v| percentile(&v, 0.5).unwrap_or(0.0));
     let rss = peak_rss_mb();
     if args.json {
         let j = serde_json::json!({
             "runs": args.runs, "results": results, "scan_path_ms": scan, "peak_rss_mb": rss,
             "scan_path_allocs_per_frame": scan_allocs, "scan_path_alloc_mb_per_frame": scan_mb,
+            "scan_path_stages_ms": {"read": read_ms, "detect": detect_ms, "still": still_ms},
         });
         println!("{j}");
     } else {
         println!("scan path (photo → detector → still), 1 thread: median {scan:.2} ms");
+        println!(
+            "  stages (medians): photo read {read_ms:.2} ms, detector {detect_ms:.2} ms, still {still_ms:.2} ms"
+        );
         println!(
             "allocations per frame on the scan path: {scan_allocs:.0} ({scan_mb:.1} MB; the photo decode and the JPEG still included)"
         );
