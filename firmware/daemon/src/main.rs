@@ -436,6 +436,15 @@ pub fn run_pipeline(
         t.elapsed().as_millis(),
         threads
     );
+    // The input size is the model file's; the board names the one its image ships.
+    if detector.input_size() != board.model_input_size as usize {
+        tracing::warn!(
+            "the model's input is {0}x{0}, the board {1} expects {2}x{2} (a model other than the image's?)",
+            detector.input_size(),
+            board.name,
+            board.model_input_size
+        );
+    }
     // The demo always simulates the board's lines; `run` uses the board's backend.
     let simulate = report == Report::Print || board.backend == GpioBackend::Sim;
     let hardware = Hardware::open(&board, simulate, report == Report::Print).context("opening GPIO")?;
