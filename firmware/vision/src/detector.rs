@@ -194,7 +194,7 @@ impl Detector {
     pub fn run_head(&self, frame: &Frame) -> Result<HeadOutputs, DetectorError> {
         let n = self.input_size;
         let mut buffers = self.buffers.lock().unwrap_or_else(|p| p.into_inner());
-        let Buffers { input: slot, xtaps } = &mut *buffers;
+        let Buffers { input: slot, xtaps, state } = &mut *buffers;
         let mut input = match slot.take() {
             Some(t) if Arc::strong_count(&t) == 1 && Arc::weak_count(&t) == 0 => t,
             // The first frame, or the last input is still shared: a fresh tensor.
@@ -208,7 +208,11 @@ impl Detector {
             tensor.to_plain_array_view_mut::<f32>().map_err(|e| DetectorError::Run(format!("{e:#}")))?;
         let data = view.as_slice_mut().ok_or_else(not_writable)?;
         let letterbox = preprocess_into(frame.image(), n, data, xtaps);
-        let outputs = self.plan.run(tvec!(TValue::from_const(input.clone())));
+        let state = match state {
+            Some(s) => s,
+            None => state.insert(self.plan.spawn().map_err(|e| DetectorError::Run(format!("{e:#}")))?),
+        };
+        let outputs = state.run(tvec!(TValue::from_const(input.clone())));
         *slot = Some(input);
         let outputs = outputs.map_err(|e| DetectorError::Run(format!("{e:#}")))?;
         Ok(HeadOutputs {
@@ -276,6 +280,9 @@ pub fn preprocess(img: &image::RgbImage, size: usize) -> (Tensor, Letterbox) {
 struct Buffers {
     input: Option<Arc<Tensor>>,
     xtaps: Vec<Tap>,
+    /// One run state for every frame: `plan.run` would build a new one each time (its
+    /// per-node op states, value slots and matrix-product scratch space).
+    state: Option<TypedSimpleState>,
 }
 
 /// Bilinear taps of one output column or row: the two source indices and the weight of
