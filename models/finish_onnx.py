@@ -6,6 +6,7 @@ that depends only on the fixed input size. onnxruntime's basic graph optimisatio
 Inputs and outputs get plain names; the result is checked with onnx.checker.
 """
 import math
+import os
 import sys
 import tempfile
 
@@ -24,12 +25,16 @@ if size is not None:
             d.dim_value = size
     for o in raw.graph.output:  # their shapes follow from the input's
         o.type.tensor_type.ClearField("shape")
-    src = tempfile.mktemp(suffix=".onnx")
+    tmp = tempfile.NamedTemporaryFile(suffix=".onnx", delete=False)
+    tmp.close()
+    src = tmp.name
     onnx.save(raw, src)
 opts = ort.SessionOptions()
 opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
 opts.optimized_model_filepath = dst
 ort.InferenceSession(src, opts, providers=["CPUExecutionProvider"])
+if size is not None:
+    os.unlink(src)
 
 m = onnx.load(dst)
 names = {"input_1:0": "input"}

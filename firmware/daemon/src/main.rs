@@ -574,7 +574,8 @@ pub fn run_pipeline(
     // gadget, or everywhere when the config says another program makes the link.
     let page_stats = match (&usb, config.usb.page) {
         (Some(link), _) => Some(link.stats.clone()),
-        (None, deskcam_core::config::PageServing::Always) => Some(Arc::default()),
+        (None, deskcam_core::config::PageServing::Always) if config.usb.enabled => Some(Arc::default()),
+        (None, deskcam_core::config::PageServing::Always) => None,
         (None, deskcam_core::config::PageServing::WithGadget) => None,
     };
     if let Some(usb_stats) = page_stats {

@@ -108,6 +108,8 @@ impl Browser {
         let (to_read, to_write) = std::io::pipe().unwrap();
         let (from_read, from_write) = std::io::pipe().unwrap();
         let (a, b) = (to_read.as_raw_fd(), from_write.as_raw_fd());
+        // Its own process group: the renderers and the zygote go with it at the end.
+        cmd.process_group(0);
         cmd.args([
             "chromium",
             "--headless",
@@ -321,11 +323,18 @@ impl Browser {
     }
 }
 
+impl Drop for Browser {
+    /// The whole process group (`ip netns exec` execs Chromium, so the child's pid is the
+    /// group's), also when a check failed half-way.
+    fn drop(&mut self) {
+        // SAFETY: a plain kill(2) of the process group this test started.
+        unsafe { libc::kill(-(self.child.0.id() as i32), libc::SIGKILL) };
+    }
+}
+
 fn base64_decode(text: &str) -> Vec<u8> {
-    let mut out =
-        Command::new("base64").arg("-d").stdin(Stdio::piped()).stdout(Stdio::piped()).spawn().unwrap();
-    out.stdin.take().unwrap().write_all(text.as_bytes()).unwrap();
-    out.wait_with_output().unwrap().stdout
+    use base64::Engine;
+    base64::engine::general_purpose::STANDARD.decode(text).expect("a screenshot in base64")
 }
 
 /// A line-by-line record of a child's stdout.
@@ -510,7 +519,7 @@ fn the_workers_page_in_a_browser() {
     // reached it.
     let published = mqtt.lock().unwrap().join("\n");
     assert!(!published.contains("appointment") && !published.contains("forged"), "{published}");
-    let audit = std::fs::read_to_string(dir.join("data/audit.jsonl")).unwrap_or_default();
+    let audit = std::fs::read_to_string(dir.join("data/audit.jsonl")).expect("the device's audit log");
     assert!(!audit.contains("forged"), "{audit}");
     drop(daemon);
     println!(

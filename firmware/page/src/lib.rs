@@ -224,7 +224,19 @@ pub async fn serve(
     stop: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> Result<(), PageError> {
     let app = router(device)?.layer(axum::middleware::from_fn(
-        move |ConnectInfo(peer): ConnectInfo<SocketAddr>, req, next: axum::middleware::Next| async move {
+        move |ConnectInfo(peer): ConnectInfo<SocketAddr>,
+              req: axum::extract::Request,
+              next: axum::middleware::Next| async move {
+            // The page's own address as the Host: a name that a site of another origin
+            // rebinds to this address (DNS rebinding) would pass the origin check.
+            let host = req.headers().get(header::HOST).and_then(|h| h.to_str().ok()).unwrap_or("");
+            let own = host == addr.ip().to_string() || host == addr.to_string();
+            if !own && in_net(peer.ip(), link) {
+                return secured(
+                    (StatusCode::MISDIRECTED_REQUEST, "refused: ask for this page by its address")
+                        .into_response(),
+                );
+            }
             if in_net(peer.ip(), link) {
                 next.run(req).await
             } else {

@@ -162,20 +162,25 @@ fn networks() {
     assert!(in_net("fe80::1".parse().unwrap(), ("fe80::".parse().unwrap(), 64)));
 }
 
-/// A real server on loopback: it answers peers on its link and refuses others.
+/// A real server on loopback: it answers peers on its link that ask for it by its
+/// address, and refuses others (another name for the address: DNS rebinding).
 #[tokio::test]
 async fn the_server_answers_only_peers_on_its_link() {
-    async fn fetch(addr: SocketAddr) -> String {
+    async fn fetch(addr: SocketAddr, host: &str) -> String {
         use tokio::io::{AsyncReadExt, AsyncWriteExt};
         let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
-        s.write_all(b"GET / HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n").await.unwrap();
+        let req = format!("GET / HTTP/1.1\r\nhost: {host}\r\nconnection: close\r\n\r\n");
+        s.write_all(req.as_bytes()).await.unwrap();
         let mut out = String::new();
         s.read_to_string(&mut out).await.unwrap();
         out
     }
-    for (link, want) in
-        [(("127.0.0.0".parse().unwrap(), 8), "200 OK"), (("10.199.77.0".parse().unwrap(), 29), "403")]
-    {
+    let loopback = ("127.0.0.0".parse().unwrap(), 8);
+    for (link, host, want) in [
+        (loopback, "127.0.0.1", "200 OK"),
+        (loopback, "rebound.example", "421"),
+        (("10.199.77.0".parse().unwrap(), 29), "127.0.0.1", "403"),
+    ] {
         let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
         let addr: SocketAddr = ([127, 0, 0, 1], port).into();
         let (tx, rx) = tokio::sync::oneshot::channel::<()>();
@@ -185,12 +190,12 @@ async fn the_server_answers_only_peers_on_its_link() {
         let mut answer = String::new();
         for _ in 0..50 {
             if tokio::net::TcpStream::connect(addr).await.is_ok() {
-                answer = fetch(addr).await;
+                answer = fetch(addr, host).await;
                 break;
             }
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
-        assert!(answer.lines().next().unwrap_or("").contains(want), "{link:?}: {answer}");
+        assert!(answer.lines().next().unwrap_or("").contains(want), "{link:?} {host}: {answer}");
         let _ = tx.send(());
         server.await.unwrap().unwrap();
     }

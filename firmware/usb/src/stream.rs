@@ -92,8 +92,7 @@ impl Gate {
 pub struct StreamStats {
     /// The PC is streaming (between STREAMON and STREAMOFF/DISCONNECT).
     pub pc_streaming: AtomicBool,
-    /// The camera could not be opened or read while the stream was allowed to: the
-    /// daemon takes it (`swap(false)`) and tells the policy, which stops the stream,
+    /// The camera went away while the stream was allowed to read it: the daemon takes it (`swap(false)`) and tells the policy, which stops the stream,
     /// closes the shutter and reports the camera lost until a probe finds it again.
     pub camera_fault: AtomicBool,
 }
@@ -188,7 +187,7 @@ impl Streamer {
                 // once, so the driver can go, and report the fault.
                 tracing::error!("camera {} removed during a call", self.camera_path.display());
                 self.close_camera();
-                self.camera_failed();
+                self.camera_failed(true);
             }
             loop {
                 match self.node.next_event() {
@@ -297,10 +296,14 @@ impl Streamer {
         self.gate.release();
     }
 
-    /// A camera fault the daemon must hear of, unless the stream was told to stop
-    /// meanwhile (then the camera was not the stream's to read).
-    fn camera_failed(&self) {
-        if self.gate.allowed() {
+    /// A camera fault the daemon must hear of: the camera went away (`removed`, or its
+    /// node is gone), unless the stream was told to stop meanwhile. A camera that is
+    /// there but fails for the stream only (a format it refuses, a read timeout) is
+    /// retried quietly: the daemon's probe would find it present and resume the call at
+    /// once, and the shutter would flap (with a camera_lost/camera_back pair published
+    /// each time) for the whole call.
+    fn camera_failed(&self, removed: bool) {
+        if self.gate.allowed() && (removed || !self.camera_path.exists()) {
             self.stats.camera_fault.store(true, Ordering::Relaxed);
         }
     }
@@ -333,7 +336,7 @@ impl Streamer {
                 Err(e) => {
                     tracing::error!("{e}");
                     self.gate.release();
-                    self.camera_failed();
+                    self.camera_failed(false);
                     // Not again at once: the stream goes on without frames for a while.
                     std::thread::sleep(Duration::from_millis(500));
                     return;
@@ -346,7 +349,7 @@ impl Streamer {
             Err(e) => {
                 tracing::error!("camera {} during a call: {e}", self.camera_path.display());
                 self.close_camera();
-                self.camera_failed();
+                self.camera_failed(false);
                 return;
             }
         };

@@ -214,7 +214,14 @@ impl Detector {
         };
         let outputs = state.run(tvec!(TValue::from_const(input.clone())));
         *slot = Some(input);
-        let outputs = outputs.map_err(|e| DetectorError::Run(format!("{e:#}")))?;
+        let outputs = match outputs {
+            Ok(o) => o,
+            Err(e) => {
+                // A failed run may leave its values in the state: start afresh next time.
+                buffers.state = None;
+                return Err(DetectorError::Run(format!("{e:#}")));
+            }
+        };
         Ok(HeadOutputs {
             outputs,
             letterbox,
