@@ -220,8 +220,20 @@ impl Browser {
         self.send(method, params, None).unwrap_or_else(|e| panic!("{method}: {e}"))
     }
 
+    /// A page command; right after a navigation that changed renderer process the page
+    /// may answer "Not attached to an active page" for a moment: asked again, up to 3 s.
     fn call(&mut self, method: &str, params: Value) -> Value {
-        self.try_call(method, params).unwrap_or_else(|e| panic!("{method}: {e}"))
+        let mut tries = 0;
+        loop {
+            match self.try_call(method, params.clone()) {
+                Ok(v) => return v,
+                Err(e) if tries < 15 && e.to_string().contains("Not attached") => {
+                    tries += 1;
+                    std::thread::sleep(Duration::from_millis(200));
+                }
+                Err(e) => panic!("{method}: {e}"),
+            }
+        }
     }
 
     fn try_call(&mut self, method: &str, params: Value) -> Result<Value, Value> {
@@ -306,9 +318,8 @@ impl Browser {
     }
 
     fn screenshot(&mut self, name: &str) {
-        let shot = self
-            .try_call("Page.captureScreenshot", json!({"format": "png", "captureBeyondViewport": true}))
-            .unwrap_or_else(|e| panic!("screenshot {name}: {e}"));
+        let shot =
+            self.call("Page.captureScreenshot", json!({"format": "png", "captureBeyondViewport": true}));
         let png = base64_decode(shot["data"].as_str().unwrap());
         assert!(png.starts_with(b"\x89PNG"), "{name}: not a PNG");
         std::fs::write(self.shots.join(format!("{name}.png")), png).unwrap();
