@@ -575,8 +575,7 @@ pub fn run_pipeline(
     let page_stats = match (&usb, config.usb.page) {
         (Some(link), _) => Some(link.stats.clone()),
         (None, deskcam_core::config::PageServing::Always) if config.usb.enabled => Some(Arc::default()),
-        (None, deskcam_core::config::PageServing::Always) => None,
-        (None, deskcam_core::config::PageServing::WithGadget) => None,
+        _ => None,
     };
     if let Some(usb_stats) = page_stats {
         let device = Arc::new(page::PageDevice {

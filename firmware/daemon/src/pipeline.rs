@@ -168,12 +168,13 @@ impl Pipeline {
                 // other: the policy stops the stream, closes the shutter, shows the fault
                 // and probes the camera until it is back (then the call goes on). Pushed
                 // first, so a call starting or ending in the same turn is taken before it.
+                let stopping = self.stop.load(Ordering::Relaxed);
                 let fault = usb.stats.camera_fault.swap(false, Ordering::Relaxed);
-                if fault && (pc_streaming || now_streaming) && !self.stop.load(Ordering::Relaxed) {
+                if fault && (pc_streaming || now_streaming) && !stopping {
                     summary.faults += 1;
                     pending.push((Input::CameraFault, None));
                 }
-                if now_streaming != pc_streaming && !self.stop.load(Ordering::Relaxed) {
+                if now_streaming != pc_streaming && !stopping {
                     pc_streaming = now_streaming;
                     pending.push((if now_streaming { Input::CallStarted } else { Input::CallEnded }, None));
                 }

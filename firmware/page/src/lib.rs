@@ -223,28 +223,31 @@ pub async fn serve(
     device: Arc<dyn Device>,
     stop: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> Result<(), PageError> {
+    // The page's own address as the Host (with or without the port): a name that a site
+    // of another origin rebinds to this address (DNS rebinding) would pass the origin
+    // check. Made once, not per request.
+    let own_hosts: Arc<[String; 2]> = Arc::new([addr.ip().to_string(), addr.to_string()]);
     let app = router(device)?.layer(axum::middleware::from_fn(
         move |ConnectInfo(peer): ConnectInfo<SocketAddr>,
               req: axum::extract::Request,
-              next: axum::middleware::Next| async move {
-            // The page's own address as the Host: a name that a site of another origin
-            // rebinds to this address (DNS rebinding) would pass the origin check.
-            let host = req.headers().get(header::HOST).and_then(|h| h.to_str().ok()).unwrap_or("");
-            let own = host == addr.ip().to_string() || host == addr.to_string();
-            if !own && in_net(peer.ip(), link) {
-                return secured(
-                    (StatusCode::MISDIRECTED_REQUEST, "refused: ask for this page by its address")
-                        .into_response(),
-                );
-            }
-            if in_net(peer.ip(), link) {
+              next: axum::middleware::Next| {
+            let own_hosts = own_hosts.clone();
+            async move {
+                if !in_net(peer.ip(), link) {
+                    tracing::warn!("worker's page: refused {peer}, not on the USB link");
+                    return secured(
+                        (StatusCode::FORBIDDEN, "refused: this page is served only over the USB cable")
+                            .into_response(),
+                    );
+                }
+                let host = req.headers().get(header::HOST).and_then(|h| h.to_str().ok()).unwrap_or("");
+                if !own_hosts.iter().any(|h| h == host) {
+                    return secured(
+                        (StatusCode::MISDIRECTED_REQUEST, "refused: ask for this page by its address")
+                            .into_response(),
+                    );
+                }
                 next.run(req).await
-            } else {
-                tracing::warn!("worker's page: refused {peer}, not on the USB link");
-                secured(
-                    (StatusCode::FORBIDDEN, "refused: this page is served only over the USB cable")
-                        .into_response(),
-                )
             }
         },
     ));

@@ -77,9 +77,10 @@ pub fn link_macs(serial: &str) -> ([u8; 6], [u8; 6]) {
 }
 
 /// Makes the gadget and binds it to the first USB device controller (a board has one),
-/// replacing one left from before; [`UsbError::NoController`] if the kernel shows none. It stays in configfs after this process ends (it needs root;
-/// the daemon, without root, serves it); [`remove`] takes it away. The UVC function
-/// stays disconnected until a program subscribes to its events.
+/// replacing one left from before; [`UsbError::NoController`] if the kernel shows none.
+/// It stays in configfs after this process ends (it needs root; the daemon, without
+/// root, serves it); [`remove`] takes it away. The UVC function stays disconnected
+/// until a program subscribes to its events.
 pub fn bind(spec: &GadgetSpec) -> Result<String, UsbError> {
     remove()?;
     let udc = usb_gadget::udcs()

@@ -92,8 +92,9 @@ impl Gate {
 pub struct StreamStats {
     /// The PC is streaming (between STREAMON and STREAMOFF/DISCONNECT).
     pub pc_streaming: AtomicBool,
-    /// The camera went away while the stream was allowed to read it: the daemon takes it (`swap(false)`) and tells the policy, which stops the stream,
-    /// closes the shutter and reports the camera lost until a probe finds it again.
+    /// The camera went away while the stream was allowed to read it: the daemon takes
+    /// it (`swap(false)`) and tells the policy, which stops the stream, closes the
+    /// shutter and reports the camera lost until a probe finds it again.
     pub camera_fault: AtomicBool,
 }
 
