@@ -77,6 +77,17 @@ while read -r cmd <&3; do
     page-break) bash -c 'exec 5<>/dev/tcp/10.199.77.1/80 && printf "POST /break HTTP/1.0\r\nHost: 10.199.77.1\r\nOrigin: http://10.199.77.1\r\nContent-Type: application/x-www-form-urlencoded\r\nContent-Length: 19\r\n\r\nreason=page+test+01" >&5 && cat <&5' \
                   | head -1 | tr -d '\r' | sed 's/^/PAGE-BREAK /' >&3 ;;
     usb-unplug) echo 0 > /sys/devices/platform/vhci_hcd.0/detach ;;
+    # What the kernel says of the cable (read when the test fails): the UDC's state and
+    # the last kernel lines of the USB drivers.
+    # the daemon's threads (where each waits in the kernel), the blocked tasks and the
+    # kernel's last lines.
+    usb-diag) echo "DIAG udc $(cat /sys/class/udc/*/state 2>&1)" >&3
+              for t in /proc/$(pidof deskcam)/task/*; do
+                echo "DIAG task $(cat "$t/comm") $(sed -n 's/^State:\t//p' "$t/status") wchan=$(cat "$t/wchan")" >&3
+                sed 's/^/DIAG   /' "$t/stack" >&3 2>/dev/null
+              done
+              echo w > /proc/sysrq-trigger
+              dmesg | tail -80 | sed 's/^/DIAG /' >&3 ;;
     *) false ;;
   esac
   echo "DONE $cmd $?" >&3

@@ -162,8 +162,8 @@ impl Pipeline {
             }
             // The PC starting or stopping its stream is a state, read each turn: nothing
             // to queue, nothing to lose.
-            if let Some(usb) = &self.usb {
-                let now_streaming = usb.stats.pc_streaming.load(Ordering::Relaxed);
+            if let Some(usb) = &mut self.usb {
+                let now_streaming = usb.watch.streaming(usb.stats.pc_streaming.load(Ordering::Relaxed));
                 // The stream's camera failing during a call is a camera fault like any
                 // other: the policy stops the stream, closes the shutter, shows the fault
                 // and probes the camera until it is back (then the call goes on). Pushed

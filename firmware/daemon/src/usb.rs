@@ -20,6 +20,67 @@ use deskcam_usb::UsbError;
 pub struct UsbLink {
     pub stats: Arc<StreamStats>,
     pub gate: Arc<Gate>,
+    pub watch: LinkWatch,
+}
+
+/// The device controller's own state, watched by the scan loop while the PC streams,
+/// apart from the stream's thread: a cable pulled must close the shutter also when the
+/// stream's thread is held up (in a camera driver's call) or the gadget's DISCONNECT
+/// event never comes.
+pub struct LinkWatch {
+    /// `/sys/class/udc/<controller>/state`.
+    state: PathBuf,
+    /// The controller has said "configured" during this stream: it reports its states
+    /// (not every controller does), so a later lower state means the PC is gone.
+    seen_configured: bool,
+    /// The PC went away during this stream: the call stays ended until the stream does.
+    lost: bool,
+}
+
+impl LinkWatch {
+    pub fn new(udc: &str) -> Self {
+        LinkWatch {
+            state: PathBuf::from("/sys/class/udc").join(udc).join("state"),
+            seen_configured: false,
+            lost: false,
+        }
+    }
+
+    /// Whether the PC streams as far as the policy is told: the stream says so, and the
+    /// controller has not fallen back from "configured" since it started.
+    pub fn streaming(&mut self, stream_says: bool) -> bool {
+        if !stream_says {
+            self.seen_configured = false;
+            self.lost = false;
+            return false;
+        }
+        if !self.lost {
+            let state = std::fs::read_to_string(&self.state).unwrap_or_default();
+            self.lost = link_dropped(state.trim(), &mut self.seen_configured);
+            if self.lost {
+                tracing::warn!(
+                    "USB: the controller is {:?} during the stream: the PC is gone, the call ends",
+                    state.trim()
+                );
+            }
+        }
+        !self.lost
+    }
+}
+
+/// Whether a controller state means the PC has gone (unplugged, reset, deconfigured),
+/// given whether this controller has been seen "configured" (`seen`, updated).
+fn link_dropped(state: &str, seen: &mut bool) -> bool {
+    match state {
+        "configured" => {
+            *seen = true;
+            false
+        }
+        "not attached" | "attached" | "powered" | "reconnecting" | "default" | "addressed" => *seen,
+        // Suspended (the PC's bus asleep; a resume goes on with the stream), or a state
+        // this controller does not report: not a judgement the loop makes.
+        _ => false,
+    }
 }
 
 /// Why this device has no USB side, if it has none (said once in the log).
@@ -144,5 +205,43 @@ pub fn start(
             .join(", ")
     );
     let thread = std::thread::Builder::new().name("uvc".into()).spawn(move || streamer.run()).ok()?;
-    Some((UsbLink { stats, gate }, thread))
+    Some((UsbLink { stats, gate, watch: LinkWatch::new(&info.udc) }, thread))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_controller_falling_back_from_configured_means_the_pc_is_gone() {
+        let mut seen = false;
+        // A controller that never says "configured" is never judged.
+        assert!(!link_dropped("not attached", &mut seen));
+        assert!(!link_dropped("UNKNOWN", &mut seen));
+        assert!(!link_dropped("configured", &mut seen));
+        assert!(seen);
+        for gone in ["not attached", "default", "addressed", "powered"] {
+            assert!(link_dropped(gone, &mut seen.clone()), "{gone}");
+        }
+        assert!(!link_dropped("suspended", &mut seen));
+        assert!(!link_dropped("", &mut seen), "an unreadable state is no judgement");
+    }
+
+    #[test]
+    fn the_watch_ends_the_call_at_the_drop_and_keeps_it_ended_until_the_stream_ends() {
+        let dir = std::env::temp_dir().join(format!("deskcam-linkwatch-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let state = dir.join("state");
+        let mut w = LinkWatch { state: state.clone(), seen_configured: false, lost: false };
+        let set = |s: &str| std::fs::write(&state, format!("{s}\n")).unwrap();
+        set("configured");
+        assert!(w.streaming(true));
+        set("default");
+        assert!(!w.streaming(true), "the cable pulled: the call ends");
+        set("configured");
+        assert!(!w.streaming(true), "plugged again, but the stream never ended: still ended");
+        assert!(!w.streaming(false));
+        assert!(w.streaming(true), "a new stream");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
 }

@@ -572,6 +572,7 @@ fn usb_webcam(vm: &mut Vm, rec: &Recorder, t0: Instant, phases: &mut Vec<(&str, 
         std::thread::sleep(Duration::from_millis(100));
     }
     let mut closed = vm.level("deskcam-shutter").as_deref() == Some("lo");
+    let closed_in_time = closed;
     phases.push(("webcam: unplug to closed", t.elapsed().as_secs_f64()));
     // And it stays closed: no call goes on without the PC (longer than the camera's
     // read timeout and retry).
@@ -588,7 +589,17 @@ fn usb_webcam(vm: &mut Vm, rec: &Recorder, t0: Instant, phases: &mut Vec<(&str, 
         "usb-webcam: (first frame and frames: queued by the box to the gadget; the virtual USB controller \
          carries no isochronous data, so the PC side receives none)"
     );
-    assert!(closed, "the shutter stayed open after the unplug");
+    if !closed {
+        vm.guest("usb-diag");
+        for (_, l) in vm.lines.lock().unwrap().iter().filter(|(_, l)| l.starts_with("DIAG ")) {
+            println!("vm-test: {l}");
+        }
+    }
+    assert!(
+        closed,
+        "the shutter stayed open after the unplug ({})",
+        if closed_in_time { "closed, then opened again" } else { "not closed within 10 s" }
+    );
     assert_eq!(vm.level("deskcam-led").as_deref(), Some("lo"), "LED off after the unplug");
 }
 

@@ -106,6 +106,44 @@ struct CallCamera {
     /// The device's descriptor, polled for its removal (POLLERR/POLLHUP) also while
     /// no frame is wanted.
     fd: std::os::raw::c_int,
+    /// A frame has been read: the camera streams, so it can be polled for the next.
+    streaming: bool,
+}
+
+/// What came first while the stream waited for a camera frame.
+#[derive(Debug, PartialEq, Eq)]
+enum Ready {
+    Frame,
+    /// A gadget event (STREAMOFF, DISCONNECT, a request): it is answered before the read.
+    Event,
+    /// The camera's device went away (POLLERR/POLLHUP).
+    Gone,
+    Timeout,
+}
+
+/// Waits for a frame on `camera` or an event on `gadget`, whichever comes first, so that
+/// a STREAMOFF or DISCONNECT never waits behind a camera read (up to `timeout`).
+fn wait_frame_or_event(gadget: std::os::raw::c_int, camera: std::os::raw::c_int, timeout: Duration) -> Ready {
+    let mut fds = [
+        libc::pollfd { fd: gadget, events: libc::POLLPRI, revents: 0 },
+        libc::pollfd { fd: camera, events: libc::POLLIN, revents: 0 },
+    ];
+    let ms = timeout.as_millis().min(i32::MAX as u128) as i32;
+    // SAFETY: valid pollfds for the duration of the call.
+    let n = unsafe { libc::poll(fds.as_mut_ptr(), 2, ms) };
+    if n < 0 {
+        // EINTR: let the caller's read decide (it waits again).
+        return Ready::Frame;
+    }
+    if fds[0].revents & libc::POLLPRI != 0 {
+        Ready::Event
+    } else if fds[1].revents & (libc::POLLERR | libc::POLLHUP | libc::POLLNVAL) != 0 {
+        Ready::Gone
+    } else if fds[1].revents & libc::POLLIN != 0 {
+        Ready::Frame
+    } else {
+        Ready::Timeout
+    }
 }
 
 impl CallCamera {
@@ -132,7 +170,7 @@ impl CallCamera {
             .map_err(|e| err(format!("allocate buffers: {e}")))?;
         stream.set_timeout(CAMERA_TIMEOUT);
         let fd = stream.handle().fd();
-        Ok(CallCamera { stream, stride: got.stride as usize, fd })
+        Ok(CallCamera { stream, stride: got.stride as usize, fd, streaming: false })
     }
 }
 
@@ -344,7 +382,33 @@ impl Streamer {
                 }
             }
         }
+        let Some(cam) = self.camera.as_ref() else { return };
+        // Once the camera streams, wait for its frame and the gadget's events together.
+        // (Before its first frame the camera is not streaming yet and polls as an error.)
+        if cam.streaming {
+            match wait_frame_or_event(self.node.fd().as_raw_fd(), cam.fd, CAMERA_TIMEOUT) {
+                Ready::Frame => {}
+                Ready::Event => return,
+                Ready::Gone => {
+                    tracing::error!("camera {} removed during a call", self.camera_path.display());
+                    self.close_camera();
+                    self.camera_failed(true);
+                    return;
+                }
+                Ready::Timeout => {
+                    tracing::error!(
+                        "camera {} during a call: no frame in {} s",
+                        self.camera_path.display(),
+                        CAMERA_TIMEOUT.as_secs()
+                    );
+                    self.close_camera();
+                    self.camera_failed(false);
+                    return;
+                }
+            }
+        }
         let Some(cam) = self.camera.as_mut() else { return };
+        cam.streaming = true;
         let frame = match cam.stream.next() {
             Ok(x) => x,
             Err(e) => {
@@ -427,6 +491,44 @@ mod tests {
         assert_eq!(copy_frame(&[0xff, 0xd8, 0xff, 0xd9], &mut dst, &jpeg, 0), 4);
         let mut small = [0u8; 3];
         assert_eq!(copy_frame(&[0xff, 0xd8, 0xff, 0xd9], &mut small, &jpeg, 0), 3);
+    }
+
+    #[test]
+    fn a_gadget_event_is_seen_before_a_camera_read_and_a_removed_camera_at_once() {
+        use std::io::Write;
+        use std::net::{TcpListener, TcpStream};
+        use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+        // The gadget's event is POLLPRI: urgent data on a loopback TCP connection stands in.
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let sender = TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+        let (gadget, _) = listener.accept().unwrap();
+        // The camera is POLLIN / POLLHUP: a pipe stands in.
+        let mut fds = [0; 2];
+        assert_eq!(unsafe { libc::pipe(fds.as_mut_ptr()) }, 0);
+        let (camera, frame_end) = unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
+        let short = Duration::from_millis(50);
+        let t = Instant::now();
+        assert_eq!(wait_frame_or_event(gadget.as_raw_fd(), camera.as_raw_fd(), short), Ready::Timeout);
+        assert!(t.elapsed() >= short);
+        let mut frames = std::fs::File::from(frame_end);
+        frames.write_all(b"f").unwrap();
+        assert_eq!(wait_frame_or_event(gadget.as_raw_fd(), camera.as_raw_fd(), short), Ready::Frame);
+        // An event and a frame together: the event first.
+        let sent = unsafe { libc::send(sender.as_raw_fd(), b"!".as_ptr().cast(), 1, libc::MSG_OOB) };
+        assert_eq!(sent, 1);
+        let t = Instant::now();
+        assert_eq!(wait_frame_or_event(gadget.as_raw_fd(), camera.as_raw_fd(), CAMERA_TIMEOUT), Ready::Event);
+        assert!(t.elapsed() < Duration::from_secs(1), "not after a read's wait");
+        // The camera gone (its other end closed: POLLHUP) while no event waits.
+        drop(sender);
+        drop(gadget);
+        let idle = TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+        let (quiet, _) = listener.accept().unwrap();
+        drop(frames);
+        let mut buf = [0u8; 1];
+        assert_eq!(unsafe { libc::read(camera.as_raw_fd(), buf.as_mut_ptr().cast(), 1) }, 1);
+        assert_eq!(wait_frame_or_event(quiet.as_raw_fd(), camera.as_raw_fd(), short), Ready::Gone);
+        drop(idle);
     }
 
     #[test]
