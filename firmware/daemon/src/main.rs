@@ -430,6 +430,14 @@ pub fn run_pipeline(
     let t = std::time::Instant::now();
     let detector = Detector::load(&model_path, config.detector.min_score, config.detector.nms_iou)
         .context("loading the detector")?;
+    // Loading and optimising freed as much as the model weighs (the weights before
+    // packing); glibc keeps freed pages in the middle of its heaps until asked. Once,
+    // here: the per-frame path is not trimmed (its pages would fault in again each frame).
+    #[cfg(target_env = "gnu")]
+    // SAFETY: malloc_trim only hands free pages back to the kernel.
+    unsafe {
+        libc::malloc_trim(0);
+    }
     tracing::info!(
         "model {} loaded and optimised in {} ms, {} inference thread(s)",
         model_path.display(),

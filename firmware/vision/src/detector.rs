@@ -121,6 +121,28 @@ pub fn export_nnef(onnx: &Path, out: &Path) -> Result<(), DetectorError> {
     Ok(())
 }
 
+/// A reader that hashes (SHA-256) what is read through it.
+struct HashingReader<R> {
+    inner: R,
+    hash: sha2::Sha256,
+}
+
+impl<R: std::io::Read> std::io::Read for HashingReader<R> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        use sha2::Digest;
+        let n = self.inner.read(buf)?;
+        self.hash.update(&buf[..n]);
+        Ok(n)
+    }
+}
+
+impl<R> HashingReader<R> {
+    fn hex(self) -> String {
+        use sha2::Digest;
+        self.hash.finalize().iter().map(|b| format!("{b:02x}")).collect()
+    }
+}
+
 pub struct Detector {
     plan: Arc<TypedRunnableModel>,
     /// What pre-processing reuses from frame to frame.
@@ -135,15 +157,22 @@ pub struct Detector {
 impl Detector {
     /// Loads and optimises the model. `min_score` and `nms_iou` filter the output.
     pub fn load(path: &Path, min_score: f32, nms_iou: f32) -> Result<Self, DetectorError> {
-        let bytes =
-            std::fs::read(path).map_err(|source| DetectorError::Read { path: path.into(), source })?;
-        let sha256 = crate::sha256_hex(&bytes);
+        let read_err = |source| DetectorError::Read { path: path.into(), source };
         let load_err = |e: TractError| DetectorError::Load { path: path.into(), reason: format!("{e:#}") };
-        let model = if is_nnef(path) {
+        // The model's file is as large as its weights: the NNEF archive is read as a
+        // stream (hashed on the way), and an ONNX file's bytes are dropped before the
+        // optimiser runs, so the file is never in memory beside the optimised model.
+        let (model, sha256) = if is_nnef(path) {
             use tract_onnx_opl::WithOnnx;
-            tract_nnef::nnef().with_onnx().model_for_read(&mut bytes.as_slice()).map_err(load_err)?
+            let file = std::fs::File::open(path).map_err(read_err)?;
+            let mut reader = HashingReader { inner: std::io::BufReader::new(file), hash: Default::default() };
+            let model = tract_nnef::nnef().with_onnx().model_for_read(&mut reader).map_err(load_err)?;
+            // The archive's end (padding the reader stops before) is part of the file.
+            std::io::copy(&mut reader, &mut std::io::sink()).map_err(read_err)?;
+            (model, reader.hex())
         } else {
-            onnx_typed(&bytes).map_err(load_err)?
+            let bytes = std::fs::read(path).map_err(read_err)?;
+            (onnx_typed(&bytes).map_err(load_err)?, crate::sha256_hex(&bytes))
         };
         let input_size = model
             .input_fact(0)

@@ -168,6 +168,9 @@ fn nnef_export_matches_the_onnx_model() {
     let a = Detector::load(&onnx, 0.3, 0.5).unwrap();
     let b = Detector::load(&nnef, 0.3, 0.5).unwrap();
     assert_eq!(a.input_size(), b.input_size());
+    // The archive is hashed as it is read: the whole file, as the pin and the status say.
+    assert_eq!(b.sha256(), sha256_hex(&std::fs::read(&nnef).unwrap()));
+    assert_eq!(a.sha256(), sha256_hex(&std::fs::read(&onnx).unwrap()));
     let token = deskcam_hw::sim::simulated_open();
     let mut source = DirSource::open(&demo_photos(), false).unwrap();
     let mut frames = 0;
