@@ -115,10 +115,19 @@ pub fn export_nnef(onnx: &Path, out: &Path) -> Result<(), DetectorError> {
     let err = |e: TractError| DetectorError::Load { path: onnx.into(), reason: format!("{e:#}") };
     let bytes = std::fs::read(onnx).map_err(|source| DetectorError::Read { path: onnx.into(), source })?;
     let model = onnx_typed(&bytes).and_then(|m| m.into_decluttered()).map_err(err)?;
-    let file =
-        std::fs::File::create(out).map_err(|source| DetectorError::Read { path: out.into(), source })?;
-    tract_nnef::nnef().with_onnx().write_to_tar(&model, file).map_err(err)?;
-    Ok(())
+    // Written beside the target and renamed when complete: a model tract cannot write
+    // (an op without an NNEF form) leaves no half archive where a device would load it.
+    let mut partial = out.as_os_str().to_owned();
+    partial.push(".partial");
+    let partial = PathBuf::from(partial);
+    let io_err = |source| DetectorError::Read { path: out.into(), source };
+    let file = std::fs::File::create(&partial).map_err(io_err)?;
+    let written = tract_nnef::nnef().with_onnx().write_to_tar(&model, file).map_err(err);
+    if let Err(e) = written {
+        let _ = std::fs::remove_file(&partial);
+        return Err(e);
+    }
+    std::fs::rename(&partial, out).map_err(io_err)
 }
 
 /// A reader that hashes (SHA-256) what is read through it.

@@ -158,6 +158,18 @@ fn int8_model_is_pinned_and_agrees_with_the_float_model() {
     assert!(compared >= 5, "too few detections compared: {compared}");
 }
 
+/// A model tract cannot write as NNEF (the QDQ model: no NNEF form for its quantise
+/// ops) is refused with no archive left behind, whole or partial.
+#[test]
+fn a_model_without_an_nnef_form_leaves_no_archive() {
+    let int8 = repo().join("models/nanodet-int8.onnx");
+    let out = std::env::temp_dir().join(format!("deskcam-test-int8-{}.nnef.tar", std::process::id()));
+    let e = deskcam_vision::detector::export_nnef(&int8, &out).unwrap_err();
+    assert!(e.to_string().contains("No serializer found"), "{e}");
+    assert!(!out.exists());
+    assert!(!out.with_extension("tar.partial").exists());
+}
+
 /// The NNEF form the boards load (`deskcam model export-nnef`) computes what the ONNX
 /// model computes: the same raw head outputs on the demo photos.
 #[test]
