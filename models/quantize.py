@@ -8,6 +8,15 @@ calibrated on ../shared: the result is committed.
     python models/quantize.py PHOTO_DIR        (tools pinned in requirements.txt)
 
 Prints the sha256 of the result; nanodet-int8.onnx.sha256 pins it.
+
+    python models/quantize.py PHOTO_DIR --qlinearconv OUT.onnx
+
+writes the form tract runs on its integer kernels (measured in MODEL_CARD.md, not
+committed): the zero Pads folded into the convolutions that follow them, then QLinearConv
+(standard ONNX, QOperator) for the convolutions only, int8 activations and weights (tract
+wants the two of one type), one weight scale per tensor (a per-channel scale is not fused
+into tract's requantisation: 2x slower). Between the convolutions the graph stays float
+behind QuantizeLinear/DequantizeLinear.
 """
 import hashlib
 import os
@@ -64,29 +73,88 @@ def infinite_pads(path):
             and n.input[2] in values and not np.all(np.isfinite(values[n.input[2]]))]
 
 
+def fold_zero_pads(src, dst):
+    """Folds each constant-zero Pad that only feeds a Conv's input into that Conv's pads
+    (TF's explicit padding): a Pad between two convolutions would otherwise keep a
+    QuantizeLinear between them. Returns how many were folded."""
+    import onnx
+    from onnx import helper, numpy_helper
+    m = onnx.load(src)
+    g = m.graph
+    consts = {i.name: numpy_helper.to_array(i) for i in g.initializer}
+    consts.update({n.output[0]: numpy_helper.to_array(n.attribute[0].t) for n in g.node
+                   if n.op_type == "Constant" and n.attribute and n.attribute[0].name == "value"})
+    users = {}
+    for n in g.node:
+        for i in n.input:
+            users.setdefault(i, []).append(n)
+    folded = set()
+    for n in g.node:
+        if n.op_type != "Pad" or len(n.input) < 2 or n.input[1] not in consts:
+            continue
+        if any(a.name == "mode" and a.s != b"constant" for a in n.attribute):
+            continue
+        value = consts.get(n.input[2]) if len(n.input) > 2 and n.input[2] else np.zeros(1)
+        pads = consts[n.input[1]].astype(np.int64).tolist()
+        us = users.get(n.output[0], [])
+        if (value is None or float(np.asarray(value).reshape(-1)[0]) != 0.0 or len(pads) != 8
+                or any(pads[i] for i in (0, 1, 4, 5)) or min(pads) < 0
+                or len(us) != 1 or us[0].op_type != "Conv" or us[0].input[0] != n.output[0]):
+            continue
+        conv = us[0]
+        if any(a.name == "auto_pad" and a.s not in (b"", b"NOTSET") for a in conv.attribute):
+            continue
+        old = [a for a in conv.attribute if a.name == "pads"]
+        cp = list(old[0].ints) if old else [0, 0, 0, 0]
+        for a in old:
+            conv.attribute.remove(a)
+        conv.attribute.append(helper.make_attribute(
+            "pads", [cp[0] + pads[2], cp[1] + pads[3], cp[2] + pads[6], cp[3] + pads[7]]))
+        conv.input[0] = n.input[0]
+        folded.add(id(n))
+    kept = [n for n in g.node if id(n) not in folded]
+    del g.node[:]
+    g.node.extend(kept)
+    onnx.checker.check_model(m)
+    onnx.save(m, dst)
+    return len(folded)
+
+
 def main():
-    if len(sys.argv) != 2:
+    args = sys.argv[1:]
+    qlinear = None
+    if len(args) == 3 and args[1] == "--qlinearconv":
+        qlinear = args[2]
+    elif len(args) != 1:
         sys.exit(__doc__)
-    pre = OUT + ".pre.onnx"
+    out = qlinear or OUT
+    pre = out + ".pre.onnx"
+    src = MODEL
+    if qlinear:
+        src = out + ".nopad.onnx"
+        print(f"zero pads folded into convolutions: {fold_zero_pads(MODEL, src)}", file=sys.stderr)
     # Shape inference and graph clean-up first, as onnxruntime recommends for QDQ.
-    quant_pre_process(MODEL, pre, skip_symbolic_shape=True)
+    try:
+        quant_pre_process(src, pre, skip_symbolic_shape=True)
+    finally:
+        if qlinear:
+            os.remove(src)
     exclude = infinite_pads(pre)
     print(f"kept in float: {exclude} and the max-pool after it", file=sys.stderr)
     try:
-        quantize_static(
-            pre, OUT, Photos(sys.argv[1]),
-            quant_format=QuantFormat.QDQ,
-            per_channel=True,
-            activation_type=QuantType.QUInt8,
-            weight_type=QuantType.QInt8,
-            calibrate_method=CalibrationMethod.MinMax,
-            nodes_to_exclude=exclude,
-            op_types_to_quantize=["Conv", "LeakyRelu", "Add", "Concat", "Resize", "Sigmoid", "Pad", "MaxPool"],
-        )
+        # The QLinearConv form: int8 both sides, one scale per tensor, convolutions only.
+        form = (dict(quant_format=QuantFormat.QOperator, per_channel=False,
+                     activation_type=QuantType.QInt8, op_types_to_quantize=["Conv"])
+                if qlinear else
+                dict(quant_format=QuantFormat.QDQ, per_channel=True, activation_type=QuantType.QUInt8,
+                     op_types_to_quantize=["Conv", "LeakyRelu", "Add", "Concat", "Resize", "Sigmoid",
+                                           "Pad", "MaxPool"]))
+        quantize_static(pre, out, Photos(args[0]), weight_type=QuantType.QInt8,
+                        calibrate_method=CalibrationMethod.MinMax, nodes_to_exclude=exclude, **form)
     finally:
         os.remove(pre)
-    digest = hashlib.sha256(open(OUT, "rb").read()).hexdigest()
-    print(f"{digest}  {os.path.basename(OUT)}  ({os.path.getsize(OUT) / 1e6:.1f} MB)")
+    digest = hashlib.sha256(open(out, "rb").read()).hexdigest()
+    print(f"{digest}  {os.path.basename(out)}  ({os.path.getsize(out) / 1e6:.1f} MB)")
 
 
 if __name__ == "__main__":
