@@ -20,6 +20,7 @@ behind QuantizeLinear/DequantizeLinear.
 """
 import hashlib
 import os
+import shutil
 import sys
 
 import numpy as np
@@ -120,6 +121,93 @@ def fold_zero_pads(src, dst):
     return len(folded)
 
 
+def int8_between_convs(path):
+    """Exact rewrites (the same numbers, checked by the caller) that keep tensors int8
+    between the QLinearConvs, so tract does not round-trip them through float:
+    - Concat → QuantizeLinear becomes QuantizeLinear on each input → Concat (of int8);
+    - each QuantizeLinear fed by DequantizeLinear → LeakyRelu gets a copy of that chain
+      of its own, which tract folds into one 256-entry int8 lookup table (it folds only
+      chains whose nodes each have one consumer).
+    Returns (concats, chains) rewritten."""
+    import copy
+    import onnx
+    from onnx import helper
+    m = onnx.load(path)
+    g = m.graph
+    outputs = {o.name for o in g.output}
+
+    def graph_maps():
+        prod = {o: n for n in g.node for o in n.output}
+        users = {}
+        for n in g.node:
+            for i in n.input:
+                users.setdefault(i, []).append(n)
+        return prod, users
+
+    _, users = graph_maps()
+    concats = 0
+    for c in [n for n in g.node if n.op_type == "Concat" and n.output[0] not in outputs]:
+        us = users.get(c.output[0], [])
+        if len(us) != 1 or us[0].op_type != "QuantizeLinear":
+            continue
+        q = us[0]
+        for k, inp in enumerate(list(c.input)):
+            name = f"{c.name}_in{k}_q"
+            g.node.append(helper.make_node("QuantizeLinear", [inp, q.input[1], q.input[2]], [name], name=name))
+            c.input[k] = name
+        c.output[0] = q.output[0]
+        g.node.remove(q)
+        concats += 1
+    prod, users = graph_maps()
+    chains = 0
+    for q in [n for n in g.node if n.op_type == "QuantizeLinear"]:
+        lrelu = prod.get(q.input[0])
+        dq = prod.get(lrelu.input[0]) if lrelu is not None and lrelu.op_type == "LeakyRelu" else None
+        if dq is None or dq.op_type != "DequantizeLinear":
+            continue
+        if len(users[lrelu.output[0]]) == 1 and len(users[dq.output[0]]) == 1:
+            continue
+        dq2, lrelu2 = copy.deepcopy(dq), copy.deepcopy(lrelu)
+        dq2.name = dq2.output[0] = f"{q.name}_dq"
+        lrelu2.name = lrelu2.output[0] = f"{q.name}_lrelu"
+        lrelu2.input[0] = dq2.name
+        q.input[0] = lrelu2.name
+        g.node.extend([dq2, lrelu2])
+        chains += 1
+    # What nothing uses any more goes; the rest in an order where inputs come first.
+    while True:
+        _, users = graph_maps()
+        dead = [n for n in g.node if all(o not in users and o not in outputs for o in n.output)]
+        if not dead:
+            break
+        for n in dead:
+            g.node.remove(n)
+    known = {i.name for i in g.input} | {i.name for i in g.initializer} | {""}
+    ordered, waiting = [], list(g.node)
+    while waiting:
+        ready = [n for n in waiting if all(i in known for i in n.input)]
+        if not ready:
+            raise SystemExit("int8_between_convs: the graph has a cycle")
+        for n in ready:
+            known.update(n.output)
+        ordered += ready
+        waiting = [n for n in waiting if n not in ready]
+    del g.node[:]
+    g.node.extend(ordered)
+    onnx.checker.check_model(m)
+    onnx.save(m, path)
+    return concats, chains
+
+
+def same_outputs(a, b, photo_dir):
+    """The largest difference between two models' outputs on the first calibration input."""
+    import onnxruntime as ort
+    feed = next(iter(Photos(photo_dir).items))
+    ra = ort.InferenceSession(a).run(None, feed)
+    rb = ort.InferenceSession(b).run(None, feed)
+    return max(float(np.abs(x - y).max()) for x, y in zip(ra, rb))
+
+
 def main():
     args = sys.argv[1:]
     qlinear = None
@@ -153,6 +241,18 @@ def main():
                         calibrate_method=CalibrationMethod.MinMax, nodes_to_exclude=exclude, **form)
     finally:
         os.remove(pre)
+    if qlinear:
+        plain = out + ".plain.onnx"
+        shutil.copy(out, plain)
+        try:
+            concats, chains = int8_between_convs(out)
+            worst = same_outputs(plain, out, args[0])
+        finally:
+            os.remove(plain)
+        print(f"int8 between convolutions: {concats} concatenations, {chains} LeakyReLU chains; "
+              f"largest output change {worst}", file=sys.stderr)
+        if worst != 0.0:
+            sys.exit("the int8 rewrites changed the model's outputs")
     digest = hashlib.sha256(open(out, "rb").read()).hexdigest()
     print(f"{digest}  {os.path.basename(out)}  ({os.path.getsize(out) / 1e6:.1f} MB)")
 
