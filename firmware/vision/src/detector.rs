@@ -111,7 +111,6 @@ fn onnx_typed(_bytes: &[u8]) -> TractResult<TypedModel> {
 /// load when their config says `model.form = "nnef"` (no ONNX front end in the binary).
 #[cfg(feature = "onnx")]
 pub fn export_nnef(onnx: &Path, out: &Path) -> Result<(), DetectorError> {
-    use tract_onnx_opl::WithOnnx;
     let err = |e: TractError| DetectorError::Load { path: onnx.into(), reason: format!("{e:#}") };
     let bytes = std::fs::read(onnx).map_err(|source| DetectorError::Read { path: onnx.into(), source })?;
     let model = onnx_typed(&bytes).and_then(|m| m.into_decluttered()).map_err(err)?;
@@ -122,7 +121,7 @@ pub fn export_nnef(onnx: &Path, out: &Path) -> Result<(), DetectorError> {
     let partial = PathBuf::from(partial);
     let io_err = |source| DetectorError::Read { path: out.into(), source };
     let file = std::fs::File::create(&partial).map_err(io_err)?;
-    let written = tract_nnef::nnef().with_onnx().write_to_tar(&model, file).map_err(err);
+    let written = nnef_framework().write_to_tar(&model, file).map_err(err);
     if let Err(e) = written {
         let _ = std::fs::remove_file(&partial);
         return Err(e);
@@ -152,6 +151,13 @@ impl<R> HashingReader<R> {
     }
 }
 
+/// tract's NNEF framework with what our models need: the ONNX ops' NNEF forms and ours
+/// for the int8 model's quantisation ops.
+fn nnef_framework() -> tract_nnef::framework::Nnef {
+    use tract_onnx_opl::WithOnnx;
+    tract_nnef::nnef().with_onnx().with_registry(crate::nnef_quant::registry())
+}
+
 pub struct Detector {
     plan: Arc<TypedRunnableModel>,
     /// What pre-processing reuses from frame to frame.
@@ -172,10 +178,9 @@ impl Detector {
         // stream (hashed on the way), and an ONNX file's bytes are dropped before the
         // optimiser runs, so the file is never in memory beside the optimised model.
         let (model, sha256) = if is_nnef(path) {
-            use tract_onnx_opl::WithOnnx;
             let file = std::fs::File::open(path).map_err(read_err)?;
             let mut reader = HashingReader { inner: std::io::BufReader::new(file), hash: Default::default() };
-            let model = tract_nnef::nnef().with_onnx().model_for_read(&mut reader).map_err(load_err)?;
+            let model = nnef_framework().model_for_read(&mut reader).map_err(load_err)?;
             // The archive's end (padding the reader stops before) is part of the file.
             std::io::copy(&mut reader, &mut std::io::sink()).map_err(read_err)?;
             (model, reader.hex())

@@ -9,6 +9,7 @@
 pub mod detector;
 pub mod evidence;
 pub mod frame;
+mod nnef_quant;
 pub mod source;
 
 pub use detector::{Detector, DetectorError};
