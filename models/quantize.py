@@ -61,15 +61,30 @@ class Photos(CalibrationDataReader):
         return next(self.items, None)
 
 
+def constants(graph):
+    """The graph's constant values by name: its initializers and Constant nodes."""
+    from onnx import numpy_helper
+    values = {i.name: numpy_helper.to_array(i) for i in graph.initializer}
+    values.update({n.output[0]: numpy_helper.to_array(n.attribute[0].t) for n in graph.node
+                   if n.op_type == "Constant" and n.attribute and n.attribute[0].name == "value"})
+    return values
+
+
+def consumers(graph):
+    """The nodes that read each value, by the value's name."""
+    users = {}
+    for n in graph.node:
+        for i in n.input:
+            users.setdefault(i, []).append(n)
+    return users
+
+
 def infinite_pads(path):
     """Pad nodes whose constant value is infinite: TF's MaxPool padding (-inf) before
     the backbone's max-pool. An infinite range has no int8 scale; they stay float."""
     import onnx
-    from onnx import numpy_helper
     m = onnx.load(path)
-    values = {i.name: numpy_helper.to_array(i) for i in m.graph.initializer}
-    values.update({n.output[0]: numpy_helper.to_array(n.attribute[0].t) for n in m.graph.node
-                   if n.op_type == "Constant" and n.attribute})
+    values = constants(m.graph)
     return [n.name for n in m.graph.node if n.op_type == "Pad" and len(n.input) > 2
             and n.input[2] in values and not np.all(np.isfinite(values[n.input[2]]))]
 
@@ -79,16 +94,11 @@ def fold_zero_pads(src, dst):
     (TF's explicit padding): a Pad between two convolutions would otherwise keep a
     QuantizeLinear between them. Returns how many were folded."""
     import onnx
-    from onnx import helper, numpy_helper
+    from onnx import helper
     m = onnx.load(src)
     g = m.graph
-    consts = {i.name: numpy_helper.to_array(i) for i in g.initializer}
-    consts.update({n.output[0]: numpy_helper.to_array(n.attribute[0].t) for n in g.node
-                   if n.op_type == "Constant" and n.attribute and n.attribute[0].name == "value"})
-    users = {}
-    for n in g.node:
-        for i in n.input:
-            users.setdefault(i, []).append(n)
+    consts = constants(g)
+    users = consumers(g)
     folded = set()
     for n in g.node:
         if n.op_type != "Pad" or len(n.input) < 2 or n.input[1] not in consts:
@@ -136,15 +146,7 @@ def int8_between_convs(path):
     g = m.graph
     outputs = {o.name for o in g.output}
 
-    def graph_maps():
-        prod = {o: n for n in g.node for o in n.output}
-        users = {}
-        for n in g.node:
-            for i in n.input:
-                users.setdefault(i, []).append(n)
-        return prod, users
-
-    _, users = graph_maps()
+    users = consumers(g)
     concats = 0
     for c in [n for n in g.node if n.op_type == "Concat" and n.output[0] not in outputs]:
         us = users.get(c.output[0], [])
@@ -158,7 +160,7 @@ def int8_between_convs(path):
         c.output[0] = q.output[0]
         g.node.remove(q)
         concats += 1
-    prod, users = graph_maps()
+    prod, users = {o: n for n in g.node for o in n.output}, consumers(g)
     chains = 0
     for q in [n for n in g.node if n.op_type == "QuantizeLinear"]:
         lrelu = prod.get(q.input[0])
@@ -176,7 +178,7 @@ def int8_between_convs(path):
         chains += 1
     # What nothing uses any more goes; the rest in an order where inputs come first.
     while True:
-        _, users = graph_maps()
+        users = consumers(g)
         dead = [n for n in g.node if all(o not in users and o not in outputs for o in n.output)]
         if not dead:
             break

@@ -221,12 +221,8 @@ impl Streamer {
         while !self.stop.load(Ordering::Relaxed) {
             let busy = self.format.is_some() && self.camera.is_some() && self.node.has_free();
             if self.wait_for_event(if busy { 0 } else { 100 }) {
-                // The camera went away (its driver unbound) while the stream held it,
-                // perhaps with no frame wanted (the PC not taking them): let go of it at
-                // once, so the driver can go, and report the fault.
-                tracing::error!("camera {} removed during a call", self.camera_path.display());
-                self.close_camera();
-                self.camera_failed(true);
+                // (Also while no frame is wanted: the PC not taking them.)
+                self.camera_removed();
             }
             loop {
                 match self.node.next_event() {
@@ -335,6 +331,22 @@ impl Streamer {
         self.gate.release();
     }
 
+    /// The camera's device went away under the stream (its driver unbound), perhaps with
+    /// no frame wanted: let go of it at once, so the driver can go, and report the fault.
+    fn camera_removed(&mut self) {
+        tracing::error!("camera {} removed during a call", self.camera_path.display());
+        self.close_camera();
+        self.camera_failed(true);
+    }
+
+    /// A camera read that failed during a call: the camera is closed (opened again for
+    /// the next frame), a fault only if it went away.
+    fn camera_read_failed(&mut self, why: impl std::fmt::Display) {
+        tracing::error!("camera {} during a call: {why}", self.camera_path.display());
+        self.close_camera();
+        self.camera_failed(false);
+    }
+
     /// A camera fault the daemon must hear of: the camera went away (`removed`, or its
     /// node is gone), unless the stream was told to stop meanwhile. A camera that is
     /// there but fails for the stream only (a format it refuses, a read timeout) is
@@ -389,21 +401,9 @@ impl Streamer {
             match wait_frame_or_event(self.node.fd().as_raw_fd(), cam.fd, CAMERA_TIMEOUT) {
                 Ready::Frame => {}
                 Ready::Event => return,
-                Ready::Gone => {
-                    tracing::error!("camera {} removed during a call", self.camera_path.display());
-                    self.close_camera();
-                    self.camera_failed(true);
-                    return;
-                }
+                Ready::Gone => return self.camera_removed(),
                 Ready::Timeout => {
-                    tracing::error!(
-                        "camera {} during a call: no frame in {} s",
-                        self.camera_path.display(),
-                        CAMERA_TIMEOUT.as_secs()
-                    );
-                    self.close_camera();
-                    self.camera_failed(false);
-                    return;
+                    return self.camera_read_failed(format!("no frame in {} s", CAMERA_TIMEOUT.as_secs()))
                 }
             }
         }
@@ -411,12 +411,7 @@ impl Streamer {
         cam.streaming = true;
         let frame = match cam.stream.next() {
             Ok(x) => x,
-            Err(e) => {
-                tracing::error!("camera {} during a call: {e}", self.camera_path.display());
-                self.close_camera();
-                self.camera_failed(false);
-                return;
-            }
+            Err(e) => return self.camera_read_failed(e),
         };
         let (buf, meta) = frame;
         let used = (meta.bytesused as usize).min(buf.len());

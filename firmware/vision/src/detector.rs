@@ -147,7 +147,7 @@ impl<R: std::io::Read> std::io::Read for HashingReader<R> {
 impl<R> HashingReader<R> {
     fn hex(self) -> String {
         use sha2::Digest;
-        self.hash.finalize().iter().map(|b| format!("{b:02x}")).collect()
+        crate::hex(&self.hash.finalize())
     }
 }
 

@@ -20,5 +20,10 @@ pub use source::{open_source, CaptureError, FrameSource};
 /// Lower-case hex sha256, as checksums are written in events, `state` and models/.
 pub fn sha256_hex(bytes: &[u8]) -> String {
     use sha2::{Digest, Sha256};
-    Sha256::digest(bytes).iter().map(|b| format!("{b:02x}")).collect()
+    hex(&Sha256::digest(bytes))
+}
+
+/// Lower-case hex of a digest, as `sha256sum` prints it.
+pub(crate) fn hex(digest: &[u8]) -> String {
+    digest.iter().map(|b| format!("{b:02x}")).collect()
 }
