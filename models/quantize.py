@@ -9,14 +9,16 @@ calibrated on ../shared: the result is committed.
 
 Prints the sha256 of the result; nanodet-int8.onnx.sha256 pins it.
 
-    python models/quantize.py PHOTO_DIR --qlinearconv OUT.onnx
+    python models/quantize.py PHOTO_DIR --qlinearconv [OUT.onnx]
 
-writes the form tract runs on its integer kernels (measured in MODEL_CARD.md, not
-committed): the zero Pads folded into the convolutions that follow them, then QLinearConv
+writes models/nanodet-int8-qlinear.onnx (pinned by its .sha256; the int8 model the boards
+with a dot product run, as NNEF, see MODEL_CARD.md), the form tract runs on its integer
+kernels: the zero Pads folded into the convolutions that follow them, then QLinearConv
 (standard ONNX, QOperator) for the convolutions only, int8 activations and weights (tract
 wants the two of one type), one weight scale per tensor (a per-channel scale is not fused
-into tract's requantisation: 2x slower). Between the convolutions the graph stays float
-behind QuantizeLinear/DequantizeLinear.
+into tract's requantisation: 2x slower). Between the convolutions two exact rewrites
+(checked here against onnxruntime) keep tensors int8 across concatenations and LeakyReLU
+(tract's lookup tables); the rest stays float behind QuantizeLinear/DequantizeLinear.
 """
 import hashlib
 import os
@@ -34,6 +36,7 @@ from make_reference import MODEL, preprocess  # noqa: E402  (the same pre-proces
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 OUT = os.path.join(HERE, "nanodet-int8.onnx")
+QLINEAR_OUT = os.path.join(HERE, "nanodet-int8-qlinear.onnx")
 PHOTOS = ["astronaut.png", "basketball1.png", "camera.png", "left.jpg", "left06.jpg", "zz-covered-lens.png"]
 
 
@@ -213,8 +216,8 @@ def same_outputs(a, b, photo_dir):
 def main():
     args = sys.argv[1:]
     qlinear = None
-    if len(args) == 3 and args[1] == "--qlinearconv":
-        qlinear = args[2]
+    if len(args) in (2, 3) and args[1] == "--qlinearconv":
+        qlinear = args[2] if len(args) == 3 else QLINEAR_OUT
     elif len(args) != 1:
         sys.exit(__doc__)
     out = qlinear or OUT

@@ -81,6 +81,7 @@ while read -r cmd <&3; do
     # the last kernel lines of the USB drivers.
     # the daemon's threads (where each waits in the kernel), the blocked tasks and the
     # kernel's last lines.
+    rss) echo "RSS $(awk '/^Vm(HWM|RSS):/ { printf "%s %.1f ", $1, $2 / 1024 }' /proc/$(pidof deskcam)/status)" >&3 ;;
     usb-diag) echo "DIAG udc $(cat /sys/class/udc/*/state 2>&1)" >&3
               for t in /proc/$(pidof deskcam)/task/*; do
                 echo "DIAG task $(cat "$t/comm") $(sed -n 's/^State:\t//p' "$t/status") wchan=$(cat "$t/wchan")" >&3

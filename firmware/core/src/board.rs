@@ -55,6 +55,15 @@ pub enum ModelForm {
     Nnef,
 }
 
+/// Which of the committed models a board runs (`model.precision`): the int8 model pays
+/// off only where tract has integer dot-product kernels (Cortex-A76 and later; measured
+/// in models/MODEL_CARD.md).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ModelPrecision {
+    Fp32,
+    Int8,
+}
+
 /// A validated board config.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Board {
@@ -75,6 +84,7 @@ pub struct Board {
     pub model_input_size: u32,
     pub model_threads: u32,
     pub model_form: ModelForm,
+    pub model_precision: ModelPrecision,
     /// The board has a USB device controller (it can be the PC's webcam).
     pub usb_device: bool,
     /// How `scripts/build-image` makes the SD image; `None`: the board has no image.
@@ -202,6 +212,8 @@ struct RawModel {
     input_size: u32,
     threads: u32,
     form: String,
+    /// `fp32` when absent.
+    precision: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -350,6 +362,14 @@ impl Board {
                 ModelForm::Onnx
             }
         };
+        let model_precision = match m.precision.as_deref().unwrap_or("fp32") {
+            "fp32" => ModelPrecision::Fp32,
+            "int8" => ModelPrecision::Int8,
+            other => {
+                err("model.precision", format!("'{other}' is not one of fp32, int8"));
+                ModelPrecision::Fp32
+            }
+        };
         let image = raw.image.map(|i| {
             let boot = match i.boot.as_str() {
                 "raspi" => BootKind::Raspi,
@@ -433,6 +453,7 @@ impl Board {
             model_input_size: m.input_size,
             model_threads: m.threads,
             model_form,
+            model_precision,
             usb_device: raw.usb.device_controller,
             image,
         })
@@ -480,9 +501,10 @@ mod tests {
         assert!(e.contains("line 40 does not exist"), "{e}");
         let bad = text
             .replace("kind = \"single\"", "kind = \"rgb\"")
-            .replace("form = \"nnef\"", "form = \"tflite\"");
+            .replace("form = \"nnef\"", "form = \"tflite\"")
+            .replace("precision = \"int8\"", "precision = \"int4\"");
         let e = Board::from_toml("qemu-virt", &bad).unwrap_err().to_string();
-        assert!(e.contains("led.lines") && e.contains("model.form"), "{e}");
+        assert!(e.contains("led.lines") && e.contains("model.form") && e.contains("model.precision"), "{e}");
         let e = Board::from_toml("rpi5", &text).unwrap_err().to_string();
         assert!(e.contains("does not match the file name"), "{e}");
         assert!(Board::from_toml("qemu-virt", "name = 1").is_err());

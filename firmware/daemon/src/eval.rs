@@ -6,7 +6,7 @@ use std::process::ExitCode;
 use std::time::Instant;
 
 use anyhow::{Context, Result};
-use deskcam_core::board::ModelForm;
+use deskcam_core::board::{ModelForm, ModelPrecision};
 use deskcam_core::eval::{parse_labels, Evaluation, Report, Scored, Thresholds};
 use deskcam_core::Config;
 use deskcam_vision::source::DirSource;
@@ -59,8 +59,12 @@ pub fn run(args: EvalArgs) -> Result<ExitCode> {
             return Ok(ExitCode::from(2));
         }
     };
-    let model = crate::model::locate(args.model.as_ref().or(config.detector.model.as_ref()), ModelForm::Onnx)
-        .map_err(anyhow::Error::msg)?;
+    let model = crate::model::locate(
+        args.model.as_ref().or(config.detector.model.as_ref()),
+        ModelForm::Onnx,
+        ModelPrecision::Fp32,
+    )
+    .map_err(anyhow::Error::msg)?;
     let detector = Detector::load(&model, CURVE_MIN_SCORE, config.detector.nms_iou)
         .with_context(|| format!("loading {}", model.display()))?;
     let r = &config.rules;

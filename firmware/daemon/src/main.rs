@@ -425,8 +425,8 @@ pub fn run_pipeline(
 ) -> Result<Summary> {
     // The board's cores for the network (tract's executor is process-wide).
     let threads = deskcam_vision::detector::set_inference_threads(board.model_threads as usize);
-    let model_path =
-        model::locate(config.detector.model.as_ref(), board.model_form).map_err(anyhow::Error::msg)?;
+    let model_path = model::locate(config.detector.model.as_ref(), board.model_form, board.model_precision)
+        .map_err(anyhow::Error::msg)?;
     let t = std::time::Instant::now();
     let detector = Detector::load(&model_path, config.detector.min_score, config.detector.nms_iou)
         .context("loading the detector")?;

@@ -82,7 +82,7 @@ impl Vm {
         let (ctl_path, monitor) = (dir.join("ctl.sock"), dir.join("mon.sock"));
         let _ = std::fs::remove_file(&ctl_path);
         let qemu = Command::new("qemu-system-aarch64")
-            .args(["-M", "virt", "-cpu", "cortex-a72", "-smp", "2", "-m", "1024", "-display", "none"])
+            .args(["-M", "virt", "-cpu", "cortex-a76", "-smp", "2", "-m", "1024", "-display", "none"])
             .arg("-kernel")
             .arg(dir.join("vmlinuz"))
             .arg("-initrd")
@@ -300,6 +300,8 @@ fn the_shipped_image_boots_and_does_its_job() {
     let state =
         rec.wait_for(Duration::from_secs(30), |m| on(m, "state", "\"shutter\":\"closed\"")).expect("state");
     assert!(text(&state).contains("\"camera\":\"ok\""), "{}", text(&state));
+    // The board config's precision picks the model: int8 (NNEF) for the VM's Cortex-A76.
+    assert!(text(&state).contains("\"name\":\"nanodet-int8-qlinear.nnef.tar\""), "{}", text(&state));
     assert_eq!(vm.level("deskcam-shutter").as_deref(), Some("lo"), "shutter closed until a scan");
     assert_eq!(vm.level("deskcam-led").as_deref(), Some("lo"), "LED off until a scan");
 
@@ -407,6 +409,11 @@ fn the_shipped_image_boots_and_does_its_job() {
         .expect("camera back");
     phases.push(("replug to camera back", t.elapsed().as_secs_f64()));
     vm.command(&rec, "mode", "m2", ",\"mode\":\"scheduled\"");
+    // The daemon's memory after the boot, the webcam call, checks and continuous mode:
+    // its peak (VmHWM) and now, in MB (MiB).
+    assert_eq!(vm.guest("rss"), 0);
+    let rss = vm.wait_line(Duration::from_secs(5), |l| l.starts_with("RSS ")).expect("the daemon's memory");
+    println!("vm-test: deskcam memory (board build, int8 NNEF model): {}", &rss[4..]);
 
     // A bad value is refused with the reason, and the device keeps its config, also
     // across a reboot.

@@ -124,10 +124,20 @@ fn decode_and_nms_recover_reference_detections_from_stored_cells() {
 /// the demo photos: the same objects (class, IoU ≥ 0.8), scores within 0.1.
 #[test]
 fn int8_model_is_pinned_and_agrees_with_the_float_model() {
-    let int8 = repo().join("models/nanodet-int8.onnx");
+    int8_agrees_with_the_float_model("nanodet-int8.onnx");
+}
+
+/// The same for the int8 model the boards with a dot product ship (QLinearConv form).
+#[test]
+fn shipped_int8_model_is_pinned_and_agrees_with_the_float_model() {
+    int8_agrees_with_the_float_model("nanodet-int8-qlinear.onnx");
+}
+
+fn int8_agrees_with_the_float_model(file: &str) {
+    let int8 = repo().join("models").join(file);
     let sha = sha256_hex(&std::fs::read(&int8).unwrap());
-    let pinned = std::fs::read_to_string(repo().join("models/nanodet-int8.onnx.sha256")).unwrap();
-    assert!(pinned.starts_with(&sha), "models/nanodet-int8.onnx does not match its pinned checksum");
+    let pinned = std::fs::read_to_string(repo().join(format!("models/{file}.sha256"))).unwrap();
+    assert!(pinned.starts_with(&sha), "models/{file} does not match its pinned checksum");
     let f32_det = Detector::load(&repo().join("models/nanodet.onnx"), 0.35, 0.5).unwrap();
     let i8_det = Detector::load(&int8, 0.25, 0.5).unwrap();
     let token = deskcam_hw::sim::simulated_open();
@@ -174,8 +184,19 @@ fn a_model_without_an_nnef_form_leaves_no_archive() {
 /// model computes: the same raw head outputs on the demo photos.
 #[test]
 fn nnef_export_matches_the_onnx_model() {
-    let onnx = repo().join("models/nanodet.onnx");
-    let nnef = std::env::temp_dir().join(format!("deskcam-test-{}.nnef.tar", std::process::id()));
+    nnef_export_matches("nanodet.onnx");
+}
+
+/// The same for the shipped int8 model, whose quantise, dequantise and lookup-table ops
+/// are written in NNEF by forms of our own (nnef_quant).
+#[test]
+fn int8_nnef_export_matches_the_onnx_model() {
+    nnef_export_matches("nanodet-int8-qlinear.onnx");
+}
+
+fn nnef_export_matches(file: &str) {
+    let onnx = repo().join("models").join(file);
+    let nnef = std::env::temp_dir().join(format!("deskcam-test-{}-{file}.nnef.tar", std::process::id()));
     deskcam_vision::detector::export_nnef(&onnx, &nnef).unwrap();
     let a = Detector::load(&onnx, 0.3, 0.5).unwrap();
     let b = Detector::load(&nnef, 0.3, 0.5).unwrap();
