@@ -14,11 +14,15 @@ pub struct DirSource {
     looped: bool,
 }
 
+/// The photo types this build reads (PNG with the `png` feature: the demo's photos).
+const KINDS: &str = if cfg!(feature = "png") { ".jpg, .jpeg or .png" } else { ".jpg or .jpeg" };
+
 fn is_photo(p: &Path) -> bool {
-    matches!(
-        p.extension().and_then(|e| e.to_str()).map(|e| e.to_ascii_lowercase()).as_deref(),
-        Some("jpg" | "jpeg" | "png")
-    )
+    match p.extension().and_then(|e| e.to_str()).map(|e| e.to_ascii_lowercase()).as_deref() {
+        Some("jpg" | "jpeg") => true,
+        Some("png") => cfg!(feature = "png"),
+        _ => false,
+    }
 }
 
 impl DirSource {
@@ -29,7 +33,7 @@ impl DirSource {
             entries.filter_map(|e| e.ok().map(|e| e.path())).filter(|p| is_photo(p)).collect();
         files.sort();
         if files.is_empty() {
-            return Err(bad("holds no .jpg, .jpeg or .png files".into()));
+            return Err(bad(format!("holds no {KINDS} files")));
         }
         Ok(DirSource { dir: dir.to_path_buf(), files, next: 0, looped })
     }
