@@ -58,7 +58,13 @@ journalctl -f -o cat -u deskcam.service | grep --line-buffered "USB:" | sed -u '
    addr=$(networkctl status "$(pc_if)" 2>/dev/null | grep -o '10\.199\.77\.[0-9]*' | grep -vx '10.199.77.1' | head -1)
    j=$((j+1)); sleep 0.1
  done
- echo "USB PCNET ${addr:-none} forward=$(cat /proc/sys/net/ipv4/ip_forward)" >&3) &
+ # The box's route out through the PC (usb.uplink_via_pc), after its own network's.
+ j=0; route=""
+ until [ -n "$route" ] || [ $j -ge 100 ]; do
+   route=$(ip -4 route show default dev usb0 2>/dev/null | head -1 | tr ' ' '_'); j=$((j+1)); sleep 0.1
+ done
+ [ -n "$route" ] || { echo "USB DIAG $(networkctl cat usb0 2>&1 | tr '\n' '|')" >&3; echo "USB DIAG routes $(ip -4 route show table all dev usb0 2>&1 | tr '\n' '|')" >&3; echo "USB DIAG $(ls -la /run/systemd/network/*/ 2>&1 | tr '\n' '|')" >&3; echo "USB DIAG $(journalctl -u systemd-networkd --no-pager 2>&1 | grep -i 'route\|usb0\|warn\|50-deskcam' | tail -15 | tr '\n' '|')" >&3; }
+ echo "USB PCNET ${addr:-none} route=${route:-none} forward=$(cat /proc/sys/net/ipv4/ip_forward)" >&3) &
 echo READY >&3
 while read -r cmd <&3; do
   case "$cmd" in

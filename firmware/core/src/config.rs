@@ -100,6 +100,7 @@ struct RawUsb {
     manufacturer: String,
     product: String,
     page: String,
+    uplink_via_pc: bool,
 }
 
 #[derive(Deserialize)]
@@ -523,6 +524,9 @@ pub struct UsbConfig {
     pub manufacturer: String,
     pub product: String,
     pub page: PageServing,
+    /// The box's way out (MQTT) through the worker's PC, for a box without a network of
+    /// its own: a route via the PC on the USB link, after any other (README).
+    pub uplink_via_pc: bool,
 }
 
 /// Where the daemon serves the worker's page (always on the USB link's address only).
@@ -1210,6 +1214,7 @@ impl Validator {
                     PageServing::WithGadget
                 }
             },
+            uplink_via_pc: raw.usb.uplink_via_pc,
         };
 
         Config {
@@ -1434,6 +1439,7 @@ redaction = "pixelate"
         let c = Config::default();
         assert_eq!((c.usb.vendor_id, c.usb.product_id, c.usb.enabled), (0x1d6b, 0x0104, true));
         assert_eq!(c.usb.page, PageServing::WithGadget);
+        assert!(!c.usb.uplink_via_pc, "the PC carries nothing for the box unless asked");
         let e = Config::from_toml("[usb]\nvendor_id = 70000\nproduct = \"caf\u{00e9}\"\npage = \"never\"\n")
             .unwrap_err()
             .to_string();

@@ -145,6 +145,28 @@ pub fn up(config: Option<PathBuf>) -> Result<ExitCode> {
         }
         Err(e) => return Err(e).context("making the USB gadget"),
     };
+    let (_, pc_mac) = gadget::link_macs(config.device_id.as_str());
+    let dropin = network_dropin(&pc_mac, config.usb.uplink_via_pc);
+    match write_network_dropin(std::path::Path::new(NETWORK_DROPIN), &dropin) {
+        Ok(()) => {
+            // networkd reads it when it starts; when it runs already, it is reloaded.
+            let _ = std::process::Command::new("networkctl")
+                .arg("reload")
+                .stdout(std::process::Stdio::null())
+                .stderr(std::process::Stdio::null())
+                .status();
+            println!(
+                "USB link: the PC's address is {PC_ADDR}{}",
+                if config.usb.uplink_via_pc {
+                    "; MQTT may go out through it (usb.uplink_via_pc)"
+                } else {
+                    ""
+                }
+            )
+        }
+        // The link still works without it (the PC gets an address from the pool).
+        Err(e) => eprintln!("deskcam: {NETWORK_DROPIN}: {e:#}"),
+    }
     let info = gadget::describe(&spec).context("reading the bound gadget")?;
     println!(
         "USB gadget on {udc}: webcam {} ({} format(s)), network link {}",
@@ -153,6 +175,41 @@ pub fn up(config: Option<PathBuf>) -> Result<ExitCode> {
         if info.net_ifname.is_empty() { "(no interface)" } else { &info.net_ifname }
     );
     Ok(ExitCode::SUCCESS)
+}
+
+/// The PC's address on the link: a static lease for the MAC address the gadget gives
+/// the PC's side, so the box knows where the PC is (for `usb.uplink_via_pc`).
+const PC_ADDR: &str = "10.199.77.2";
+/// Written at each `usb up`, in /run (the root file system is read-only): a drop-in of
+/// the image's `10-deskcam-usb.network`.
+const NETWORK_DROPIN: &str = "/run/systemd/network/10-deskcam-usb.network.d/50-deskcam.conf";
+/// After any route of the box's own network (networkd gives DHCP routes 1024).
+const UPLINK_METRIC: u32 = 4096;
+
+/// The networkd drop-in for the USB link: the PC's static lease, and with `uplink` a
+/// default route through the PC, used only when no network of the box's own has one.
+/// (Routing the box's own traffic through the PC; the box still forwards nothing.)
+fn network_dropin(pc_mac: &[u8; 6], uplink: bool) -> String {
+    let mac: Vec<String> = pc_mac.iter().map(|b| format!("{b:02x}")).collect();
+    let mut out = format!(
+        "# Written by `deskcam usb up` from the config (usb.uplink_via_pc = {uplink}).\n\
+         [DHCPServerStaticLease]\nMACAddress={}\nAddress={PC_ADDR}\n",
+        mac.join(":")
+    );
+    if uplink {
+        out.push_str(&format!("\n[Route]\nGateway={PC_ADDR}\nMetric={UPLINK_METRIC}\n"));
+    }
+    out
+}
+
+/// Writes the drop-in atomically (networkd never reads half of one).
+fn write_network_dropin(path: &std::path::Path, text: &str) -> Result<()> {
+    let dir = path.parent().context("no directory")?;
+    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, text).with_context(|| format!("writing {}", tmp.display()))?;
+    std::fs::rename(&tmp, path).with_context(|| format!("renaming to {}", path.display()))?;
+    Ok(())
 }
 
 /// `deskcam usb down`: removes the gadget (the PC sees the box go).
@@ -243,5 +300,28 @@ mod tests {
         assert!(!w.streaming(false));
         assert!(w.streaming(true), "a new stream");
         std::fs::remove_dir_all(&dir).unwrap();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_network_dropin_routes_through_the_pc_only_when_asked() {
+        let (_, pc) = gadget::link_macs("desk-1");
+        let plain = network_dropin(&pc, false);
+        let mac = pc.iter().map(|b| format!("{b:02x}")).collect::<Vec<_>>().join(":");
+        assert!(plain.contains(&format!("MACAddress={mac}\nAddress=10.199.77.2\n")), "{plain}");
+        assert!(!plain.contains("[Route]") && !plain.contains("Gateway"), "{plain}");
+        let uplink = network_dropin(&pc, true);
+        assert!(uplink.contains("[Route]\nGateway=10.199.77.2\nMetric=4096\n"), "{uplink}");
+        // A drop-in is written whole, replacing the last one.
+        let dir = std::env::temp_dir().join(format!("deskcam-dropin-{}", std::process::id()));
+        let path = dir.join("10-deskcam-usb.network.d/50-deskcam.conf");
+        write_network_dropin(&path, &uplink).unwrap();
+        write_network_dropin(&path, &plain).unwrap();
+        assert_eq!(std::fs::read_to_string(&path).unwrap(), plain);
+        let _ = std::fs::remove_dir_all(dir);
     }
 }

@@ -279,7 +279,8 @@ fn the_shipped_image_boots_and_does_its_job() {
         % 24;
     let config = format!(
         "device_id = \"{DEVICE}\"\nboard = \"qemu-virt\"\n[camera]\nsource = \"v4l2:/dev/video0\"\n\
-         [scan]\nmode = \"scheduled\"\ntimes = [\"{far:02}:00\"]\nfps = 2.0\n{ALL_WEEK}"
+         [scan]\nmode = \"scheduled\"\ntimes = [\"{far:02}:00\"]\nfps = 2.0\n\
+         [usb]\nuplink_via_pc = true\n{ALL_WEEK}"
     );
     std::fs::write(dir.join("deskcam.toml"), config).unwrap();
     run(Command::new("mcopy").args(["-i", &boot]).arg(dir.join("deskcam.toml")).arg("::/deskcam.toml"));
@@ -471,7 +472,22 @@ fn usb_webcam(vm: &mut Vm, rec: &Recorder, t0: Instant, phases: &mut Vec<(&str, 
     // DHCP server, and the box forwards nothing.
     let t_net = Instant::now();
     let net = vm.wait_line(Duration::from_secs(120), |l| l.starts_with("USB PCNET ")).expect("the USB link");
-    assert!(net.starts_with("USB PCNET 10.199.77.") && net.ends_with(" forward=0"), "{net}");
+    // The PC has its static lease, and the box's route out through it (asked for in the
+    // config) comes after the one of its own network.
+    assert!(net.starts_with("USB PCNET 10.199.77.2 ") && net.ends_with(" forward=0"), "{net}");
+    let diag: Vec<String> = vm
+        .lines
+        .lock()
+        .unwrap()
+        .iter()
+        .filter(|(_, l)| l.starts_with("USB DIAG"))
+        .map(|(_, l)| l.clone())
+        .collect();
+    assert!(
+        net.contains("route=default_via_10.199.77.2_") && net.contains("_metric_4096"),
+        "{net}\n{}",
+        diag.join("\n")
+    );
     phases.push(("webcam: link address (wait)", t_net.elapsed().as_secs_f64()));
 
     // The worker's page: from the PC over the link, a break with a reason from it; and

@@ -18,11 +18,8 @@ pub struct DirSource {
 const KINDS: &str = if cfg!(feature = "png") { ".jpg, .jpeg or .png" } else { ".jpg or .jpeg" };
 
 fn is_photo(p: &Path) -> bool {
-    match p.extension().and_then(|e| e.to_str()).map(|e| e.to_ascii_lowercase()).as_deref() {
-        Some("jpg" | "jpeg") => true,
-        Some("png") => cfg!(feature = "png"),
-        _ => false,
-    }
+    let ext = p.extension().and_then(|e| e.to_str()).map(|e| e.to_ascii_lowercase());
+    matches!(ext.as_deref(), Some("jpg" | "jpeg")) || (cfg!(feature = "png") && ext.as_deref() == Some("png"))
 }
 
 impl DirSource {
