@@ -58,12 +58,20 @@ journalctl -f -o cat -u deskcam.service | grep --line-buffered "USB:" | sed -u '
    addr=$(networkctl status "$(pc_if)" 2>/dev/null | grep -o '10\.199\.77\.[0-9]*' | grep -vx '10.199.77.1' | head -1)
    j=$((j+1)); sleep 0.1
  done
- # The box's route out through the PC (usb.uplink_via_pc), after its own network's.
+ # The box's route out through the PC (usb.uplink_via_pc), after its own network's. (The
+ # image has no iproute2: the kernel's table, gateway in little-endian hex.)
+ usb_default_route() {
+   bash -c 'while read -r i d g f r u m rest; do
+     [ "$i" = usb0 ] && [ "$d" = 00000000 ] &&
+       echo "default_via_$((16#${g:6:2})).$((16#${g:4:2})).$((16#${g:2:2})).$((16#${g:0:2}))_metric_$m"
+   done < /proc/net/route' | head -1
+ }
  j=0; route=""
- until [ -n "$route" ] || [ $j -ge 100 ]; do
-   route=$(ip -4 route show default dev usb0 2>/dev/null | head -1 | tr ' ' '_'); j=$((j+1)); sleep 0.1
- done
- [ -n "$route" ] || { echo "USB DIAG $(networkctl cat usb0 2>&1 | tr '\n' '|')" >&3; echo "USB DIAG routes $(ip -4 route show table all dev usb0 2>&1 | tr '\n' '|')" >&3; echo "USB DIAG $(ls -la /run/systemd/network/*/ 2>&1 | tr '\n' '|')" >&3; echo "USB DIAG $(journalctl -u systemd-networkd --no-pager 2>&1 | grep -i 'route\|usb0\|warn\|50-deskcam' | tail -15 | tr '\n' '|')" >&3; }
+ until [ -n "$route" ] || [ $j -ge 100 ]; do route=$(usb_default_route); j=$((j+1)); sleep 0.1; done
+ [ -n "$route" ] || { echo "USB DIAG $(networkctl cat 10-deskcam-usb.network 2>&1 | tr '\n' '|')" >&3
+   echo "USB DIAG routes $(tr -s ' \t' ' ' < /proc/net/route | tr '\n' '|')" >&3
+   echo "USB DIAG $(networkctl status usb0 2>&1 | tr '\n' '|')" >&3
+   echo "USB DIAG $(journalctl -u systemd-networkd --no-pager 2>&1 | grep -i 'route\|usb0\|warn\|uplink' | tail -15 | tr '\n' '|')" >&3; }
  echo "USB PCNET ${addr:-none} route=${route:-none} forward=$(cat /proc/sys/net/ipv4/ip_forward)" >&3) &
 echo READY >&3
 while read -r cmd <&3; do

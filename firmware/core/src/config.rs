@@ -280,6 +280,11 @@ pub struct BrokerUrl {
 }
 
 impl BrokerUrl {
+    /// The broker is on the box itself (its traffic never leaves it).
+    pub fn is_loopback(&self) -> bool {
+        self.host == "localhost" || self.host.parse::<std::net::IpAddr>().is_ok_and(|a| a.is_loopback())
+    }
+
     pub fn parse(url: &str) -> Result<Self, String> {
         let (tls, rest) = if let Some(r) = url.strip_prefix("mqtt://") {
             (false, r)
@@ -1216,6 +1221,14 @@ impl Validator {
             },
             uplink_via_pc: raw.usb.uplink_via_pc,
         };
+        // Through the worker's PC only encrypted and with the broker's certificate checked:
+        // in clear, the PC could read the box's messages and change its commands.
+        if usb.uplink_via_pc && !url.tls && !url.is_loopback() {
+            self.err(
+                "usb.uplink_via_pc",
+                "MQTT through the PC needs an mqtts:// broker (in clear the PC could read and change it)",
+            );
+        }
 
         Config {
             device_id: DeviceId(raw.device_id),
@@ -1440,6 +1453,14 @@ redaction = "pixelate"
         assert_eq!((c.usb.vendor_id, c.usb.product_id, c.usb.enabled), (0x1d6b, 0x0104, true));
         assert_eq!(c.usb.page, PageServing::WithGadget);
         assert!(!c.usb.uplink_via_pc, "the PC carries nothing for the box unless asked");
+        let clear =
+            Config::from_toml("[usb]\nuplink_via_pc = true\n[mqtt]\nurl = \"mqtt://10.0.0.9:1883\"\n")
+                .unwrap_err()
+                .to_string();
+        assert!(clear.contains("usb.uplink_via_pc") && clear.contains("mqtts://"), "{clear}");
+        let local =
+            Config::from_toml("[usb]\nuplink_via_pc = true\n[mqtt]\nurl = \"mqtt://127.0.0.1:1883\"\n");
+        assert!(local.is_ok_and(|c| c.usb.uplink_via_pc), "a broker on the box never goes through the PC");
         let e = Config::from_toml("[usb]\nvendor_id = 70000\nproduct = \"caf\u{00e9}\"\npage = \"never\"\n")
             .unwrap_err()
             .to_string();

@@ -145,27 +145,32 @@ pub fn up(config: Option<PathBuf>) -> Result<ExitCode> {
         }
         Err(e) => return Err(e).context("making the USB gadget"),
     };
-    let (_, pc_mac) = gadget::link_macs(config.device_id.as_str());
-    let dropin = network_dropin(&pc_mac, config.usb.uplink_via_pc);
-    match write_network_dropin(std::path::Path::new(NETWORK_DROPIN), &dropin) {
-        Ok(()) => {
-            // networkd reads it when it starts; when it runs already, it is reloaded.
-            let _ = std::process::Command::new("networkctl")
+    // The route out through the PC, when asked for; a drop-in of an earlier boot is gone
+    // with /run, and one of an earlier `usb up` is removed when no longer asked for.
+    let dropin = std::path::Path::new(NETWORK_DROPIN);
+    let changed = if config.usb.uplink_via_pc {
+        write_network_dropin(dropin, &uplink_dropin()).map(|()| true)
+    } else {
+        remove_network_dropin(dropin)
+    };
+    match changed {
+        Ok(true) => {
+            // networkd reads drop-ins when it starts; it runs already, so it is reloaded.
+            let reload = std::process::Command::new("networkctl")
                 .arg("reload")
                 .stdout(std::process::Stdio::null())
                 .stderr(std::process::Stdio::null())
                 .status();
-            println!(
-                "USB link: the PC's address is {PC_ADDR}{}",
-                if config.usb.uplink_via_pc {
-                    "; MQTT may go out through it (usb.uplink_via_pc)"
-                } else {
-                    ""
-                }
-            )
+            if !matches!(reload, Ok(s) if s.success()) {
+                eprintln!("deskcam: networkctl reload failed: the route through the PC waits for networkd's next start");
+            }
         }
-        // The link still works without it (the PC gets an address from the pool).
+        Ok(false) => {}
+        // The link itself works without it; only the way out through the PC is missing.
         Err(e) => eprintln!("deskcam: {NETWORK_DROPIN}: {e:#}"),
+    }
+    if config.usb.uplink_via_pc {
+        println!("USB link: MQTT may go out through the PC ({PC_ADDR}), after any network of the box's own");
     }
     let info = gadget::describe(&spec).context("reading the bound gadget")?;
     println!(
@@ -177,39 +182,49 @@ pub fn up(config: Option<PathBuf>) -> Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-/// The PC's address on the link: a static lease for the MAC address the gadget gives
-/// the PC's side, so the box knows where the PC is (for `usb.uplink_via_pc`).
+/// The PC's address on the link: the only address in the pool of the box's DHCP server
+/// (image/rootfs/etc/systemd/network/10-deskcam-usb.network), so the box knows where
+/// the PC is. One PC per cable; the box restarts with a new PC (it is powered by it).
 const PC_ADDR: &str = "10.199.77.2";
-/// Written at each `usb up`, in /run (the root file system is read-only): a drop-in of
-/// the image's `10-deskcam-usb.network`.
-const NETWORK_DROPIN: &str = "/run/systemd/network/10-deskcam-usb.network.d/50-deskcam.conf";
+/// Written at `usb up` when `usb.uplink_via_pc` is on, in /run (the root file system is
+/// read-only): a drop-in of the image's `10-deskcam-usb.network`.
+const NETWORK_DROPIN: &str = "/run/systemd/network/10-deskcam-usb.network.d/50-uplink-via-pc.conf";
 /// After any route of the box's own network (networkd gives DHCP routes 1024).
 const UPLINK_METRIC: u32 = 4096;
 
-/// The networkd drop-in for the USB link: the PC's static lease, and with `uplink` a
-/// default route through the PC, used only when no network of the box's own has one.
-/// (Routing the box's own traffic through the PC; the box still forwards nothing.)
-fn network_dropin(pc_mac: &[u8; 6], uplink: bool) -> String {
-    let mac: Vec<String> = pc_mac.iter().map(|b| format!("{b:02x}")).collect();
-    let mut out = format!(
-        "# Written by `deskcam usb up` from the config (usb.uplink_via_pc = {uplink}).\n\
-         [DHCPServerStaticLease]\nMACAddress={}\nAddress={PC_ADDR}\n",
-        mac.join(":")
-    );
-    if uplink {
-        out.push_str(&format!("\n[Route]\nGateway={PC_ADDR}\nMetric={UPLINK_METRIC}\n"));
-    }
-    out
+/// The networkd drop-in for `usb.uplink_via_pc`: a default route through the PC, used
+/// only when no network of the box's own has one. It routes the box's own traffic; the
+/// box still forwards nothing.
+fn uplink_dropin() -> String {
+    format!(
+        "# Written by `deskcam usb up`: usb.uplink_via_pc = true.\n\
+         [Route]\nGateway={PC_ADDR}\nMetric={UPLINK_METRIC}\n"
+    )
 }
 
-/// Writes the drop-in atomically (networkd never reads half of one).
+/// Writes the drop-in atomically (networkd never reads half of one), readable by
+/// networkd (it runs as its own user).
 fn write_network_dropin(path: &std::path::Path, text: &str) -> Result<()> {
+    use std::os::unix::fs::PermissionsExt;
     let dir = path.parent().context("no directory")?;
     std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o755))
+        .with_context(|| format!("making {} readable", dir.display()))?;
     let tmp = path.with_extension("tmp");
     std::fs::write(&tmp, text).with_context(|| format!("writing {}", tmp.display()))?;
+    std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o644))
+        .with_context(|| format!("making {} readable", tmp.display()))?;
     std::fs::rename(&tmp, path).with_context(|| format!("renaming to {}", path.display()))?;
     Ok(())
+}
+
+/// Removes the drop-in; whether there was one.
+fn remove_network_dropin(path: &std::path::Path) -> Result<bool> {
+    match std::fs::remove_file(path) {
+        Ok(()) => Ok(true),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(false),
+        Err(e) => Err(e).with_context(|| format!("removing {}", path.display())),
+    }
 }
 
 /// `deskcam usb down`: removes the gadget (the PC sees the box go).
@@ -301,27 +316,22 @@ mod tests {
         assert!(w.streaming(true), "a new stream");
         std::fs::remove_dir_all(&dir).unwrap();
     }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
 
     #[test]
-    fn the_network_dropin_routes_through_the_pc_only_when_asked() {
-        let (_, pc) = gadget::link_macs("desk-1");
-        let plain = network_dropin(&pc, false);
-        let mac = pc.iter().map(|b| format!("{b:02x}")).collect::<Vec<_>>().join(":");
-        assert!(plain.contains(&format!("MACAddress={mac}\nAddress=10.199.77.2\n")), "{plain}");
-        assert!(!plain.contains("[Route]") && !plain.contains("Gateway"), "{plain}");
-        let uplink = network_dropin(&pc, true);
-        assert!(uplink.contains("[Route]\nGateway=10.199.77.2\nMetric=4096\n"), "{uplink}");
-        // A drop-in is written whole, replacing the last one.
+    fn the_uplink_dropin_is_a_route_through_the_pc_after_the_boxs_own() {
+        let text = uplink_dropin();
+        assert!(text.contains("[Route]\nGateway=10.199.77.2\nMetric=4096\n"), "{text}");
+        // Written whole and readable by networkd; removed when no longer asked for.
         let dir = std::env::temp_dir().join(format!("deskcam-dropin-{}", std::process::id()));
-        let path = dir.join("10-deskcam-usb.network.d/50-deskcam.conf");
-        write_network_dropin(&path, &uplink).unwrap();
-        write_network_dropin(&path, &plain).unwrap();
-        assert_eq!(std::fs::read_to_string(&path).unwrap(), plain);
+        let path = dir.join("10-deskcam-usb.network.d/50-uplink-via-pc.conf");
+        write_network_dropin(&path, "old").unwrap();
+        write_network_dropin(&path, &text).unwrap();
+        assert_eq!(std::fs::read_to_string(&path).unwrap(), text);
+        use std::os::unix::fs::PermissionsExt;
+        assert_eq!(std::fs::metadata(&path).unwrap().permissions().mode() & 0o777, 0o644);
+        assert!(remove_network_dropin(&path).unwrap());
+        assert!(!remove_network_dropin(&path).unwrap(), "nothing to remove");
+        assert!(!path.exists());
         let _ = std::fs::remove_dir_all(dir);
     }
 }

@@ -472,8 +472,8 @@ fn usb_webcam(vm: &mut Vm, rec: &Recorder, t0: Instant, phases: &mut Vec<(&str, 
     // DHCP server, and the box forwards nothing.
     let t_net = Instant::now();
     let net = vm.wait_line(Duration::from_secs(120), |l| l.starts_with("USB PCNET ")).expect("the USB link");
-    // The PC has its static lease, and the box's route out through it (asked for in the
-    // config) comes after the one of its own network.
+    // The PC has the pool's one address, and the box's route out through it (asked for in
+    // the config) comes after the one of its own network.
     assert!(net.starts_with("USB PCNET 10.199.77.2 ") && net.ends_with(" forward=0"), "{net}");
     let diag: Vec<String> = vm
         .lines
@@ -488,6 +488,7 @@ fn usb_webcam(vm: &mut Vm, rec: &Recorder, t0: Instant, phases: &mut Vec<(&str, 
         "{net}\n{}",
         diag.join("\n")
     );
+    println!("vm-test: {net}");
     phases.push(("webcam: link address (wait)", t_net.elapsed().as_secs_f64()));
 
     // The worker's page: from the PC over the link, a break with a reason from it; and
