@@ -1461,6 +1461,10 @@ redaction = "pixelate"
         let local =
             Config::from_toml("[usb]\nuplink_via_pc = true\n[mqtt]\nurl = \"mqtt://127.0.0.1:1883\"\n");
         assert!(local.is_ok_and(|c| c.usb.uplink_via_pc), "a broker on the box never goes through the PC");
+        for host in ["localhost", "[::1]"] {
+            let url = format!("[usb]\nuplink_via_pc = true\n[mqtt]\nurl = \"mqtt://{host}:1883\"\n");
+            assert!(Config::from_toml(&url).is_ok(), "{host}");
+        }
         let e = Config::from_toml("[usb]\nvendor_id = 70000\nproduct = \"caf\u{00e9}\"\npage = \"never\"\n")
             .unwrap_err()
             .to_string();

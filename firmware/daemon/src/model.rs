@@ -79,6 +79,11 @@ mod tests {
         assert!(int8.ends_with("models/nanodet-int8-qlinear.onnx"), "{}", int8.display());
         assert_eq!(file_name(ModelForm::Nnef, ModelPrecision::Int8), "nanodet-int8-qlinear.nnef.tar");
         // The NNEF form is not committed: the error says how to make the one that is missing.
+        let e = locate(None, ModelForm::Nnef, ModelPrecision::Int8).unwrap_err();
+        assert!(
+            e.contains("export-nnef models/nanodet-int8-qlinear.onnx models/nanodet-int8-qlinear.nnef.tar"),
+            "{e}"
+        );
         let missing = std::env::temp_dir().join("deskcam-no-such-model.nnef.tar");
         assert!(locate(Some(&missing), ModelForm::Nnef, ModelPrecision::Int8)
             .unwrap_err()

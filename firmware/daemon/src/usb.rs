@@ -203,13 +203,17 @@ fn uplink_dropin() -> String {
 }
 
 /// Writes the drop-in atomically (networkd never reads half of one), readable by
-/// networkd (it runs as its own user).
+/// networkd (it runs as its own user; the unit's umask would make what it creates
+/// private, so the modes are set: the drop-in directory and the one above it, which
+/// this may have created too).
 fn write_network_dropin(path: &std::path::Path, text: &str) -> Result<()> {
     use std::os::unix::fs::PermissionsExt;
     let dir = path.parent().context("no directory")?;
     std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
-    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o755))
-        .with_context(|| format!("making {} readable", dir.display()))?;
+    for d in [Some(dir), dir.parent()].into_iter().flatten() {
+        std::fs::set_permissions(d, std::fs::Permissions::from_mode(0o755))
+            .with_context(|| format!("making {} readable", d.display()))?;
+    }
     let tmp = path.with_extension("tmp");
     std::fs::write(&tmp, text).with_context(|| format!("writing {}", tmp.display()))?;
     std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o644))
