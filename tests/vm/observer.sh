@@ -91,11 +91,11 @@ while read -r cmd <&3; do
     page-break) bash -c 'exec 5<>/dev/tcp/10.199.77.1/80 && printf "POST /break HTTP/1.0\r\nHost: 10.199.77.1\r\nOrigin: http://10.199.77.1\r\nContent-Type: application/x-www-form-urlencoded\r\nContent-Length: 19\r\n\r\nreason=page+test+01" >&5 && cat <&5' \
                   | head -1 | tr -d '\r' | sed 's/^/PAGE-BREAK /' >&3 ;;
     usb-unplug) echo 0 > /sys/devices/platform/vhci_hcd.0/detach ;;
-    # What the kernel says of the cable (read when the test fails): the UDC's state and
-    # the last kernel lines of the USB drivers.
-    # the daemon's threads (where each waits in the kernel), the blocked tasks and the
-    # kernel's last lines.
+    # The daemon's peak and current resident memory, in MiB.
     rss) echo "RSS $(awk '/^Vm(HWM|RSS):/ { printf "%s %.1f ", $1, $2 / 1024 }' /proc/$(pidof deskcam)/status)" >&3 ;;
+    # What the kernel says of the cable (read when the test fails): the UDC's state, the
+    # daemon's threads (where each waits in the kernel), the blocked tasks and the
+    # kernel's last lines.
     usb-diag) echo "DIAG udc $(cat /sys/class/udc/*/state 2>&1)" >&3
               for t in /proc/$(pidof deskcam)/task/*; do
                 echo "DIAG task $(cat "$t/comm") $(sed -n 's/^State:\t//p' "$t/status") wchan=$(cat "$t/wchan")" >&3

@@ -138,6 +138,17 @@ impl Vm {
         None
     }
 
+    /// Every line so far that starts with `prefix` (the observer's diagnostics).
+    fn lines_starting(&self, prefix: &str) -> Vec<String> {
+        self.lines
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|(_, l)| l.starts_with(prefix))
+            .map(|(_, l)| l.clone())
+            .collect()
+    }
+
     /// When the first line matching `pred` arrived.
     fn line_at(&self, timeout: Duration, pred: impl Fn(&str) -> bool) -> Option<Instant> {
         self.wait_line(timeout, &pred)?;
@@ -500,18 +511,10 @@ fn usb_webcam(vm: &mut Vm, rec: &Recorder, t0: Instant, phases: &mut Vec<(&str, 
     // The PC has the pool's one address, and the box's route out through it (asked for in
     // the config) comes after the one of its own network.
     assert!(net.starts_with("USB PCNET 10.199.77.2 ") && net.ends_with(" forward=0"), "{net}");
-    let diag: Vec<String> = vm
-        .lines
-        .lock()
-        .unwrap()
-        .iter()
-        .filter(|(_, l)| l.starts_with("USB DIAG"))
-        .map(|(_, l)| l.clone())
-        .collect();
     assert!(
         net.contains("route=default_via_10.199.77.2_") && net.contains("_metric_4096"),
         "{net}\n{}",
-        diag.join("\n")
+        vm.lines_starting("USB DIAG").join("\n")
     );
     println!("vm-test: {net}");
     phases.push(("webcam: link address (wait)", t_net.elapsed().as_secs_f64()));
@@ -640,7 +643,7 @@ fn usb_webcam(vm: &mut Vm, rec: &Recorder, t0: Instant, phases: &mut Vec<(&str, 
     );
     if !closed {
         vm.guest("usb-diag");
-        for (_, l) in vm.lines.lock().unwrap().iter().filter(|(_, l)| l.starts_with("DIAG ")) {
+        for l in vm.lines_starting("DIAG ") {
             println!("vm-test: {l}");
         }
     }
