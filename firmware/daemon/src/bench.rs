@@ -37,6 +37,11 @@ pub struct BenchArgs {
     /// Print one JSON object.
     #[arg(long)]
     json: bool,
+    /// Instead of timing, print where each model's inference time goes: per op kind and
+    /// the slowest nodes of tract's optimised plan (one thread, per inference; with
+    /// `--json`, every node).
+    #[arg(long)]
+    profile: bool,
 }
 
 fn peak_rss_mb() -> Option<f64> {
@@ -53,6 +58,9 @@ pub fn run(args: BenchArgs) -> Result<ExitCode> {
     }
     let token = deskcam_hw::sim::simulated_open();
     let first = DirSource::open(&args.photos, false)?.next_frame(&token)?;
+    if args.profile {
+        return profile(&args, &first);
+    }
     let mut results = Vec::new();
     for &threads in &args.threads {
         if set_inference_threads(threads) != threads {
@@ -147,6 +155,53 @@ pub fn run(args: BenchArgs) -> Result<ExitCode> {
         if let Some(r) = rss {
             println!("peak RSS {r:.1} MB");
         }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `--profile`: each model's plan timed node by node, grouped by op kind.
+fn profile(args: &BenchArgs, frame: &deskcam_vision::Frame) -> Result<ExitCode> {
+    set_inference_threads(1);
+    let mut out = Vec::new();
+    for model in &args.models {
+        let det = Detector::load(model, 0.3, 0.5).with_context(|| format!("loading {}", model.display()))?;
+        det.profile(frame, args.warmup.max(1))?;
+        let nodes = det.profile(frame, args.runs)?;
+        let runs = args.runs as f64;
+        let total: f64 = nodes.iter().map(|n| n.seconds).sum::<f64>() / runs;
+        let mut kinds: Vec<(String, f64, usize)> = Vec::new();
+        for n in &nodes {
+            match kinds.iter_mut().find(|k| k.0 == n.op) {
+                Some(k) => {
+                    k.1 += n.seconds / runs;
+                    k.2 += 1;
+                }
+                None => kinds.push((n.op.clone(), n.seconds / runs, 1)),
+            }
+        }
+        kinds.sort_by(|a, b| b.1.total_cmp(&a.1));
+        let mut slowest: Vec<_> = nodes.iter().collect();
+        slowest.sort_by(|a, b| b.seconds.total_cmp(&a.seconds));
+        if args.json {
+            out.push(serde_json::json!({
+                "model": model.display().to_string(), "total_ms": total * 1e3,
+                "ops": kinds.iter().map(|(op, s, count)| serde_json::json!({"op": op, "ms": s * 1e3, "nodes": count})).collect::<Vec<_>>(),
+                "slowest": slowest.iter().map(|n| serde_json::json!({"name": n.name, "op": n.op, "ms": n.seconds / runs * 1e3, "info": n.info})).collect::<Vec<_>>(),
+            }));
+            continue;
+        }
+        println!("{}: {:.2} ms per inference in the plan's nodes", model.display(), total * 1e3);
+        for (op, s, count) in &kinds {
+            println!("  {op:<28} {:9.3} ms {:5.1} %  ({count} nodes)", s * 1e3, 100.0 * s / total);
+        }
+        println!("  slowest nodes:");
+        for n in slowest.iter().take(25) {
+            let ms = n.seconds / runs * 1e3;
+            println!("    {ms:8.3} ms  {:<22} {}  {}", n.op, n.name, n.info);
+        }
+    }
+    if args.json {
+        println!("{}", serde_json::Value::Array(out));
     }
     Ok(ExitCode::SUCCESS)
 }

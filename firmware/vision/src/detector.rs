@@ -274,6 +274,44 @@ impl Detector {
         })
     }
 
+    /// Runs the network `runs` times on a frame and returns the time of each node of the
+    /// optimised plan (summed over the runs), for `deskcam bench --profile`. Not the hot
+    /// path: a state of its own, a clock read per node.
+    pub fn profile(&self, frame: &Frame, runs: usize) -> Result<Vec<NodeTime>, DetectorError> {
+        let err = |e: TractError| DetectorError::Run(format!("{e:#}"));
+        let n = self.input_size;
+        let mut input = Tensor::zero::<f32>(&[1, 3, n, n]).map_err(err)?;
+        let mut view = input.to_plain_array_view_mut::<f32>().map_err(err)?;
+        let data = view
+            .as_slice_mut()
+            .ok_or_else(|| DetectorError::Run("the input tensor is not contiguous".into()))?;
+        preprocess_into(frame.image(), n, data, &mut Vec::new());
+        let input = input.into_tvalue();
+        let model = self.plan.model();
+        let mut times: Vec<NodeTime> = model
+            .nodes()
+            .iter()
+            .map(|node| NodeTime {
+                name: node.name.clone(),
+                op: node.op.name().to_string(),
+                info: node.op.info().map(|i| i.join("; ")).unwrap_or_default(),
+                seconds: 0.0,
+            })
+            .collect();
+        let mut state = self.plan.spawn().map_err(err)?;
+        for _ in 0..runs {
+            state
+                .run_plan_with_eval(tvec!(input.clone()), |ctx, op_state, node, inputs| {
+                    let t = std::time::Instant::now();
+                    let out = tract_nnef::tract_core::plan::eval(ctx, op_state, node, inputs);
+                    times[node.id].seconds += t.elapsed().as_secs_f64();
+                    out
+                })
+                .map_err(err)?;
+        }
+        Ok(times)
+    }
+
     /// Decodes head outputs into boxes in frame pixels, after NMS.
     pub fn detections(&self, head: &HeadOutputs) -> Result<Vec<Detection>, DetectorError> {
         let levels = head.levels()?;
@@ -284,6 +322,17 @@ impl Detector {
         dets.retain(|d| d.bbox.area() > 0.0);
         Ok(dets)
     }
+}
+
+/// The time one node of the optimised plan took (`Detector::profile`).
+#[derive(Debug, Clone)]
+pub struct NodeTime {
+    pub name: String,
+    /// The op's name, e.g. `Conv` or `OptMatMul`.
+    pub op: String,
+    /// The op's own description (shapes, kernels), as tract's `dump` shows it.
+    pub info: String,
+    pub seconds: f64,
 }
 
 /// The raw outputs of one run of the network.
