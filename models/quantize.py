@@ -224,19 +224,23 @@ def int8_max_pool(path):
     on int8: exact, as rounding to the nearest step and clamping keep the order of values
     (the quantised maximum is the maximum of the quantised values; -inf quantises to
     -128). tract then folds the DequantizeLinear → LeakyRelu → QuantizeLinear in front
-    into a lookup table, and no float pass is left around the max-pool.
+    into a lookup table, and no float pass is left around the max-pool. A stride-2 pool
+    is also made a stride-1 one across whose every second column is kept (below).
     Returns how many were rewritten."""
     import onnx
     from onnx import helper, numpy_helper
     m = onnx.load(path)
     g = m.graph
-    prod, users = {o: n for n in g.node for o in n.output}, consumers(g)
+    prod, users, values = {o: n for n in g.node for o in n.output}, consumers(g), constants(g)
     count = 0
     for mp in [n for n in g.node if n.op_type == "MaxPool" and len(n.output) == 1]:
         us, pad = users.get(mp.output[0], []), prod.get(mp.input[0])
+        # Only a pad of -inf (TF's max-pool padding): another value would not quantise
+        # to -128.
         if (len(us) != 1 or us[0].op_type != "QuantizeLinear" or pad is None or pad.op_type != "Pad"
                 or len(pad.input) < 3 or len(users[pad.output[0]]) != 1
-                or any(a.name == "mode" and a.s != b"constant" for a in pad.attribute)):
+                or any(a.name == "mode" and a.s != b"constant" for a in pad.attribute)
+                or pad.input[2] not in values or not np.all(values[pad.input[2]] == -np.inf)):
             continue
         q = us[0]
         if numpy_helper.to_array(next(i for i in g.initializer if i.name == q.input[2])).dtype != np.int8:
@@ -298,13 +302,14 @@ def explicit_patches(path):
 
     for n in g.node:
         a = {x.name: helper.get_attribute_value(x) for x in n.attribute}
-        kh, kw = a.get("kernel_shape", [1, 1])
-        if (n.op_type != "QLinearConv" or (kh, kw) == (1, 1) or a.get("group", 1) != 1
+        kernel = a.get("kernel_shape", [1, 1]) if n.op_type == "QLinearConv" else [1, 1]  # other ops: kept
+        if (len(kernel) != 2 or kernel == [1, 1] or a.get("group", 1) != 1
                 or a.get("strides", [1, 1]) != [1, 1] or a.get("dilations", [1, 1]) != [1, 1]
                 or a.get("auto_pad", b"NOTSET") not in (b"", b"NOTSET") or n.input[3] not in weights
                 or len(shapes.get(n.input[0], [])) != 4 or 0 in shapes[n.input[0]]):
             out.append(n)
             continue
+        kh, kw = kernel
         x, xs, xz, w, ws, wz, ys, yz = n.input[:8]
         top, left, bottom, right = a.get("pads", [0, 0, 0, 0])
         _, c, h, wd = shapes[x]
