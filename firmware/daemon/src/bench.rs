@@ -38,8 +38,8 @@ pub struct BenchArgs {
     #[arg(long)]
     json: bool,
     /// Instead of timing, print where each model's inference time goes: per op kind and
-    /// the slowest nodes of tract's optimised plan (one thread, per inference; with
-    /// `--json`, every node).
+    /// the slowest nodes of tract's optimised plan (per inference, on one thread whatever
+    /// `--threads` says; with `--json`, every node).
     #[arg(long)]
     profile: bool,
 }
@@ -165,8 +165,7 @@ fn profile(args: &BenchArgs, frame: &deskcam_vision::Frame) -> Result<ExitCode> 
     let mut out = Vec::new();
     for model in &args.models {
         let det = Detector::load(model, 0.3, 0.5).with_context(|| format!("loading {}", model.display()))?;
-        det.profile(frame, args.warmup.max(1))?;
-        let nodes = det.profile(frame, args.runs)?;
+        let nodes = det.profile(frame, args.warmup, args.runs)?;
         let runs = args.runs as f64;
         let total: f64 = nodes.iter().map(|n| n.seconds).sum::<f64>() / runs;
         let mut kinds: Vec<(String, f64, usize)> = Vec::new();

@@ -274,10 +274,11 @@ impl Detector {
         })
     }
 
-    /// Runs the network `runs` times on a frame and returns the time of each node of the
-    /// optimised plan (summed over the runs), for `deskcam bench --profile`. Not the hot
-    /// path: a state of its own, a clock read per node.
-    pub fn profile(&self, frame: &Frame, runs: usize) -> Result<Vec<NodeTime>, DetectorError> {
+    /// Runs the network `warmup` times untimed, then `runs` times on a frame, and returns
+    /// the time of each node of the optimised plan (summed over the timed runs), for
+    /// `deskcam bench --profile`. Not the hot path: a state of its own (the warm-up
+    /// prepares the same one), a clock read per node.
+    pub fn profile(&self, frame: &Frame, warmup: usize, runs: usize) -> Result<Vec<NodeTime>, DetectorError> {
         let err = |e: TractError| DetectorError::Run(format!("{e:#}"));
         let n = self.input_size;
         let mut input = Tensor::zero::<f32>(&[1, 3, n, n]).map_err(err)?;
@@ -299,6 +300,9 @@ impl Detector {
             })
             .collect();
         let mut state = self.plan.spawn().map_err(err)?;
+        for _ in 0..warmup {
+            state.run(tvec!(input.clone())).map_err(err)?;
+        }
         for _ in 0..runs {
             state
                 .run_plan_with_eval(tvec!(input.clone()), |ctx, op_state, node, inputs| {
