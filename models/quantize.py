@@ -185,6 +185,14 @@ def int8_between_convs(path):
     return concats, chains
 
 
+def int64_const(g, name, values):
+    """Adds an int64 initializer (the shapes, pads and slice bounds the rewrites wire in);
+    returns its name."""
+    from onnx import numpy_helper
+    g.initializer.append(numpy_helper.from_array(np.array(values, np.int64), name))
+    return name
+
+
 def tidy_and_save(m, path):
     """Drops the nodes and initializers nothing uses any more, puts the rest in an order
     where inputs come first, checks the model and writes it."""
@@ -271,10 +279,9 @@ def int8_max_pool(path):
         wide = f"{mp.name}_wide"
         mp.output[0] = wide
         cols = f"{mp.name}_columns"
-        for key, ints in (("starts", [0]), ("ends", [np.iinfo(np.int64).max]), ("axes", [3]), ("steps", [strides[1]])):
-            g.initializer.append(numpy_helper.from_array(np.array(ints, np.int64), f"{cols}_{key}"))
-        g.node.append(helper.make_node("Slice", [wide] + [f"{cols}_{k}" for k in ("starts", "ends", "axes", "steps")],
-                                       [q.output[0]], name=cols))
+        bounds = [int64_const(g, f"{cols}_{key}", ints) for key, ints in
+                  (("starts", [0]), ("ends", [np.iinfo(np.int64).max]), ("axes", [3]), ("steps", [strides[1]]))]
+        g.node.append(helper.make_node("Slice", [wide] + bounds, [q.output[0]], name=cols))
     tidy_and_save(m, path)
     return count
 
@@ -299,11 +306,6 @@ def explicit_patches(path):
               for v in list(g.value_info) + list(g.input) + list(g.output)}
     weights = {i.name: i for i in g.initializer}
     out, count = [], 0
-
-    def const(name, values):
-        g.initializer.append(numpy_helper.from_array(np.array(values, np.int64), name))
-        return name
-
     for n in g.node:
         a = {x.name: helper.get_attribute_value(x) for x in n.attribute}
         kernel = a.get("kernel_shape", [1, 1]) if n.op_type == "QLinearConv" else [1, 1]  # other ops: kept
@@ -319,35 +321,35 @@ def explicit_patches(path):
         _, c, h, wd = shapes[x]
         ho, wo, wp = h + top + bottom - kh + 1, wd + left + right - kw + 1, wd + left + right
         name = n.name
-        kernel = numpy_helper.to_array(weights[w])
-        o = kernel.shape[0]
+        weight = numpy_helper.to_array(weights[w])
+        o = weight.shape[0]
         w1 = f"{w}_taps"
         g.initializer.append(numpy_helper.from_array(
-            np.ascontiguousarray(kernel.transpose(0, 2, 3, 1).reshape(o, kh * kw * c, 1, 1)), w1))
+            np.ascontiguousarray(weight.transpose(0, 2, 3, 1).reshape(o, kh * kw * c, 1, 1)), w1))
         # One more row at the bottom: the last tap's slice runs kw - 1 elements past
         # the padded rows.
         padded, rows = f"{name}_padded", f"{name}_rows"
-        out.append(helper.make_node("Pad", [x, const(f"{padded}_pads", [0, 0, top, left, 0, 0, bottom + 1, right]), xz],
+        out.append(helper.make_node("Pad", [x, int64_const(g, f"{padded}_pads", [0, 0, top, left, 0, 0, bottom + 1, right]), xz],
                                     [padded], name=padded, mode="constant"))
-        out.append(helper.make_node("Reshape", [padded, const(f"{rows}_shape", [1, c, (h + top + bottom + 1) * wp])],
+        out.append(helper.make_node("Reshape", [padded, int64_const(g, f"{rows}_shape", [1, c, (h + top + bottom + 1) * wp])],
                                     [rows], name=rows))
         taps, length = [], ho * wp
         for ky in range(kh):
             for kx in range(kw):
                 tap, start = f"{name}_tap{ky}{kx}", ky * wp + kx
-                out.append(helper.make_node("Slice", [rows, const(f"{tap}_starts", [start]),
-                                                      const(f"{tap}_ends", [start + length]), const(f"{tap}_axes", [2])],
+                out.append(helper.make_node("Slice", [rows, int64_const(g, f"{tap}_starts", [start]),
+                                                      int64_const(g, f"{tap}_ends", [start + length]), int64_const(g, f"{tap}_axes", [2])],
                                             [tap], name=tap))
                 taps.append(tap)
         patches, cols, y, grid = f"{name}_patches", f"{name}_cols", f"{name}_wide", f"{name}_grid"
         out.append(helper.make_node("Concat", taps, [patches], name=patches, axis=1))
-        out.append(helper.make_node("Reshape", [patches, const(f"{cols}_shape", [1, kh * kw * c, length, 1])],
+        out.append(helper.make_node("Reshape", [patches, int64_const(g, f"{cols}_shape", [1, kh * kw * c, length, 1])],
                                     [cols], name=cols))
         out.append(helper.make_node("QLinearConv", [cols, xs, xz, w1, ws, wz, ys, yz] + list(n.input[8:]), [y],
                                     name=name, kernel_shape=[1, 1]))
-        out.append(helper.make_node("Reshape", [y, const(f"{grid}_shape", [1, o, ho, wp])], [grid], name=grid))
-        out.append(helper.make_node("Slice", [grid, const(f"{name}_crop_starts", [0]), const(f"{name}_crop_ends", [wo]),
-                                              const(f"{name}_crop_axes", [3])], list(n.output), name=f"{name}_crop"))
+        out.append(helper.make_node("Reshape", [y, int64_const(g, f"{grid}_shape", [1, o, ho, wp])], [grid], name=grid))
+        out.append(helper.make_node("Slice", [grid, int64_const(g, f"{name}_crop_starts", [0]), int64_const(g, f"{name}_crop_ends", [wo]),
+                                              int64_const(g, f"{name}_crop_axes", [3])], list(n.output), name=f"{name}_crop"))
         count += 1
     del g.node[:]
     g.node.extend(out)

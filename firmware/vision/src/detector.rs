@@ -280,14 +280,7 @@ impl Detector {
     /// prepares the same one), a clock read per node.
     pub fn profile(&self, frame: &Frame, warmup: usize, runs: usize) -> Result<Vec<NodeTime>, DetectorError> {
         let err = |e: TractError| DetectorError::Run(format!("{e:#}"));
-        let n = self.input_size;
-        let mut input = Tensor::zero::<f32>(&[1, 3, n, n]).map_err(err)?;
-        let mut view = input.to_plain_array_view_mut::<f32>().map_err(err)?;
-        let data = view
-            .as_slice_mut()
-            .ok_or_else(|| DetectorError::Run("the input tensor is not contiguous".into()))?;
-        preprocess_into(frame.image(), n, data, &mut Vec::new());
-        let input = input.into_tvalue();
+        let input = preprocess(frame.image(), self.input_size).0.into_tvalue();
         let model = self.plan.model();
         let mut times: Vec<NodeTime> = model
             .nodes()
