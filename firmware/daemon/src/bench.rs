@@ -38,8 +38,8 @@ pub struct BenchArgs {
     #[arg(long)]
     json: bool,
     /// Instead of timing, print where each model's inference time goes: per op kind and
-    /// the slowest nodes of tract's optimised plan (per inference, on one thread whatever
-    /// `--threads` says; with `--json`, every node).
+    /// the slowest nodes of tract's optimised plan (per inference, each node's fastest of
+    /// the runs, on one thread whatever `--threads` says; with `--json`, every node).
     #[arg(long)]
     profile: bool,
 }
@@ -166,16 +166,15 @@ fn profile(args: &BenchArgs, frame: &deskcam_vision::Frame) -> Result<ExitCode> 
     for model in &args.models {
         let det = Detector::load(model, 0.3, 0.5).with_context(|| format!("loading {}", model.display()))?;
         let nodes = det.profile(frame, args.warmup, args.runs)?;
-        let runs = args.runs as f64;
-        let total: f64 = nodes.iter().map(|n| n.seconds).sum::<f64>() / runs;
+        let total: f64 = nodes.iter().map(|n| n.seconds).sum();
         let mut kinds: Vec<(String, f64, usize)> = Vec::new();
         for n in &nodes {
             match kinds.iter_mut().find(|k| k.0 == n.op) {
                 Some(k) => {
-                    k.1 += n.seconds / runs;
+                    k.1 += n.seconds;
                     k.2 += 1;
                 }
-                None => kinds.push((n.op.clone(), n.seconds / runs, 1)),
+                None => kinds.push((n.op.clone(), n.seconds, 1)),
             }
         }
         kinds.sort_by(|a, b| b.1.total_cmp(&a.1));
@@ -185,17 +184,21 @@ fn profile(args: &BenchArgs, frame: &deskcam_vision::Frame) -> Result<ExitCode> 
             out.push(serde_json::json!({
                 "model": model.display().to_string(), "total_ms": total * 1e3,
                 "ops": kinds.iter().map(|(op, s, count)| serde_json::json!({"op": op, "ms": s * 1e3, "nodes": count})).collect::<Vec<_>>(),
-                "slowest": slowest.iter().map(|n| serde_json::json!({"name": n.name, "op": n.op, "ms": n.seconds / runs * 1e3, "info": n.info})).collect::<Vec<_>>(),
+                "slowest": slowest.iter().map(|n| serde_json::json!({"name": n.name, "op": n.op, "ms": n.seconds * 1e3, "info": n.info})).collect::<Vec<_>>(),
             }));
             continue;
         }
-        println!("{}: {:.2} ms per inference in the plan's nodes", model.display(), total * 1e3);
+        println!(
+            "{}: {:.2} ms per inference in the plan's nodes (each its fastest run)",
+            model.display(),
+            total * 1e3
+        );
         for (op, s, count) in &kinds {
             println!("  {op:<28} {:9.3} ms {:5.1} %  ({count} nodes)", s * 1e3, 100.0 * s / total);
         }
         println!("  slowest nodes:");
         for n in slowest.iter().take(25) {
-            let ms = n.seconds / runs * 1e3;
+            let ms = n.seconds * 1e3;
             println!("    {ms:8.3} ms  {:<22} {}  {}", n.op, n.name, n.info);
         }
     }
