@@ -34,6 +34,7 @@ from onnxruntime.quantization.shape_inference import quant_pre_process
 from PIL import Image
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from graph_rewrites import BILINEAR, constants, consumers, int64_const, tidy_and_save  # noqa: E402
 from make_reference import MODEL, preprocess  # noqa: E402  (the same pre-processing)
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -64,24 +65,6 @@ class Photos(CalibrationDataReader):
 
     def get_next(self):
         return next(self.items, None)
-
-
-def constants(graph):
-    """The graph's constant values by name: its initializers and Constant nodes."""
-    from onnx import numpy_helper
-    values = {i.name: numpy_helper.to_array(i) for i in graph.initializer}
-    values.update({n.output[0]: numpy_helper.to_array(n.attribute[0].t) for n in graph.node
-                   if n.op_type == "Constant" and n.attribute and n.attribute[0].name == "value"})
-    return values
-
-
-def consumers(graph):
-    """The nodes that read each value, by the value's name."""
-    users = {}
-    for n in graph.node:
-        for i in n.input:
-            users.setdefault(i, []).append(n)
-    return users
 
 
 def infinite_pads(path):
@@ -183,48 +166,6 @@ def int8_between_convs(path):
         chains += 1
     tidy_and_save(m, path)
     return concats, chains
-
-
-def int64_const(g, name, values):
-    """Adds an int64 initializer (the shapes, pads and slice bounds the rewrites wire in);
-    returns its name."""
-    from onnx import numpy_helper
-    g.initializer.append(numpy_helper.from_array(np.array(values, np.int64), name))
-    return name
-
-
-def tidy_and_save(m, path):
-    """Drops the nodes and initializers nothing uses any more, puts the rest in an order
-    where inputs come first, checks the model and writes it."""
-    import onnx
-    g = m.graph
-    outputs = {o.name for o in g.output}
-    while True:
-        users = consumers(g)
-        dead = [n for n in g.node if all(o not in users and o not in outputs for o in n.output)]
-        if not dead:
-            break
-        for n in dead:
-            g.node.remove(n)
-    used = set(consumers(g))
-    kept = [i for i in g.initializer if i.name in used]
-    del g.initializer[:]
-    g.initializer.extend(kept)
-    known = {i.name for i in g.input} | {i.name for i in g.initializer} | {""}
-    ordered, waiting = [], list(g.node)
-    while waiting:
-        ready = [n for n in waiting if all(i in known for i in n.input)]
-        if not ready:
-            raise SystemExit(f"{path}: the graph has a cycle")
-        for n in ready:
-            known.update(n.output)
-        ordered += ready
-        waiting = [n for n in waiting if n not in ready]
-    del g.node[:]
-    g.node.extend(ordered)
-    del g.value_info[:]
-    onnx.checker.check_model(m)
-    onnx.save(m, path)
 
 
 def int8_max_pool(path):
@@ -393,6 +334,10 @@ def main():
             os.remove(src)
     exclude = infinite_pads(pre)
     print(f"kept in float: {exclude} and the max-pool after it", file=sys.stderr)
+    # The bilinear resizes' gathers, products and sums (graph_rewrites.py) stay float in
+    # the QDQ form too, as tract and onnxruntime run them in the QLinearConv form.
+    import onnx
+    exclude += [n.name for n in onnx.load(pre).graph.node if BILINEAR in n.name]
     try:
         # The QLinearConv form: int8 both sides, one scale per tensor, convolutions only.
         form = (dict(quant_format=QuantFormat.QOperator, per_channel=False,
