@@ -94,19 +94,21 @@ BILINEAR = "_bilinear_"  # in the names of the nodes the rewrite adds
 
 
 def exact_bilinear_resizes(m):
-    """Each Resize (linear, half_pixel, constant scales on H and W of an NCHW tensor of
-    known shape) becomes Gathers of the source rows and columns, four Muls by constant
+    """Each Resize (linear, half_pixel, constant scales on H and W of a float32 NCHW
+    tensor of known shape; any other is left alone) becomes Gathers of the source rows and columns, four Muls by constant
     weight planes and three Adds, computed in the order onnxruntime's own kernel does
     (w11·X11 + w21·X21 + w12·X12 + w22·X22 from the left, each weight the product of
     the row's and the column's), so the outputs are identical to the last bit. Why:
     tract works out every output element's sources and weights as it goes (the 2x
     upsample to 52x52 was the slowest single node of the int8 model), while gathers and
     elementwise ops are block copies and vector loops. Returns how many were rewritten."""
-    from onnx import helper, numpy_helper, shape_inference
+    from onnx import TensorProto, helper, numpy_helper, shape_inference
     g = m.graph
     inferred = shape_inference.infer_shapes(m).graph
     shapes = {v.name: [d.dim_value for d in v.type.tensor_type.shape.dim]
-              for v in list(inferred.value_info) + list(inferred.input)}
+              for v in list(inferred.value_info) + list(inferred.input) + list(inferred.output)}
+    floats = {v.name for v in list(inferred.value_info) + list(inferred.input)
+              if v.type.tensor_type.elem_type == TensorProto.FLOAT}
     values = constants(g)
     out, count = [], 0
     for n in g.node:
@@ -115,14 +117,19 @@ def exact_bilinear_resizes(m):
         shape = shapes.get(n.input[0], [])
         if (scales is None or scales.shape != (4,) or list(scales[:2]) != [1, 1]
                 or a.get("mode") != b"linear" or a.get("coordinate_transformation_mode") != b"half_pixel"
-                or a.get("antialias", 0) != 0 or len(shape) != 4 or 0 in shape):
+                or a.get("antialias", 0) != 0 or "axes" in a or n.input[0] not in floats
+                or len(shape) != 4 or 0 in shape):
             out.append(n)
             continue
         _, _, h, w = shape
-        oh, ow = int(np.floor(h * scales[2])), int(np.floor(w * scales[3]))
+        # The output size as onnxruntime works it out, in float32.
+        oh, ow = (int(np.float32(d) * np.float32(sc)) for d, sc in ((h, scales[2]), (w, scales[3])))
+        if shapes.get(n.output[0], [0, 0, oh, ow])[2:] != [oh, ow]:
+            out.append(n)
+            continue
         y1, y2, wy1, wy2 = bilinear_taps(h, oh, scales[2])
         x1, x2, wx1, wx2 = bilinear_taps(w, ow, scales[3])
-        name = f"{n.name}{BILINEAR}"
+        name = f"{n.name or n.output[0]}{BILINEAR}"
 
         def gather(src, index, axis, tag):
             o = f"{name}{tag}"
@@ -146,7 +153,7 @@ def exact_bilinear_resizes(m):
         for k, term in enumerate(terms[1:]):
             last = k == len(terms) - 2
             nxt = n.output[0] if last else f"{name}sum{k}"
-            out.append(helper.make_node("Add", [total, term], [nxt], name=nxt))
+            out.append(helper.make_node("Add", [total, term], [nxt], name=f"{name}sum{k}"))
             total = nxt
         count += 1
     del g.node[:]
