@@ -255,7 +255,14 @@ impl Browser {
                 Some("Network.responseReceived") if v["params"]["type"] == "Document" => {
                     status = v["params"]["response"]["status"].as_u64();
                 }
-                Some("Page.loadEventFired") => return status.expect("a load event without a response"),
+                // A load event before this navigation's document response belongs to an
+                // earlier page (the blank one a new target starts with can report late
+                // when the machine is busy): wait on for this one's.
+                Some("Page.loadEventFired") => {
+                    if let Some(status) = status {
+                        return status;
+                    }
+                }
                 _ => {}
             }
         }
