@@ -17,7 +17,7 @@ import onnx
 import onnxruntime as ort
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from graph_rewrites import exact_bilinear_resizes, stride_one_max_pools  # noqa: E402
+from graph_rewrites import exact_bilinear_resizes, plain_outputs, stride_one_max_pools  # noqa: E402
 
 src, dst = sys.argv[1], sys.argv[2]
 # Optional input size (default: the TFJS model's own, 416). The graph computes its
@@ -72,12 +72,9 @@ m.graph.output.extend(outs)
 plain = m.SerializeToString()
 resizes = exact_bilinear_resizes(m)
 pools = stride_one_max_pools(m.graph)
-exact = ort.SessionOptions()
-exact.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
 dims = [d.dim_value for d in m.graph.input[0].type.tensor_type.shape.dim]
 feed = {m.graph.input[0].name: np.random.default_rng(0).normal(0, 1, dims).astype(np.float32)}
-before = ort.InferenceSession(plain, exact, providers=["CPUExecutionProvider"]).run(None, feed)
-after = ort.InferenceSession(m.SerializeToString(), exact, providers=["CPUExecutionProvider"]).run(None, feed)
+before, after = plain_outputs(plain, feed), plain_outputs(m.SerializeToString(), feed)
 if not all(np.array_equal(a, b) for a, b in zip(before, after)):
     sys.exit("finish_onnx: the resize or max-pool rewrite changed the outputs")
 m.producer_name = "deskcam models/convert-nanodet"

@@ -1,5 +1,6 @@
-"""Graph helpers shared by the model scripts (finish_onnx.py, quantize.py), and the
-exact rewrite of bilinear Resize that both the fp32 and the int8 models carry."""
+"""Graph helpers shared by the model scripts (finish_onnx.py, quantize.py,
+check_rewrites.py), and the two exact rewrites both the fp32 and the int8 models carry:
+bilinear Resize as gathers and elementwise ops, and the max-pool at stride 1 across."""
 import numpy as np
 
 
@@ -65,6 +66,16 @@ def tidy_and_save(m, path):
     tidy(m.graph, path)
     onnx.checker.check_model(m)
     onnx.save(m, path)
+
+
+def plain_outputs(model_bytes, feed):
+    """A serialised model's outputs in onnxruntime's plain kernels, without its graph
+    optimisations (its optimised Resize is another kernel): what the rewrites must
+    reproduce to the last bit."""
+    import onnxruntime as ort
+    plain = ort.SessionOptions()
+    plain.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    return ort.InferenceSession(model_bytes, plain, providers=["CPUExecutionProvider"]).run(None, feed)
 
 
 def bilinear_taps(n_in, n_out, scale):
