@@ -86,7 +86,7 @@ pub fn is_nnef(path: &Path) -> bool {
 
 /// An ONNX model with its input fixed to 1×3×N×N (N from the file), typed.
 #[cfg(feature = "onnx")]
-fn onnx_typed(bytes: &[u8]) -> TractResult<TypedModel> {
+pub(crate) fn onnx_typed(bytes: &[u8]) -> TractResult<TypedModel> {
     use tract_onnx::prelude::{Framework as _, InferenceModelExt as _};
     let model = tract_onnx::onnx().model_for_read(&mut &*bytes)?;
     let shape = model
@@ -101,7 +101,7 @@ fn onnx_typed(bytes: &[u8]) -> TractResult<TypedModel> {
 }
 
 #[cfg(not(feature = "onnx"))]
-fn onnx_typed(_bytes: &[u8]) -> TractResult<TypedModel> {
+pub(crate) fn onnx_typed(_bytes: &[u8]) -> TractResult<TypedModel> {
     tract_nnef::internal::bail!(
         "this build reads NNEF models only (`*.nnef.tar`, made by `deskcam model export-nnef`)"
     )
@@ -197,7 +197,14 @@ impl Detector {
                 path: path.into(),
                 reason: "input is not 1×3×N×N".into(),
             })?;
-        let plan = model.into_optimized().and_then(|m| m.into_runnable()).map_err(load_err)?;
+        let mut optimized = model.into_optimized().map_err(load_err)?;
+        // The int8 model's activations packed by our packer (int8_pack.rs: the same bytes,
+        // a fraction of the instructions). DESKCAM_TRACT_PACKER=1 keeps tract's own, to
+        // measure the difference (MODEL_CARD.md).
+        if std::env::var_os("DESKCAM_TRACT_PACKER").is_none() {
+            crate::int8_pack::faster_int8_packing(&mut optimized).map_err(load_err)?;
+        }
+        let plan = optimized.into_runnable().map_err(load_err)?;
         Ok(Detector {
             plan,
             buffers: std::sync::Mutex::new(Buffers::default()),
