@@ -18,9 +18,10 @@ kernels: the zero Pads folded into the convolutions that follow them, then QLine
 wants the two of one type), one weight scale per tensor (a per-channel scale is not fused
 into tract's requantisation: 2x slower). Then exact rewrites (the outputs identical in
 onnxruntime, checked here): tensors stay int8 across concatenations, LeakyReLU (tract's
-lookup tables) and the max-pool, and the stride-1 3x3 convolutions become 1x1 ones over
-patches gathered with Pad/Slice/Concat (tract's own int8 patch gathering is slow); the
-rest stays float behind QuantizeLinear/DequantizeLinear.
+lookup tables) and the max-pool, and the 3x3 convolutions become 1x1 ones over patches
+gathered with Pad/Slice/Concat (tract's own int8 patch gathering is slow; at stride 2 by
+way of the input's four phases); the rest stays float behind
+QuantizeLinear/DequantizeLinear.
 """
 import hashlib
 import os
@@ -215,75 +216,156 @@ def int8_max_pool(path):
     return count
 
 
+def conv_over_taps(g, n, taps, length, grid):
+    """The nodes that end a convolution over explicit patches: the taps (each [1, C,
+    length], in kernel row-major order) concatenated on the channel axis, a 1×1
+    QLinearConv over them with the weights reordered to match (tap-major), and the
+    output, computed on rows of `width` pixels, cut to `cols`: grid = (rows, width,
+    cols)."""
+    from onnx import helper, numpy_helper
+    rows, width, cols_kept = grid
+    name, w = n.name, n.input[3]
+    weight = numpy_helper.to_array(next(i for i in g.initializer if i.name == w))
+    o, c, kh, kw = weight.shape
+    w1 = f"{w}_taps"
+    g.initializer.append(numpy_helper.from_array(
+        np.ascontiguousarray(weight.transpose(0, 2, 3, 1).reshape(o, kh * kw * c, 1, 1)), w1))
+    patches, cols, y, wide = f"{name}_patches", f"{name}_cols", f"{name}_wide", f"{name}_grid"
+    x, xs, xz, _, ws, wz, ys, yz = n.input[:8]
+    return [
+        helper.make_node("Concat", taps, [patches], name=patches, axis=1),
+        helper.make_node("Reshape", [patches, int64_const(g, f"{cols}_shape", [1, kh * kw * c, length, 1])],
+                         [cols], name=cols),
+        helper.make_node("QLinearConv", [cols, xs, xz, w1, ws, wz, ys, yz] + list(n.input[8:]), [y],
+                         name=name, kernel_shape=[1, 1]),
+        helper.make_node("Reshape", [y, int64_const(g, f"{wide}_shape", [1, o, rows, width])], [wide], name=wide),
+        helper.make_node("Slice", [wide, int64_const(g, f"{name}_crop_starts", [0]),
+                                   int64_const(g, f"{name}_crop_ends", [cols_kept]),
+                                   int64_const(g, f"{name}_crop_axes", [3])], list(n.output), name=f"{name}_crop"),
+    ]
+
+
 def explicit_patches(path):
-    """Each stride-1 QLinearConv with a kernel larger than 1×1 becomes a 1×1 QLinearConv
-    over its patches, gathered with plain ops: the input padded with its zero point (so a
-    padded tap adds nothing, as in the convolution's own padding), flattened row by row,
-    and one 1-D slice per kernel tap (the output is computed on the padded width and the
-    wrap-around columns cut off after), concatenated on the channel axis; the weights
-    reordered to match (tap-major). The integer sums are the same, so the outputs are
-    identical. Why: tract gathers a convolution's int8 patches element by element into
-    its kernel's layout (its Im2col, half the int8 model's time), while a 1×1
-    convolution's input is packed by a faster routine, and the slices and concatenation
-    are block copies. Stride-2 convolutions stay as they are (their taps are not a plain
-    slice of the flattened rows). Returns how many were rewritten."""
+    """Each QLinearConv with a kernel larger than 1×1 at stride 1, and each at stride 2,
+    becomes a 1×1 QLinearConv over its patches, gathered with plain ops: the input padded
+    with its zero point (so a padded tap adds nothing, as in the convolution's own
+    padding), one 1-D slice of flattened rows per kernel tap (the output is computed on
+    the slices' row width and the extra columns cut off after), concatenated on the
+    channel axis; the weights reordered to match (tap-major). At stride 2 the slices are
+    taken from the padded input's four phases (stride_two_taps()). The integer sums are
+    the same, so the outputs are identical. Why: tract gathers a convolution's int8
+    patches element by element into its kernel's layout (its Im2col, about 15
+    instructions per byte on the Cortex-A76, half the int8 model's time), while a 1×1
+    convolution's input is packed as a plain matrix, and the slices and concatenation
+    are block copies. Returns how many were rewritten."""
     import onnx
-    from onnx import helper, numpy_helper, shape_inference
+    from onnx import helper, shape_inference
     m = shape_inference.infer_shapes(onnx.load(path))
     g = m.graph
     shapes = {v.name: [d.dim_value for d in v.type.tensor_type.shape.dim]
               for v in list(g.value_info) + list(g.input) + list(g.output)}
-    weights = {i.name: i for i in g.initializer}
+    weights = {i.name for i in g.initializer}
     out, count = [], 0
     for n in g.node:
         a = {x.name: helper.get_attribute_value(x) for x in n.attribute}
         kernel = a.get("kernel_shape", [1, 1]) if n.op_type == "QLinearConv" else [1, 1]  # other ops: kept
-        if (len(kernel) != 2 or kernel == [1, 1] or a.get("group", 1) != 1
-                or a.get("strides", [1, 1]) != [1, 1] or a.get("dilations", [1, 1]) != [1, 1]
-                or a.get("auto_pad", b"NOTSET") not in (b"", b"NOTSET") or n.input[3] not in weights
-                or len(shapes.get(n.input[0], [])) != 4 or 0 in shapes[n.input[0]]):
+        stride = a.get("strides", [1, 1])
+        taps = None
+        if (n.op_type == "QLinearConv" and len(kernel) == 2 and a.get("group", 1) == 1
+                and a.get("dilations", [1, 1]) == [1, 1]
+                and a.get("auto_pad", b"NOTSET") in (b"", b"NOTSET") and n.input[3] in weights
+                and len(shapes.get(n.input[0], [])) == 4 and 0 not in shapes[n.input[0]]):
+            pads = a.get("pads", [0, 0, 0, 0])
+            if stride == [1, 1] and kernel != [1, 1]:
+                taps = stride_one_taps(g, n, shapes[n.input[0]], kernel, pads)
+            elif stride == [2, 2]:
+                taps = stride_two_taps(g, n, shapes[n.input[0]], kernel, pads)
+        if taps is None:
             out.append(n)
             continue
-        kh, kw = kernel
-        x, xs, xz, w, ws, wz, ys, yz = n.input[:8]
-        top, left, bottom, right = a.get("pads", [0, 0, 0, 0])
-        _, c, h, wd = shapes[x]
-        ho, wo, wp = h + top + bottom - kh + 1, wd + left + right - kw + 1, wd + left + right
-        name = n.name
-        weight = numpy_helper.to_array(weights[w])
-        o = weight.shape[0]
-        w1 = f"{w}_taps"
-        g.initializer.append(numpy_helper.from_array(
-            np.ascontiguousarray(weight.transpose(0, 2, 3, 1).reshape(o, kh * kw * c, 1, 1)), w1))
-        # One more row at the bottom: the last tap's slice runs kw - 1 elements past
-        # the padded rows.
-        padded, rows = f"{name}_padded", f"{name}_rows"
-        out.append(helper.make_node("Pad", [x, int64_const(g, f"{padded}_pads", [0, 0, top, left, 0, 0, bottom + 1, right]), xz],
-                                    [padded], name=padded, mode="constant"))
-        out.append(helper.make_node("Reshape", [padded, int64_const(g, f"{rows}_shape", [1, c, (h + top + bottom + 1) * wp])],
-                                    [rows], name=rows))
-        taps, length = [], ho * wp
-        for ky in range(kh):
-            for kx in range(kw):
-                tap, start = f"{name}_tap{ky}{kx}", ky * wp + kx
-                out.append(helper.make_node("Slice", [rows, int64_const(g, f"{tap}_starts", [start]),
-                                                      int64_const(g, f"{tap}_ends", [start + length]), int64_const(g, f"{tap}_axes", [2])],
-                                            [tap], name=tap))
-                taps.append(tap)
-        patches, cols, y, grid = f"{name}_patches", f"{name}_cols", f"{name}_wide", f"{name}_grid"
-        out.append(helper.make_node("Concat", taps, [patches], name=patches, axis=1))
-        out.append(helper.make_node("Reshape", [patches, int64_const(g, f"{cols}_shape", [1, kh * kw * c, length, 1])],
-                                    [cols], name=cols))
-        out.append(helper.make_node("QLinearConv", [cols, xs, xz, w1, ws, wz, ys, yz] + list(n.input[8:]), [y],
-                                    name=name, kernel_shape=[1, 1]))
-        out.append(helper.make_node("Reshape", [y, int64_const(g, f"{grid}_shape", [1, o, ho, wp])], [grid], name=grid))
-        out.append(helper.make_node("Slice", [grid, int64_const(g, f"{name}_crop_starts", [0]), int64_const(g, f"{name}_crop_ends", [wo]),
-                                              int64_const(g, f"{name}_crop_axes", [3])], list(n.output), name=f"{name}_crop"))
+        nodes, tap_names, length, grid = taps
+        out += nodes + conv_over_taps(g, n, tap_names, length, grid)
         count += 1
     del g.node[:]
     g.node.extend(out)
     tidy_and_save(m, path)
     return count
+
+
+def stride_one_taps(g, n, shape, kernel, pads):
+    """A stride-1 convolution's taps: its input padded (one more row at the bottom, as
+    the last tap's slice runs kw - 1 elements past the padded rows) and flattened, one
+    slice per tap. Returns (nodes, taps, tap length, output grid) for conv_over_taps()."""
+    from onnx import helper
+    (kh, kw), (top, left, bottom, right), (_, c, h, wd) = kernel, pads, shape
+    ho, wo, wp = h + top + bottom - kh + 1, wd + left + right - kw + 1, wd + left + right
+    name = n.name
+    padded, rows = f"{name}_padded", f"{name}_rows"
+    nodes = [helper.make_node("Pad", [n.input[0], int64_const(g, f"{padded}_pads", [0, 0, top, left, 0, 0, bottom + 1, right]),
+                                      n.input[2]], [padded], name=padded, mode="constant"),
+             helper.make_node("Reshape", [padded, int64_const(g, f"{rows}_shape", [1, c, (h + top + bottom + 1) * wp])],
+                              [rows], name=rows)]
+    taps, length = [], ho * wp
+    for ky in range(kh):
+        for kx in range(kw):
+            nodes.append(tap_slice(g, f"{name}_tap{ky}{kx}", rows, ky * wp + kx, length))
+            taps.append(nodes[-1].output[0])
+    return nodes, taps, length, (ho, wp, wo)
+
+
+def stride_two_taps(g, n, shape, kernel, pads):
+    """A stride-2 convolution's taps, by way of its padded input's four phases (even or
+    odd rows × even or odd columns): tap (ky, kx) of output (i, j) reads padded row
+    2i + ky, column 2j + kx, which is row i + ky // 2, column j + kx // 2 of phase
+    (ky % 2, kx % 2), so within a phase each tap is a plain 1-D slice of the flattened
+    rows. The columns are split by two strided slices (one pass over the input), the
+    rows by a reshape that pairs them and two plain slices. The output is computed on a
+    phase's width, wh (its extra columns cut off after), and each phase has a row more
+    than the taps reach, as the last taps' slices run (kw - 1) // 2 elements past their
+    rows. Returns what stride_one_taps() does, or None where the convolution's own
+    padding reaches past the phases."""
+    from onnx import helper
+    (kh, kw), (top, left, bottom, right), (_, c, h, wd) = kernel, pads, shape
+    ho, wo = (h + top + bottom - kh) // 2 + 1, (wd + left + right - kw) // 2 + 1
+    wh, hh = wo + (kw - 1) // 2, ho + (kh - 1) // 2 + 1
+    full = [0, 0, top, left, 0, 0, 2 * hh - h - top, 2 * wh - wd - left]
+    if min(full) < 0:
+        return None
+    name = n.name
+    padded = f"{name}_padded"
+    nodes = [helper.make_node("Pad", [n.input[0], int64_const(g, f"{padded}_pads", full), n.input[2]],
+                              [padded], name=padded, mode="constant")]
+    phases = {}
+    for b in range(2):
+        cols, pairs = f"{name}_cols{b}", f"{name}_pairs{b}"
+        nodes.append(helper.make_node("Slice", [padded, int64_const(g, f"{cols}_starts", [b]),
+                                                int64_const(g, f"{cols}_ends", [2 * wh]),
+                                                int64_const(g, f"{cols}_axes", [3]),
+                                                int64_const(g, f"{cols}_steps", [2])], [cols], name=cols))
+        nodes.append(helper.make_node("Reshape", [cols, int64_const(g, f"{pairs}_shape", [1, c, hh, 2 * wh])],
+                                      [pairs], name=pairs))
+        for r in range(2):
+            ph, flat = f"{name}_phase{r}{b}", f"{name}_phase{r}{b}_rows"
+            nodes.append(helper.make_node("Slice", [pairs, int64_const(g, f"{ph}_starts", [r * wh]),
+                                                    int64_const(g, f"{ph}_ends", [(r + 1) * wh]),
+                                                    int64_const(g, f"{ph}_axes", [3])], [ph], name=ph))
+            nodes.append(helper.make_node("Reshape", [ph, int64_const(g, f"{flat}_shape", [1, c, hh * wh])],
+                                          [flat], name=flat))
+            phases[r, b] = flat
+    taps, length = [], ho * wh
+    for ky in range(kh):
+        for kx in range(kw):
+            nodes.append(tap_slice(g, f"{name}_tap{ky}{kx}", phases[ky % 2, kx % 2], (ky // 2) * wh + kx // 2, length))
+            taps.append(nodes[-1].output[0])
+    return nodes, taps, length, (ho, wh, wo)
+
+
+def tap_slice(g, tap, rows, start, length):
+    """One tap: `length` elements of the flattened rows from `start`."""
+    from onnx import helper
+    return helper.make_node("Slice", [rows, int64_const(g, f"{tap}_starts", [start]),
+                                      int64_const(g, f"{tap}_ends", [start + length]),
+                                      int64_const(g, f"{tap}_axes", [2])], [tap], name=tap)
 
 
 def same_outputs(a, b, photo_dir):
