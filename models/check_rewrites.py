@@ -1,16 +1,20 @@
-"""Checks graph_rewrites.py's rewrites against onnxruntime (scripts/check-models, in
-scripts/test): one-node models of Resize and MaxPool on random tensors, of odd and even
-sizes and several scales, run before and after the rewrite in onnxruntime's plain
-kernels; the outputs must be identical to the last bit, and a node the rewrite must
-refuse must be left as it is. Exits non-zero on any difference."""
+"""Checks graph_rewrites.py's rewrites, and quantize.py's convolutions over explicit
+patches, against onnxruntime (scripts/check-models, in scripts/test): one-node models of
+Resize, MaxPool and QLinearConv on random tensors, of odd and even sizes and several
+scales, kernels, strides and paddings, run before and after the rewrite in
+onnxruntime's plain kernels; the outputs must be identical to the last bit, and a node
+the rewrite must refuse must be left as it is. Exits non-zero on any difference."""
 import os
 import sys
+import tempfile
 
 import numpy as np
+import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from graph_rewrites import exact_bilinear_resizes, plain_outputs, stride_one_max_pools, tidy  # noqa: E402
+from quantize import explicit_patches  # noqa: E402
 
 
 def model(node, shape, inits=(), dtype=TensorProto.FLOAT):
@@ -30,6 +34,20 @@ def resize(shape, scale, **attrs):
              numpy_helper.from_array(np.array([1, 1, scale, scale], np.float32), "scales")]
     attrs = {"mode": "linear", "coordinate_transformation_mode": "half_pixel", **attrs}
     return model(helper.make_node("Resize", ["x", "roi", "scales"], ["y"], name="resize", **attrs), shape, inits)
+
+
+def qlinear_conv(shape, o, kernel, rng, **attrs):
+    """A one-node int8 QLinearConv (int8 input and weights, as the int8 model's), its
+    input zero point not zero (a padded tap must add nothing)."""
+    c = shape[1] // attrs.get("group", 1)
+    weight = rng.integers(-127, 128, (o, c, *kernel), dtype=np.int8)
+    inits = [numpy_helper.from_array(np.array(v, t), name) for name, v, t in
+             (("xs", 0.02, np.float32), ("xz", -14, np.int8), ("ws", 0.01, np.float32), ("wz", 0, np.int8),
+              ("ys", 0.5, np.float32), ("yz", 3, np.int8))]
+    inits += [numpy_helper.from_array(weight, "w"), numpy_helper.from_array(rng.integers(-900, 900, o, dtype=np.int32), "b")]
+    node = helper.make_node("QLinearConv", ["x", "xs", "xz", "w", "ws", "wz", "ys", "yz", "b"], ["y"], name="conv",
+                            kernel_shape=list(kernel), **attrs)
+    return model(node, shape, inits, TensorProto.INT8)
 
 
 def main():
@@ -71,6 +89,44 @@ def main():
     same("MaxPool padded", model(node, (1, 2, 9, 9)), pools, (1, 2, 9, 9), 0)
     node = helper.make_node("MaxPool", ["x"], ["y"], name="pool", kernel_shape=[3, 3], strides=[2, 1])
     same("MaxPool stride 1 across", model(node, (1, 2, 9, 9)), pools, (1, 2, 9, 9), 0)
+
+    def patches(m):
+        # quantize.py's rewrites work on files.
+        with tempfile.TemporaryDirectory() as d:
+            path = os.path.join(d, "m.onnx")
+            onnx.save(m, path)
+            n = explicit_patches(path)
+            m.CopyFrom(onnx.load(path))
+        return n
+
+    def conv_same(label, m, shape, expect):
+        nonlocal checked
+        x = rng.integers(-128, 128, shape, dtype=np.int8)
+        before = run(m, x)
+        count = patches(m)
+        after = run(m, x)
+        checked += 1
+        if count != expect:
+            failures.append(f"{label}: rewrote {count} nodes, expected {expect}")
+        elif before.shape != after.shape or not np.array_equal(before, after):
+            failures.append(f"{label}: outputs differ")
+
+    for shape, o, kernel, strides, pads in (
+            ((1, 4, 9, 11), 5, (3, 3), [1, 1], [1, 1, 1, 1]), ((1, 3, 7, 6), 4, (3, 3), [1, 1], [0, 0, 0, 0]),
+            ((1, 2, 8, 9), 3, (5, 3), [1, 1], [2, 1, 2, 1]),
+            ((1, 4, 9, 11), 5, (3, 3), [2, 2], [1, 1, 1, 1]), ((1, 3, 8, 8), 6, (3, 3), [2, 2], [1, 1, 1, 1]),
+            ((1, 5, 7, 6), 4, (3, 3), [2, 2], [0, 0, 0, 0]), ((1, 4, 10, 9), 3, (3, 3), [2, 2], [1, 0, 0, 1]),
+            ((1, 4, 8, 10), 3, (2, 2), [2, 2], [0, 0, 0, 0]), ((1, 3, 9, 7), 2, (1, 1), [2, 2], [0, 0, 0, 0]),
+            ((1, 3, 20, 20), 8, (3, 3), [2, 2], [1, 1, 1, 1])):
+        conv_same(f"QLinearConv {shape} k{kernel} s{strides} p{pads}",
+                  qlinear_conv(shape, o, kernel, rng, strides=strides, pads=pads), shape, 1)
+    # Left alone: a 1×1 at stride 1 (already a product over pixels), groups, dilation,
+    # stride 3.
+    for label, shape, kernel, attrs in (("1x1", (1, 4, 6, 6), (1, 1), {}),
+                                        ("grouped", (1, 4, 6, 6), (3, 3), {"group": 2, "pads": [1, 1, 1, 1]}),
+                                        ("dilated", (1, 4, 9, 9), (3, 3), {"dilations": [2, 2]}),
+                                        ("stride 3", (1, 4, 9, 9), (3, 3), {"strides": [3, 3]})):
+        conv_same(f"QLinearConv {label}", qlinear_conv(shape, 4, kernel, rng, **attrs), shape, 0)
 
     for f in failures:
         print(f"check_rewrites: FAIL: {f}", file=sys.stderr)
