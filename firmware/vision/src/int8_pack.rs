@@ -142,20 +142,20 @@ pub fn pack_rows(src: &[i8], k: usize, mn: usize, row_stride: usize, r: usize, o
             *slot = row;
         }
         let blocks = out.chunks_exact_mut(panel).map(|p| &mut p[kb * kb_bytes..(kb + 1) * kb_bytes]);
-        if r == 8 && block.iter().all(|row| row.len() == mn) {
-            // Four whole rows: every full panel is a 4 × 8 transpose.
+        if r.is_multiple_of(8) && block.iter().all(|row| row.len() == mn) {
+            // Four whole rows: every full panel is r / 8 transposes of 4 × 8 (columns
+            // m..m + 8 of the panel are its bytes 4m..4m + 32).
             for (p, dst) in blocks.enumerate().take(full_panels) {
-                let cols = |row: &[i8]| -> [i8; 8] {
-                    let mut c = [0; 8];
-                    c.copy_from_slice(&row[p * 8..p * 8 + 8]);
-                    c
-                };
-                let rows = [cols(block[0]), cols(block[1]), cols(block[2]), cols(block[3])];
-                let dst: &mut [i8; 32] = match dst.try_into() {
-                    Ok(d) => d,
-                    Err(_) => unreachable!("a K block of an r = 8 panel is 32 bytes"),
-                };
-                *dst = transpose_4x8(&rows);
+                for (g, dst) in dst.chunks_exact_mut(32).enumerate() {
+                    let at = p * r + g * 8;
+                    let cols = |row: &[i8]| -> [i8; 8] {
+                        let mut c = [0; 8];
+                        c.copy_from_slice(&row[at..at + 8]);
+                        c
+                    };
+                    let rows = [cols(block[0]), cols(block[1]), cols(block[2]), cols(block[3])];
+                    dst.copy_from_slice(&transpose_4x8(&rows));
+                }
             }
             finish_partial(&block, mn, r, full_panels, out, panel, kb);
         } else {
@@ -165,7 +165,8 @@ pub fn pack_rows(src: &[i8], k: usize, mn: usize, row_stride: usize, r: usize, o
 }
 
 /// Writes one K block of the panels from `first` on, element by element (the last,
-/// part-filled panel, the K padding, and any `r` without a fast path); padding is zero.
+/// part-filled panel, the K padding, and an `r` that is not a multiple of 8); padding
+/// is zero.
 fn finish_partial(
     block: &[&[i8]; 4],
     mn: usize,
@@ -242,7 +243,7 @@ mod tests {
     fn the_same_bytes_as_tracts_packer() {
         // Full and part-filled panels, K a multiple of 4 and not, one row, one column.
         for (k, mn) in [(8, 16), (9, 19), (27, 43), (1, 8), (4, 1), (3, 5), (288, 107), (13, 64)] {
-            for r in [8, 16] {
+            for r in [4, 8, 16] {
                 let src: Vec<i8> = (0..k * mn).map(|i| ((i * 37 + k) % 251) as i8).collect();
                 let want = tract_packed(&src, k, mn, r);
                 let mut got = vec![0x55i8; want.len()];
