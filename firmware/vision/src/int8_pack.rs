@@ -145,16 +145,22 @@ pub fn pack_rows(src: &[i8], k: usize, mn: usize, row_stride: usize, r: usize, o
         if r.is_multiple_of(8) && block.iter().all(|row| row.len() == mn) {
             // Four whole rows: every full panel is r / 8 transposes of 4 × 8 (columns
             // m..m + 8 of the panel are its bytes 4m..4m + 32).
+            // Columns at..at + 8 of the four rows.
+            let rows = |at: usize| {
+                block.map(|row| -> [i8; 8] {
+                    let mut c = [0; 8];
+                    c.copy_from_slice(&row[at..at + 8]);
+                    c
+                })
+            };
             for (p, dst) in blocks.enumerate().take(full_panels) {
+                if let Ok(dst) = <&mut [i8; 32]>::try_from(&mut *dst) {
+                    // r = 8 (the Cortex-A76's kernel): one transpose, written in place.
+                    *dst = transpose_4x8(&rows(p * 8));
+                    continue;
+                }
                 for (g, dst) in dst.chunks_exact_mut(32).enumerate() {
-                    let at = p * r + g * 8;
-                    let cols = |row: &[i8]| -> [i8; 8] {
-                        let mut c = [0; 8];
-                        c.copy_from_slice(&row[at..at + 8]);
-                        c
-                    };
-                    let rows = [cols(block[0]), cols(block[1]), cols(block[2]), cols(block[3])];
-                    dst.copy_from_slice(&transpose_4x8(&rows));
+                    dst.copy_from_slice(&transpose_4x8(&rows(p * r + g * 8)));
                 }
             }
             finish_partial(&block, mn, r, full_panels, out, panel, kb);
