@@ -264,11 +264,12 @@ def explicit_patches(path):
     g = m.graph
     shapes = {v.name: [d.dim_value for d in v.type.tensor_type.shape.dim]
               for v in list(g.value_info) + list(g.input) + list(g.output)}
-    weights = {i.name for i in g.initializer}
+    weights = {i.name: list(i.dims) for i in g.initializer}
     out, count = [], 0
     for n in g.node:
         a = {x.name: helper.get_attribute_value(x) for x in n.attribute}
-        kernel = a.get("kernel_shape", [1, 1]) if n.op_type == "QLinearConv" else [1, 1]  # other ops: kept
+        # The kernel's size from the weights (the attribute is optional in ONNX).
+        kernel = weights.get(n.input[3], [0, 0])[2:] if n.op_type == "QLinearConv" else [1, 1]  # other ops: kept
         stride = a.get("strides", [1, 1])
         taps = None
         if (n.op_type == "QLinearConv" and len(kernel) == 2 and a.get("group", 1) == 1

@@ -82,7 +82,12 @@ impl EvalOp for PackI8K4 {
         let single =
             shape.iter().enumerate().all(|(ax, &d)| ax == self.k_axis || ax == self.mn_axis || d == 1);
         let strides = input.strides();
-        if !single || input.datum_type() != i8::datum_type() || (mn > 1 && strides[self.mn_axis] != 1) {
+        if !single
+            || input.datum_type() != i8::datum_type()
+            || k == 0
+            || mn == 0
+            || (mn > 1 && strides[self.mn_axis] != 1)
+        {
             return EvalOp::eval(&self.inner, ctx, inputs);
         }
         let plain = input.try_as_plain_ram()?;
@@ -91,9 +96,10 @@ impl EvalOp for PackI8K4 {
         let r = self.format.r;
         let panel_bytes = k.div_ceil(4) * 4 * r;
         let len = mn.div_ceil(r) * panel_bytes;
-        // SAFETY: a non-zero size and a power-of-two alignment (PackedI8K4's, 16), the
-        // layout tract allocates for this format; every byte is written below.
-        let mut blob = unsafe { Blob::new_for_size_and_align(len.max(1), self.format.alignment()) };
+        // SAFETY: a non-zero size (k and mn are) and a power-of-two alignment
+        // (PackedI8K4's, 16), the layout tract allocates for this format; pack_rows
+        // writes every byte of it.
+        let mut blob = unsafe { Blob::new_for_size_and_align(len, self.format.alignment()) };
         let out: &mut [u8] = blob.as_bytes_mut();
         pack_rows(src, k, mn, row_stride, r, bytemuck_i8(out));
         let packed = EagerPackedInput {
