@@ -231,7 +231,7 @@ def conv_over_taps(g, n, taps, length, grid):
     g.initializer.append(numpy_helper.from_array(
         np.ascontiguousarray(weight.transpose(0, 2, 3, 1).reshape(o, kh * kw * c, 1, 1)), w1))
     patches, cols, y, wide = f"{name}_patches", f"{name}_cols", f"{name}_wide", f"{name}_grid"
-    x, xs, xz, _, ws, wz, ys, yz = n.input[:8]
+    _, xs, xz, _, ws, wz, ys, yz = n.input[:8]
     return [
         helper.make_node("Concat", taps, [patches], name=patches, axis=1),
         helper.make_node("Reshape", [patches, int64_const(g, f"{cols}_shape", [1, kh * kw * c, length, 1])],
@@ -268,13 +268,13 @@ def explicit_patches(path):
     out, count = [], 0
     for n in g.node:
         a = {x.name: helper.get_attribute_value(x) for x in n.attribute}
-        # The kernel's size from the weights (the attribute is optional in ONNX).
-        kernel = weights.get(n.input[3], [0, 0])[2:] if n.op_type == "QLinearConv" else [1, 1]  # other ops: kept
+        # The kernel's size from the weights (the attribute is optional in ONNX); none
+        # for other ops and for weights that are not constants, which are kept.
+        kernel = weights.get(n.input[3], [])[2:] if n.op_type == "QLinearConv" else []
         stride = a.get("strides", [1, 1])
         taps = None
-        if (n.op_type == "QLinearConv" and len(kernel) == 2 and a.get("group", 1) == 1
-                and a.get("dilations", [1, 1]) == [1, 1]
-                and a.get("auto_pad", b"NOTSET") in (b"", b"NOTSET") and n.input[3] in weights
+        if (len(kernel) == 2 and a.get("group", 1) == 1 and a.get("dilations", [1, 1]) == [1, 1]
+                and a.get("auto_pad", b"NOTSET") in (b"", b"NOTSET")
                 and len(shapes.get(n.input[0], [])) == 4 and 0 not in shapes[n.input[0]]):
             pads = a.get("pads", [0, 0, 0, 0])
             if stride == [1, 1] and kernel != [1, 1]:

@@ -137,7 +137,7 @@ fn bytemuck_i8(bytes: &mut [u8]) -> &mut [i8] {
 /// Packs a K × MN row-major matrix (`src[kk * row_stride + m]`) into `PackedI8K4` with
 /// panels of `r` columns: `out[p * panel + (kk / 4) * 4r + (m % r) * 4 + kk % 4]`, the K
 /// and MN padding zero. `out` is exactly `ceil(mn / r)` panels of `ceil(k / 4) * 4r`.
-pub fn pack_rows(src: &[i8], k: usize, mn: usize, row_stride: usize, r: usize, out: &mut [i8]) {
+fn pack_rows(src: &[i8], k: usize, mn: usize, row_stride: usize, r: usize, out: &mut [i8]) {
     let kb_bytes = 4 * r;
     let panel = k.div_ceil(4) * kb_bytes;
     let full_panels = mn / r;
@@ -150,9 +150,9 @@ pub fn pack_rows(src: &[i8], k: usize, mn: usize, row_stride: usize, r: usize, o
         let blocks = out.chunks_exact_mut(panel).map(|p| &mut p[kb * kb_bytes..(kb + 1) * kb_bytes]);
         if r.is_multiple_of(8) && block.iter().all(|row| row.len() == mn) {
             // Four whole rows: every full panel is r / 8 transposes of 4 × 8 (columns
-            // m..m + 8 of the panel are its bytes 4m..4m + 32).
-            // Columns at..at + 8 of the four rows.
-            let rows = |at: usize| {
+            // m..m + 8 of the panel are its bytes 4m..4m + 32); `cols(at)` is columns
+            // at..at + 8 of the four rows.
+            let cols = |at: usize| {
                 block.map(|row| -> [i8; 8] {
                     let mut c = [0; 8];
                     c.copy_from_slice(&row[at..at + 8]);
@@ -162,16 +162,16 @@ pub fn pack_rows(src: &[i8], k: usize, mn: usize, row_stride: usize, r: usize, o
             for (p, dst) in blocks.enumerate().take(full_panels) {
                 if let Ok(dst) = <&mut [i8; 32]>::try_from(&mut *dst) {
                     // r = 8 (the Cortex-A76's kernel): one transpose, written in place.
-                    *dst = transpose_4x8(&rows(p * 8));
+                    *dst = transpose_4x8(&cols(p * 8));
                     continue;
                 }
                 for (g, dst) in dst.chunks_exact_mut(32).enumerate() {
-                    dst.copy_from_slice(&transpose_4x8(&rows(p * r + g * 8)));
+                    dst.copy_from_slice(&transpose_4x8(&cols(p * r + g * 8)));
                 }
             }
-            finish_partial(&block, mn, r, full_panels, out, panel, kb);
+            finish_partial(&block, r, full_panels, out, panel, kb);
         } else {
-            finish_partial(&block, mn, r, 0, out, panel, kb);
+            finish_partial(&block, r, 0, out, panel, kb);
         }
     }
 }
@@ -179,21 +179,14 @@ pub fn pack_rows(src: &[i8], k: usize, mn: usize, row_stride: usize, r: usize, o
 /// Writes one K block of the panels from `first` on, element by element (the last,
 /// part-filled panel, the K padding, and an `r` that is not a multiple of 8); padding
 /// is zero.
-fn finish_partial(
-    block: &[&[i8]; 4],
-    mn: usize,
-    r: usize,
-    first: usize,
-    out: &mut [i8],
-    panel: usize,
-    kb: usize,
-) {
+fn finish_partial(block: &[&[i8]; 4], r: usize, first: usize, out: &mut [i8], panel: usize, kb: usize) {
     for (p, dst) in out.chunks_exact_mut(panel).enumerate().skip(first) {
         let dst = &mut dst[kb * 4 * r..(kb + 1) * 4 * r];
         for lm in 0..r {
             let m = p * r + lm;
             for (kr, row) in block.iter().enumerate() {
-                dst[lm * 4 + kr] = if m < mn { row.get(m).copied().unwrap_or(0) } else { 0 };
+                // (A row is mn long, or empty past K: both give the padding's zero.)
+                dst[lm * 4 + kr] = row.get(m).copied().unwrap_or(0);
             }
         }
     }

@@ -9,7 +9,7 @@
 pub mod detector;
 pub mod evidence;
 pub mod frame;
-pub mod int8_pack;
+mod int8_pack;
 mod nnef_quant;
 pub mod source;
 
