@@ -59,12 +59,6 @@ fn profile_shows_where_the_inference_time_goes() {
     // The float model's time is its matrix products.
     let matmul = op_ms(fp32, "OptMatMul").unwrap();
     assert!(matmul > 0.5 * fp32["total_ms"].as_f64().unwrap(), "{}", fp32["ops"]);
-    // The float model's convolution patches are gathered by the detector's own gatherer
-    // (firmware/vision/src/f32_im2col.rs), none by tract's.
-    let count =
-        |p: &Value, op: &str| p["slowest"].as_array().unwrap().iter().filter(|n| n["op"] == op).count();
-    assert!(count(fp32, "DeskcamF32Im2col") > 20, "{}", fp32["ops"]);
-    assert_eq!(count(fp32, "LazyIm2col"), 0, "{}", fp32["ops"]);
     // The int8 model: tract gathers no patches itself (Im2col; the model's plain ops
     // gather them, at stride 2 too), where it runs a dot-product kernel the packing for
     // it is the detector's own (int8_pack.rs), and the max-pool reads and writes int8

@@ -197,17 +197,7 @@ impl Detector {
                 path: path.into(),
                 reason: "input is not 1×3×N×N".into(),
             })?;
-        // The float convolutions' geometry, read off the decluttered model before tract's
-        // codegen turns them into lazily gathered matrix products (f32_im2col.rs).
-        let model = model.into_decluttered().map_err(load_err)?;
-        let convs = crate::f32_im2col::conv_geometries(&model);
         let mut optimized = model.into_optimized().map_err(load_err)?;
-        // The float model's patches gathered by our gatherer (the same floats, whole-row
-        // copies where a panel is one output row). DESKCAM_TRACT_IM2COL=1 keeps tract's
-        // own, to measure the difference (MODEL_CARD.md).
-        if std::env::var_os("DESKCAM_TRACT_IM2COL").is_none() {
-            crate::f32_im2col::faster_f32_im2col(&mut optimized, &convs).map_err(load_err)?;
-        }
         // The int8 model's activations packed by our packer (int8_pack.rs: the same bytes,
         // a fraction of the instructions). DESKCAM_TRACT_PACKER=1 keeps tract's own, to
         // measure the difference (MODEL_CARD.md).

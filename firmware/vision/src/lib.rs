@@ -8,7 +8,6 @@
 
 pub mod detector;
 pub mod evidence;
-mod f32_im2col;
 pub mod frame;
 mod int8_pack;
 mod nnef_quant;
@@ -28,20 +27,4 @@ pub fn sha256_hex(bytes: &[u8]) -> String {
 /// Lower-case hex of a digest, as `sha256sum` prints it.
 pub(crate) fn hex(digest: &[u8]) -> String {
     digest.iter().map(|b| format!("{b:02x}")).collect()
-}
-
-/// Tests of the plan rewrites: runs two optimised plans of one 416×416 model on the same
-/// photo-like input and asserts their outputs are identical to the last bit.
-#[cfg(all(test, feature = "onnx"))]
-pub(crate) fn assert_same_outputs(a: tract_nnef::prelude::TypedModel, b: tract_nnef::prelude::TypedModel) {
-    use tract_nnef::prelude::*;
-    let n = 416;
-    let pixels: Vec<f32> = (0..3 * n * n).map(|i| ((i * 7919) % 1000) as f32 / 1000.0).collect();
-    let input = Tensor::from_shape(&[1, 3, n, n], &pixels).unwrap();
-    let a = a.into_runnable().unwrap().run(tvec!(input.clone().into_tvalue())).unwrap();
-    let b = b.into_runnable().unwrap().run(tvec!(input.into_tvalue())).unwrap();
-    assert_eq!(a.len(), b.len());
-    for (x, y) in a.iter().zip(&b) {
-        assert_eq!(**x, **y);
-    }
 }
