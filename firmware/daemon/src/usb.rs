@@ -2,10 +2,12 @@
 //! the service: configfs needs it) make and remove the composite gadget; `deskcam run`
 //! serves it without root (the UVC node is in the `video` group) on a thread of its own.
 
+use std::io::ErrorKind;
 use std::path::PathBuf;
 use std::process::ExitCode;
-use std::sync::atomic::AtomicBool;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
+use std::time::Duration;
 
 use anyhow::{Context, Result};
 use deskcam_core::board::Board;
@@ -237,6 +239,41 @@ pub fn down() -> Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
+/// How long the daemon waits for the gadget's video node to become its own. `deskcam
+/// usb up` (run as root just before the daemon) makes the node, and udev gives it to
+/// the video group a moment later: on a slow boot the daemon gets there first.
+const NODE_WAIT: Duration = Duration::from_secs(30);
+
+/// Opens the gadget's node, again while it is missing or not yet the daemon's (udev at
+/// work, see [`NODE_WAIT`]); `None`, logged, when it cannot be had.
+fn open_node(
+    node: &std::path::Path,
+    negotiation: Negotiation,
+    camera: &std::path::Path,
+    gate: Arc<Gate>,
+    stats: Arc<StreamStats>,
+    stop: Arc<AtomicBool>,
+) -> Option<Streamer> {
+    let until = std::time::Instant::now() + NODE_WAIT;
+    loop {
+        match Streamer::open(node, negotiation.clone(), camera, gate.clone(), stats.clone(), stop.clone()) {
+            Ok(s) => return Some(s),
+            Err(UsbError::Node { source, .. })
+                if matches!(source.kind(), ErrorKind::PermissionDenied | ErrorKind::NotFound)
+                    && std::time::Instant::now() < until
+                    && !stop.load(Ordering::Relaxed) =>
+            {
+                tracing::debug!("USB: {} not yet ours ({source}); trying again", node.display());
+                std::thread::sleep(Duration::from_millis(250));
+            }
+            Err(e) => {
+                tracing::error!("USB: {e}; running without the webcam");
+                return None;
+            }
+        }
+    }
+}
+
 /// Starts serving the gadget that `deskcam usb up` made, if there is one.
 pub fn start(
     config: &Config,
@@ -259,28 +296,30 @@ pub fn start(
     let negotiation = Negotiation::new(info.formats.clone(), info.interfaces, gadget::MAX_PACKET);
     let gate = Arc::new(Gate::default());
     let stats = Arc::new(StreamStats::default());
-    let streamer =
-        match Streamer::open(&info.video_node, negotiation, camera, gate.clone(), stats.clone(), stop) {
-            Ok(s) => s,
-            Err(e) => {
-                tracing::error!("USB: {e}; running without the webcam");
-                return None;
-            }
-        };
-    tracing::info!(
-        "USB: webcam on {} ({}), waiting for the PC",
-        info.video_node.display(),
-        info.formats
-            .iter()
-            .map(|f| format!(
+    let formats = info
+        .formats
+        .iter()
+        .map(|f| {
+            format!(
                 "{} {}",
                 f.pixel,
                 f.frames.iter().map(|s| format!("{}x{}", s.width, s.height)).collect::<Vec<_>>().join("/")
-            ))
-            .collect::<Vec<_>>()
-            .join(", ")
-    );
-    let thread = std::thread::Builder::new().name("uvc".into()).spawn(move || streamer.run()).ok()?;
+            )
+        })
+        .collect::<Vec<_>>()
+        .join(", ");
+    let (node, camera, link_gate, link_stats) =
+        (info.video_node.clone(), camera.clone(), gate.clone(), stats.clone());
+    let thread = std::thread::Builder::new()
+        .name("uvc".into())
+        .spawn(move || {
+            let Some(streamer) = open_node(&node, negotiation, &camera, link_gate, link_stats, stop) else {
+                return;
+            };
+            tracing::info!("USB: webcam on {} ({formats}), waiting for the PC", node.display());
+            streamer.run()
+        })
+        .ok()?;
     Some((UsbLink { stats, gate, watch: LinkWatch::new(&info.udc) }, thread))
 }
 

@@ -19,8 +19,11 @@ use deskcam_testkit::*;
 const DEVICE: &str = "vm-desk-1";
 const OBSERVER_UNIT: &str = include_str!("../../../tests/vm/deskcam-vmtest.service");
 /// The daemon's USB side logs each step in the test, each UVC request and answer too
-/// (the serial log is kept).
-const LOG_DROPIN: &str = "[Service]\nEnvironment=DESKCAM_LOG=info,deskcam_usb=trace\n";
+/// (the serial log is kept). And the service's watchdog (the daemon's stall guard
+/// follows it) waits 10 minutes instead of one: under QEMU's emulator the first fp32
+/// inference took over 60 s on a 2-core cloud machine, and the daemon exited as stalled
+/// in the middle of the check (a board takes under a second).
+const LOG_DROPIN: &str = "[Service]\nEnvironment=DESKCAM_LOG=info,deskcam_usb=trace\nWatchdogSec=600\n";
 const OBSERVER_SH: &str = include_str!("../../../tests/vm/observer.sh");
 
 /// The topics of DESIGN.md's table under `deskcam/<device>/` (nothing else may appear).
