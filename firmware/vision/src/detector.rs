@@ -197,6 +197,13 @@ impl Detector {
                 path: path.into(),
                 reason: "input is not 1×3×N×N".into(),
             })?;
+        let mut model = model.into_decluttered().map_err(load_err)?;
+        // The float model's 3×3 stride-1 convolutions computed directly (direct_conv.rs:
+        // no gathered patches, no padded copy). DESKCAM_TRACT_CONV=1 keeps tract's, to
+        // measure the difference (MODEL_CARD.md).
+        if std::env::var_os("DESKCAM_TRACT_CONV").is_none() {
+            crate::direct_conv::direct_f32_convolutions(&mut model).map_err(load_err)?;
+        }
         let mut optimized = model.into_optimized().map_err(load_err)?;
         // The int8 model's activations packed by our packer (int8_pack.rs: the same bytes,
         // a fraction of the instructions). DESKCAM_TRACT_PACKER=1 keeps tract's own, to

@@ -7,6 +7,7 @@
 //! publish, store or decide anything.
 
 pub mod detector;
+mod direct_conv;
 pub mod evidence;
 pub mod frame;
 mod int8_pack;
