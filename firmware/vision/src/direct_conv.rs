@@ -204,8 +204,10 @@ impl EvalOp for DirectConv3x3 {
         let bias: &[f32] = bytemuck_f32(&self.bias);
         // Blocks of output channels split across tract's executor (one thread unless the
         // board's `model.threads` says more); each writes only its own channels.
+        // (Held inline for up to 8 blocks, the 32 channels `worth_it` takes: no allocation
+        // per inference beside the output.)
         let blocks = c_out.div_ceil(BLOCK);
-        let mut ids: TVec<usize> = (0..blocks).collect();
+        let mut ids: tract_smallvec::SmallVec<[usize; 8]> = (0..blocks).collect();
         let out_ptr = SharedOut(out.as_mut_ptr());
         tract_linalg::multithread::par_chunks_mut(&mut ids, 1, c_out * h * w * c_in * 9, |_, chunk| {
             for &b in chunk.iter() {
@@ -348,8 +350,7 @@ unsafe fn block_rows<S: Simd>(b: &Block, out: *mut f32) {
                     (3, l, r) => tile_ends::<S, 3>(b, &t, out, l, r),
                     (4, l, r) => tile_ends::<S, 4>(b, &t, out, l, r),
                     (5, l, r) => tile_ends::<S, 5>(b, &t, out, l, r),
-                    (6, l, r) => tile_ends::<S, 6>(b, &t, out, l, r),
-                    _ => unreachable!("TILE is at most 6"),
+                    _ => unreachable!("TILE is at most 5"),
                 }
             }
             v0 += nv;
