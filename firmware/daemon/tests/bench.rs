@@ -58,9 +58,14 @@ fn profile_shows_where_the_inference_time_goes() {
     }
     // The float model's time is its convolutions: tract's matrix products, and on an x86
     // with AVX2 the detector's direct convolution for the layers with few channels
-    // (direct_conv.rs).
+    // (direct_conv.rs) and the transforms of Winograd's for those with many (winograd.rs).
     let direct = op_ms(fp32, "DeskcamDirectConv3x3");
-    let convs = op_ms(fp32, "OptMatMul").unwrap() + direct.unwrap_or(0.0);
+    let winograd = ["DeskcamWinogradInput", "DeskcamWinogradOutput"].map(|op| op_ms(fp32, op));
+    #[cfg(target_arch = "x86_64")]
+    assert!(winograd.iter().all(Option::is_some), "{}", fp32["ops"]);
+    let convs = op_ms(fp32, "OptMatMul").unwrap()
+        + direct.unwrap_or(0.0)
+        + winograd.iter().map(|ms| ms.unwrap_or(0.0)).sum::<f64>();
     assert!(convs > 0.5 * fp32["total_ms"].as_f64().unwrap(), "{}", fp32["ops"]);
     #[cfg(target_arch = "x86_64")]
     assert_eq!(direct.is_some(), is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma"));

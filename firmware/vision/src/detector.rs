@@ -203,6 +203,12 @@ impl Detector {
         // measure the difference (MODEL_CARD.md).
         if std::env::var_os("DESKCAM_TRACT_CONV").is_none() {
             crate::direct_conv::direct_f32_convolutions(&mut model).map_err(load_err)?;
+            // Those with many channels as Winograd's F(2×2, 3×3) (winograd.rs: 2.25 times
+            // fewer multiply-adds, in tract's products). DESKCAM_NO_WINOGRAD=1 keeps
+            // tract's for them, to measure.
+            if std::env::var_os("DESKCAM_NO_WINOGRAD").is_none() {
+                crate::winograd::winograd_f32_convolutions(&mut model).map_err(load_err)?;
+            }
         }
         let mut optimized = model.into_optimized().map_err(load_err)?;
         // The int8 model's activations packed by our packer (int8_pack.rs: the same bytes,

@@ -35,6 +35,40 @@ pub fn direct_f32_convolutions(model: &mut TypedModel) -> TractResult<usize> {
     if !kernel_available() {
         return Ok(0);
     }
+    replace_conv3x3(model, "deskcam-direct-conv", worth_it, |patch, c, x| {
+        let (taps, bias) = pack(&c.kernel, &c.bias, c.geometry.c_in, c.geometry.c_out)?;
+        let op = DirectConv3x3 {
+            geometry: c.geometry,
+            taps: Arc::new(taps.into_iter().map(f32::to_bits).collect()),
+            bias: Arc::new(bias.into_iter().map(f32::to_bits).collect()),
+            alpha_bits: c.alpha.map(f32::to_bits),
+        };
+        Ok(patch.wire_node(&c.name, op, &[x])?[0])
+    })
+}
+
+/// A float 3×3 stride-1 convolution with one pixel of zero padding, as both of our
+/// convolutions (this one and `winograd`) take it.
+pub(crate) struct Conv3x3 {
+    pub name: String,
+    pub geometry: Geometry,
+    /// `[c_out, c_in, 3, 3]`.
+    pub kernel: Arc<Tensor>,
+    /// One value, or one per output channel.
+    pub bias: Arc<Tensor>,
+    /// The slope of the LeakyRelu that alone reads the convolution's output, if any.
+    pub alpha: Option<f32>,
+}
+
+/// Replaces each float `Conv` of the (decluttered) model that is a [`Conv3x3`] and that
+/// `take` accepts (with its LeakyRelu) by what `wire` puts into the patch from the
+/// convolution's input. Returns how many it replaced.
+pub(crate) fn replace_conv3x3(
+    model: &mut TypedModel,
+    patch_name: &str,
+    take: impl Fn(&Geometry) -> bool,
+    wire: impl Fn(&mut TypedModelPatch, &Conv3x3, OutletId) -> TractResult<OutletId>,
+) -> TractResult<usize> {
     let mut replaced = 0;
     // Each patch leaves the replaced nodes unconnected: the candidates are taken first,
     // and the model compacted at the end.
@@ -43,10 +77,12 @@ pub fn direct_f32_convolutions(model: &mut TypedModel) -> TractResult<usize> {
         let node = model.node(id);
         let Some(conv) = node.op_as::<Conv>() else { continue };
         let Some(geometry) = covered(model, node, conv)? else { continue };
+        if !take(&geometry) {
+            continue;
+        }
         let kernel = model.outlet_fact(node.inputs[1])?.konst.clone();
         let bias = model.outlet_fact(node.inputs[2])?.konst.clone();
         let (Some(kernel), Some(bias)) = (kernel, bias) else { continue };
-        let (taps, bias) = pack(&kernel, &bias, geometry.c_in, geometry.c_out)?;
         // The activation that alone reads the convolution's output goes in with it.
         let succ = &node.outputs[0].successors;
         let leaky = match &succ[..] {
@@ -57,15 +93,10 @@ pub fn direct_f32_convolutions(model: &mut TypedModel) -> TractResult<usize> {
                 .map(|l| (one.node, l.alpha)),
             _ => None,
         };
-        let op = DirectConv3x3 {
-            geometry,
-            taps: Arc::new(taps.into_iter().map(f32::to_bits).collect()),
-            bias: Arc::new(bias.into_iter().map(f32::to_bits).collect()),
-            alpha_bits: leaky.map(|(_, a)| a.to_bits()),
-        };
-        let mut patch = TypedModelPatch::new("deskcam-direct-conv");
+        let conv = Conv3x3 { name: node.name.clone(), geometry, kernel, bias, alpha: leaky.map(|l| l.1) };
+        let mut patch = TypedModelPatch::new(patch_name);
         let x = patch.tap_model(model, node.inputs[0])?;
-        let out = patch.wire_node(&node.name, op, &[x])?[0];
+        let out = wire(&mut patch, &conv, x)?;
         let replaced_outlet = OutletId::new(leaky.map_or(id, |(l, _)| l), 0);
         patch.shunt_outside(model, replaced_outlet, out)?;
         patch.apply(model)?;
@@ -79,16 +110,15 @@ pub fn direct_f32_convolutions(model: &mut TypedModel) -> TractResult<usize> {
 
 /// The shapes of a convolution this op computes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-struct Geometry {
-    c_in: usize,
-    c_out: usize,
-    h: usize,
-    w: usize,
+pub(crate) struct Geometry {
+    pub c_in: usize,
+    pub c_out: usize,
+    pub h: usize,
+    pub w: usize,
 }
 
-/// Whether `conv` is one this op computes: float, NCHW with one image, no groups, a
-/// 3×3 kernel in OIHW at stride 1 without dilation, one pixel of zero padding on every
-/// side, rows at least a vector wide.
+/// Whether `conv` is a [`Conv3x3`]: float, NCHW with one image, no groups, a 3×3 kernel
+/// in OIHW at stride 1 without dilation, one pixel of zero padding on every side.
 fn covered(model: &TypedModel, node: &TypedNode, conv: &Conv) -> TractResult<Option<Geometry>> {
     let input = model.outlet_fact(node.inputs[0])?;
     let spec = &conv.pool_spec;
@@ -111,11 +141,7 @@ fn covered(model: &TypedModel, node: &TypedNode, conv: &Conv) -> TractResult<Opt
     if padding.iter().any(|p| p.pad_before != 1 || p.pad_after != 1 || p.convoluted != p.deconvoluted) {
         return Ok(None);
     }
-    if w < lanes() || h < 2 {
-        return Ok(None);
-    }
-    let geometry = Geometry { c_in: shape[1], c_out: conv.output_channels(), h, w };
-    Ok(worth_it(&geometry).then_some(geometry))
+    Ok(Some(Geometry { c_in: shape[1], c_out: conv.output_channels(), h, w }))
 }
 
 /// Where this op is faster than tract's product. x86 (AVX2, `deskcam bench --profile`,
@@ -125,6 +151,10 @@ fn covered(model: &TypedModel, node: &TypedNode, conv: &Conv) -> TractResult<Opt
 /// vectors). On aarch64 nothing is replaced until it is measured on the boards' cores:
 /// `DESKCAM_DIRECT_CONV=1` replaces the same layers as on x86, for that measurement.
 fn worth_it(g: &Geometry) -> bool {
+    // Rows at least a vector wide, and two of them.
+    if g.w < lanes() || g.h < 2 {
+        return false;
+    }
     let few_channels = g.c_out <= 32;
     if cfg!(target_arch = "aarch64") {
         return few_channels && std::env::var_os("DESKCAM_DIRECT_CONV").is_some();
@@ -149,16 +179,21 @@ fn pack(kernel: &Tensor, bias: &Tensor, c_in: usize, c_out: usize) -> TractResul
             }
         }
     }
+    let mut padded = bias_per_channel(bias, c_out)?;
+    padded.resize(blocks * BLOCK, 0.0);
+    Ok((taps, padded))
+}
+
+/// The bias as one value per output channel (the model may give one for all).
+pub(crate) fn bias_per_channel(bias: &Tensor, c_out: usize) -> TractResult<Vec<f32>> {
     let bias = bias.cast_to::<f32>()?;
     let bias = bias.try_as_plain_ram()?;
     let bias = bias.as_slice::<f32>()?;
-    let mut padded = vec![0f32; blocks * BLOCK];
     match bias.len() {
-        1 => padded[..c_out].fill(bias[0]),
-        n if n == c_out => padded[..c_out].copy_from_slice(bias),
+        1 => Ok(vec![bias[0]; c_out]),
+        n if n == c_out => Ok(bias.to_vec()),
         n => bail!("bias of {n} values for {c_out} channels"),
     }
-    Ok((taps, padded))
 }
 
 /// A 3×3 convolution at stride 1 with one pixel of zero padding, optionally followed by
@@ -573,19 +608,26 @@ mod arm {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use tract_nnef::tract_core::ops::cnn::{PaddingSpec, PoolSpec};
     use tract_nnef::tract_core::ops::nn::leaky_relu;
 
     /// Deterministic values in [-1, 1).
-    fn values(n: usize, seed: usize) -> Vec<f32> {
+    pub(crate) fn values(n: usize, seed: usize) -> Vec<f32> {
         (0..n).map(|i| (((i + seed) * 7919 + seed * 104_729) % 2000) as f32 / 1000.0 - 1.0).collect()
     }
 
     /// A model of one 3×3 convolution (stride 1, `pad` on every side), optionally
     /// followed by a LeakyRelu, as the decluttered NanoDet has them.
-    fn one_conv(c_in: usize, c_out: usize, h: usize, w: usize, pad: usize, leaky: bool) -> TypedModel {
+    pub(crate) fn one_conv(
+        c_in: usize,
+        c_out: usize,
+        h: usize,
+        w: usize,
+        pad: usize,
+        leaky: bool,
+    ) -> TypedModel {
         let mut model = TypedModel::default();
         let x = model.add_source("x", f32::fact([1, c_in, h, w])).unwrap();
         let kernel = Tensor::from_shape(&[c_out, c_in, 3, 3], &values(c_out * c_in * 9, 1)).unwrap();
@@ -614,24 +656,34 @@ mod tests {
         model
     }
 
-    fn run(model: TypedModel, input: &Tensor) -> Tensor {
-        let out = model.into_optimized().unwrap().into_runnable().unwrap();
-        out.run(tvec!(input.clone().into_tvalue())).unwrap().remove(0).into_tensor()
+    pub(crate) fn run(model: TypedModel, input: &Tensor) -> Tensor {
+        run_all(model, input).remove(0)
     }
 
-    fn ops(model: &TypedModel) -> Vec<String> {
+    /// Every output of `model`, optimised, on `input`.
+    pub(crate) fn run_all(model: TypedModel, input: &Tensor) -> Vec<Tensor> {
+        let out = model.into_optimized().unwrap().into_runnable().unwrap();
+        out.run(tvec!(input.clone().into_tvalue())).unwrap().into_iter().map(|v| v.into_tensor()).collect()
+    }
+
+    pub(crate) fn ops(model: &TypedModel) -> Vec<String> {
         model.nodes().iter().map(|n| n.op.name().to_string()).collect()
     }
 
     /// Holds `ours` to `tracts` within a relative 1e-5 of the output's largest value: the
     /// same sums in another order.
-    fn close(ours: &Tensor, tracts: &Tensor, what: &str) {
+    pub(crate) fn close(ours: &Tensor, tracts: &Tensor, what: &str) {
+        close_within(ours, tracts, 1e-5, what)
+    }
+
+    /// Holds `ours` to `tracts` within `relative` of the output's largest value.
+    pub(crate) fn close_within(ours: &Tensor, tracts: &Tensor, relative: f32, what: &str) {
         assert_eq!(ours.shape(), tracts.shape(), "{what}");
         let (a, b) = (ours.try_as_plain_ram().unwrap(), tracts.try_as_plain_ram().unwrap());
         let (a, b) = (a.as_slice::<f32>().unwrap(), b.as_slice::<f32>().unwrap());
         let scale = b.iter().fold(0f32, |m, v| m.max(v.abs()));
         let worst = a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0f32, f32::max);
-        assert!(worst <= 1e-5 * scale, "{what}: differs by {worst} (largest value {scale})");
+        assert!(worst <= relative * scale, "{what}: differs by {worst} (largest value {scale})");
     }
 
     #[test]
@@ -700,18 +752,12 @@ mod tests {
         let n = 416;
         let pixels: Vec<f32> = (0..3 * n * n).map(|i| ((i * 7919) % 1000) as f32 / 1000.0).collect();
         let input = Tensor::from_shape(&[1, 3, n, n], &pixels).unwrap();
-        let a =
-            tracts.into_optimized().unwrap().into_runnable().unwrap().run(tvec!(input.clone().into_tvalue()));
-        let b = ours.into_optimized().unwrap().into_runnable().unwrap().run(tvec!(input.into_tvalue()));
-        let (a, b) = (a.unwrap(), b.unwrap());
+        let a = run_all(tracts, &input);
+        let b = run_all(ours, &input);
         assert_eq!(a.len(), b.len());
         for (i, (x, y)) in b.iter().zip(&a).enumerate() {
             // 20 layers deep, the differences grow: a relative 1e-3 of each output's range.
-            let (x, y) = (x.try_as_plain_ram().unwrap(), y.try_as_plain_ram().unwrap());
-            let (x, y) = (x.as_slice::<f32>().unwrap(), y.as_slice::<f32>().unwrap());
-            let scale = y.iter().fold(0f32, |m, v| m.max(v.abs()));
-            let worst = x.iter().zip(y).map(|(p, q)| (p - q).abs()).fold(0f32, f32::max);
-            assert!(worst <= 1e-3 * scale, "output {i}: differs by {worst} (largest value {scale})");
+            close_within(x, y, 1e-3, &format!("output {i}"));
         }
     }
 }

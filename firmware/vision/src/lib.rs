@@ -13,6 +13,7 @@ pub mod frame;
 mod int8_pack;
 mod nnef_quant;
 pub mod source;
+mod winograd;
 
 pub use detector::{Detector, DetectorError};
 pub use evidence::{render_redacted, render_still, EvidenceError, Still};
