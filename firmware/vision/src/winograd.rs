@@ -38,8 +38,8 @@ pub fn winograd_f32_convolutions(model: &mut TypedModel) -> TractResult<usize> {
 /// F(4×4) where the grid is large (52×52 and more), F(2×2) below: with the larger tile
 /// a 26×26 grid has 49 tiles, too few columns for tract's product to run at its pace
 /// (its 36 products of 64 × 128 by 128 × 49 took as long as F(2×2)'s 16 of 64 × 128 by
-/// 128 × 169). x86, 5 alternating runs of `deskcam bench`: medians 86.8–88.8 ms against
-/// 92.5–94.3 with F(2×2) everywhere.
+/// 128 × 169). x86, 5 alternating runs of `deskcam bench`: median 87.6 ms against 93.0–93.6
+/// with F(2×2) everywhere.
 fn tiling_for(g: &Geometry) -> Tiling {
     if g.h * g.w >= 52 * 52 {
         Tiling::F4
