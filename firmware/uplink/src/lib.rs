@@ -198,12 +198,17 @@ pub async fn run(
     loop {
         let up = *connected.borrow();
         let evidence_up = stats.evidence_connected.load(Ordering::Relaxed);
-        let settled = (!evidence_up || lock_outbox(&outbox).settled())
-            && replies.is_empty()
-            && !state.has_changed().unwrap_or(false)
-            && !config_rx.has_changed().unwrap_or(false)
-            && stats.in_flight() == 0;
-        if draining && (!up || settled) {
+        // Each connection drains what it can: a connection that is down has nothing in
+        // flight. (The evidence connection reconnects on its own: while the control one
+        // is still down, evidence the broker has taken waits for its acknowledgements
+        // here, else it would be marked undelivered and sent again after the restart.)
+        let evidence_settled = !evidence_up || lock_outbox(&outbox).settled();
+        let control_settled = !up
+            || (replies.is_empty()
+                && !state.has_changed().unwrap_or(false)
+                && !config_rx.has_changed().unwrap_or(false)
+                && stats.in_flight() == 0);
+        if draining && evidence_settled && control_settled {
             break;
         }
         tokio::select! {
