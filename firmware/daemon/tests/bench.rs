@@ -18,6 +18,9 @@ fn bench(args: &[&str]) -> Value {
         .arg("--model")
         .arg(models.join("nanodet-int8-qlinear.onnx"))
         .args(args)
+        // The plan the detector ships, whatever the shell running the tests has set.
+        .env_remove("DESKCAM_TRACT_CONV")
+        .env_remove("DESKCAM_NO_WINOGRAD")
         .output()
         .unwrap();
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));

@@ -198,14 +198,15 @@ impl Detector {
                 reason: "input is not 1×3×N×N".into(),
             })?;
         let mut model = model.into_decluttered().map_err(load_err)?;
-        // The float model's 3×3 stride-1 convolutions computed directly (direct_conv.rs:
-        // no gathered patches, no padded copy). DESKCAM_TRACT_CONV=1 keeps tract's, to
-        // measure the difference (MODEL_CARD.md).
+        // The float model's 3×3 stride-1 convolutions with few channels computed directly
+        // (direct_conv.rs: no gathered patches, no padded copy). DESKCAM_TRACT_CONV=1
+        // keeps tract's for all of them, to measure the difference (MODEL_CARD.md).
         if std::env::var_os("DESKCAM_TRACT_CONV").is_none() {
             crate::direct_conv::direct_f32_convolutions(&mut model).map_err(load_err)?;
-            // Those with many channels as Winograd's F(2×2, 3×3) (winograd.rs: 2.25 times
-            // fewer multiply-adds, in tract's products). DESKCAM_NO_WINOGRAD=1 keeps
-            // tract's for them, to measure.
+            // Those with many channels by Winograd's minimal filtering (winograd.rs:
+            // F(4×4, 3×3) over the large grids, 4 times fewer multiply-adds, F(2×2, 3×3)
+            // over the others, 2.25 times; the products tract's). DESKCAM_NO_WINOGRAD=1
+            // keeps tract's for them, to measure.
             if std::env::var_os("DESKCAM_NO_WINOGRAD").is_none() {
                 crate::winograd::winograd_f32_convolutions(&mut model).map_err(load_err)?;
             }

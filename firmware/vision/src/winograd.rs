@@ -38,8 +38,8 @@ pub fn winograd_f32_convolutions(model: &mut TypedModel) -> TractResult<usize> {
 /// F(4×4) where the grid is large (52×52 and more), F(2×2) below: with the larger tile
 /// a 26×26 grid has 49 tiles, too few columns for tract's product to run at its pace
 /// (its 36 products of 64 × 128 by 128 × 49 took as long as F(2×2)'s 16 of 64 × 128 by
-/// 128 × 169). x86, 5 alternating runs of `deskcam bench`: median 87.6 ms against 93.0–93.6
-/// with F(2×2) everywhere.
+/// 128 × 169). x86, 5 alternating rounds of `deskcam bench` (medians of 10 runs):
+/// 82.6–88.8 ms (median 87.6) against 85.4–94.3 (median 92.6) with F(2×2) everywhere.
 fn tiling_for(g: &Geometry) -> Tiling {
     if g.h * g.w >= 52 * 52 {
         Tiling::F4
@@ -190,11 +190,16 @@ fn winograd_where(model: &mut TypedModel, take: impl Fn(&Geometry) -> Option<Til
 /// aarch64 nothing is replaced until it is measured on the boards' cores:
 /// `DESKCAM_WINOGRAD=1` replaces the same layers as on x86, for that measurement.
 fn worth_it(g: &Geometry) -> bool {
-    let many_channels = g.c_out >= 64 && g.c_in >= 16;
     if cfg!(target_arch = "aarch64") {
-        return many_channels && std::env::var_os("DESKCAM_WINOGRAD").is_some();
+        return many_channels(g) && std::env::var_os("DESKCAM_WINOGRAD").is_some();
     }
-    many_channels
+    many_channels(g)
+}
+
+/// 64 or more output channels: where this was measured faster (with 16 or 32 the
+/// transforms weigh more than the products they save, and `direct_conv` is faster).
+fn many_channels(g: &Geometry) -> bool {
+    g.c_out >= 64
 }
 
 /// `G g Gᵀ` for every pair of channels, as `[(m+2)²][c_out][c_in]` (in f64, rounded
@@ -466,6 +471,8 @@ mod tests {
             (7, 2, 2, 3),
             (4, 6, 12, 7),
             (64, 64, 26, 26),
+            (1, 1, 5, 7),
+            (16, 1, 9, 9),
         ];
         for tiling in [Tiling::F2, Tiling::F4] {
             for (c_in, c_out, h, w) in shapes {
@@ -518,7 +525,7 @@ mod tests {
         // The NanoDet of models/: 24 of its 34 convolutions are 3×3 at stride 1, 16 of
         // these with 64 or more output channels (see `worth_it`), 2 over 52×52 (F(4×4))
         // and 14 over 26×26 or 13×13 (F(2×2)).
-        assert_eq!(winograd_where(&mut ours, |g| (g.c_out >= 64).then(|| tiling_for(g))).unwrap(), 16);
+        assert_eq!(winograd_where(&mut ours, |g| many_channels(g).then(|| tiling_for(g))).unwrap(), 16);
         let f4 = ours
             .nodes()
             .iter()
