@@ -35,16 +35,21 @@ pub fn direct_f32_convolutions(model: &mut TypedModel) -> TractResult<usize> {
     if !kernel_available() {
         return Ok(0);
     }
-    replace_conv3x3(model, "deskcam-direct-conv", worth_it, |patch, c, x| {
-        let (taps, bias) = pack(&c.kernel, &c.bias, c.geometry.c_in, c.geometry.c_out)?;
-        let op = DirectConv3x3 {
-            geometry: c.geometry,
-            taps: Arc::new(taps.into_iter().map(f32::to_bits).collect()),
-            bias: Arc::new(bias.into_iter().map(f32::to_bits).collect()),
-            alpha_bits: c.alpha.map(f32::to_bits),
-        };
-        Ok(patch.wire_node(&c.name, op, &[x])?[0])
-    })
+    replace_conv3x3(
+        model,
+        "deskcam-direct-conv",
+        |g| worth_it(g).then_some(()),
+        |patch, c, (), x| {
+            let (taps, bias) = pack(c);
+            let op = DirectConv3x3 {
+                geometry: c.geometry,
+                taps: Arc::new(taps.into_iter().map(f32::to_bits).collect()),
+                bias: Arc::new(bias.into_iter().map(f32::to_bits).collect()),
+                alpha_bits: c.alpha.map(f32::to_bits),
+            };
+            Ok(patch.wire_node(&c.name, op, &[x])?[0])
+        },
+    )
 }
 
 /// A float 3×3 stride-1 convolution with one pixel of zero padding, as both of our
@@ -52,22 +57,22 @@ pub fn direct_f32_convolutions(model: &mut TypedModel) -> TractResult<usize> {
 pub(crate) struct Conv3x3 {
     pub name: String,
     pub geometry: Geometry,
-    /// `[c_out, c_in, 3, 3]`.
-    pub kernel: Arc<Tensor>,
-    /// One value, or one per output channel.
-    pub bias: Arc<Tensor>,
+    /// `[c_out][c_in][3][3]`.
+    pub kernel: Vec<f32>,
+    /// One per output channel (the model may give one for all).
+    pub bias: Vec<f32>,
     /// The slope of the LeakyRelu that alone reads the convolution's output, if any.
     pub alpha: Option<f32>,
 }
 
 /// Replaces each float `Conv` of the (decluttered) model that is a [`Conv3x3`] and that
 /// `take` accepts (with its LeakyRelu) by what `wire` puts into the patch from the
-/// convolution's input. Returns how many it replaced.
-pub(crate) fn replace_conv3x3(
+/// convolution's input, given what `take` chose for it. Returns how many it replaced.
+pub(crate) fn replace_conv3x3<T>(
     model: &mut TypedModel,
     patch_name: &str,
-    take: impl Fn(&Geometry) -> bool,
-    wire: impl Fn(&mut TypedModelPatch, &Conv3x3, OutletId) -> TractResult<OutletId>,
+    take: impl Fn(&Geometry) -> Option<T>,
+    wire: impl Fn(&mut TypedModelPatch, &Conv3x3, T, OutletId) -> TractResult<OutletId>,
 ) -> TractResult<usize> {
     let mut replaced = 0;
     // Each patch leaves the replaced nodes unconnected: the candidates are taken first,
@@ -77,12 +82,11 @@ pub(crate) fn replace_conv3x3(
         let node = model.node(id);
         let Some(conv) = node.op_as::<Conv>() else { continue };
         let Some(geometry) = covered(model, node, conv)? else { continue };
-        if !take(&geometry) {
-            continue;
-        }
+        let Some(choice) = take(&geometry) else { continue };
         let kernel = model.outlet_fact(node.inputs[1])?.konst.clone();
         let bias = model.outlet_fact(node.inputs[2])?.konst.clone();
         let (Some(kernel), Some(bias)) = (kernel, bias) else { continue };
+        let (kernel, bias) = (kernel_values(&kernel, &geometry)?, bias_per_channel(&bias, geometry.c_out)?);
         // The activation that alone reads the convolution's output goes in with it.
         let succ = &node.outputs[0].successors;
         let leaky = match &succ[..] {
@@ -96,7 +100,7 @@ pub(crate) fn replace_conv3x3(
         let conv = Conv3x3 { name: node.name.clone(), geometry, kernel, bias, alpha: leaky.map(|l| l.1) };
         let mut patch = TypedModelPatch::new(patch_name);
         let x = patch.tap_model(model, node.inputs[0])?;
-        let out = wire(&mut patch, &conv, x)?;
+        let out = wire(&mut patch, &conv, choice, x)?;
         let replaced_outlet = OutletId::new(leaky.map_or(id, |(l, _)| l), 0);
         patch.shunt_outside(model, replaced_outlet, out)?;
         patch.apply(model)?;
@@ -164,11 +168,9 @@ fn worth_it(g: &Geometry) -> bool {
 
 /// The weights in blocks of [`BLOCK`] output channels, each block `[ci][ky][kx][o]`
 /// (a missing channel of the last block is zeros), and the bias in as many channels.
-fn pack(kernel: &Tensor, bias: &Tensor, c_in: usize, c_out: usize) -> TractResult<(Vec<f32>, Vec<f32>)> {
-    let kernel = kernel.cast_to::<f32>()?;
-    let kernel = kernel.try_as_plain_ram()?;
-    let k = kernel.as_slice::<f32>()?;
-    ensure!(k.len() == c_out * c_in * 9, "kernel of {} values for {c_out}×{c_in}×3×3", k.len());
+fn pack(c: &Conv3x3) -> (Vec<f32>, Vec<f32>) {
+    let Geometry { c_in, c_out, .. } = c.geometry;
+    let k = &c.kernel;
     let blocks = c_out.div_ceil(BLOCK);
     let mut taps = vec![0f32; blocks * c_in * 9 * BLOCK];
     for co in 0..c_out {
@@ -179,13 +181,22 @@ fn pack(kernel: &Tensor, bias: &Tensor, c_in: usize, c_out: usize) -> TractResul
             }
         }
     }
-    let mut padded = bias_per_channel(bias, c_out)?;
+    let mut padded = c.bias.clone();
     padded.resize(blocks * BLOCK, 0.0);
-    Ok((taps, padded))
+    (taps, padded)
+}
+
+/// The kernel's values, `[c_out][c_in][3][3]`.
+fn kernel_values(kernel: &Tensor, g: &Geometry) -> TractResult<Vec<f32>> {
+    let kernel = kernel.cast_to::<f32>()?;
+    let kernel = kernel.try_as_plain_ram()?;
+    let k = kernel.as_slice::<f32>()?;
+    ensure!(k.len() == g.c_out * g.c_in * 9, "kernel of {} values for {}×{}×3×3", k.len(), g.c_out, g.c_in);
+    Ok(k.to_vec())
 }
 
 /// The bias as one value per output channel (the model may give one for all).
-pub(crate) fn bias_per_channel(bias: &Tensor, c_out: usize) -> TractResult<Vec<f32>> {
+fn bias_per_channel(bias: &Tensor, c_out: usize) -> TractResult<Vec<f32>> {
     let bias = bias.cast_to::<f32>()?;
     let bias = bias.try_as_plain_ram()?;
     let bias = bias.as_slice::<f32>()?;
@@ -215,7 +226,7 @@ impl Op for DirectConv3x3 {
 
     fn info(&self) -> TractResult<Vec<String>> {
         let Geometry { c_in, c_out, h, w } = self.geometry;
-        let act = self.alpha_bits.map(|a| format!(", LeakyRelu {}", f32::from_bits(a))).unwrap_or_default();
+        let act = activation_info(self.alpha_bits);
         Ok(vec![format!("{c_in}→{c_out} channels over {h}×{w}{act}")])
     }
 
@@ -280,6 +291,11 @@ impl TypedOp for DirectConv3x3 {
     as_op!();
 }
 
+/// How an op's info names the LeakyRelu it includes (its slope's bits), if any.
+pub(crate) fn activation_info(alpha_bits: Option<u32>) -> String {
+    alpha_bits.map(|a| format!(", LeakyRelu {}", f32::from_bits(a))).unwrap_or_default()
+}
+
 /// The output pointer, shared by the blocks that each write their own channels.
 #[derive(Clone, Copy)]
 struct SharedOut(*mut f32);
@@ -292,7 +308,7 @@ impl SharedOut {
     }
 }
 
-fn bytemuck_f32(bits: &[u32]) -> &[f32] {
+pub(crate) fn bytemuck_f32(bits: &[u32]) -> &[f32] {
     // SAFETY: u32 and f32 have the same size and alignment, and every bit pattern is an
     // f32.
     unsafe { std::slice::from_raw_parts(bits.as_ptr().cast(), bits.len()) }
@@ -743,14 +759,27 @@ pub(crate) mod tests {
             eprintln!("no vector kernel on this machine: nothing to compare");
             return;
         }
-        let bytes = std::fs::read(deskcam_testkit::repo().join("models/nanodet.onnx")).unwrap();
-        let tracts = crate::detector::onnx_typed(&bytes).unwrap().into_decluttered().unwrap();
+        let tracts = float_model();
         let mut ours = tracts.clone();
         let replaced = direct_f32_convolutions(&mut ours).unwrap();
         // The NanoDet of models/: 24 of its 34 convolutions are 3×3 at stride 1 (the rest
         // are 1×1 or at stride 2), each followed by its LeakyRelu; 8 of these have at most
         // 32 output channels (see `worth_it`).
         assert_eq!(replaced, 8);
+        assert_same_outputs(tracts, ours);
+    }
+
+    /// The shipped float model, decluttered (where our convolutions go in).
+    #[cfg(feature = "onnx")]
+    pub(crate) fn float_model() -> TypedModel {
+        let bytes = std::fs::read(deskcam_testkit::repo().join("models/nanodet.onnx")).unwrap();
+        crate::detector::onnx_typed(&bytes).unwrap().into_decluttered().unwrap()
+    }
+
+    /// `ours` computes what `tracts` computes on a 416×416 input, within the tolerance of
+    /// another order of sums 20 layers deep: a relative 1e-3 of each output's range.
+    #[cfg(feature = "onnx")]
+    pub(crate) fn assert_same_outputs(tracts: TypedModel, ours: TypedModel) {
         let n = 416;
         let pixels: Vec<f32> = (0..3 * n * n).map(|i| ((i * 7919) % 1000) as f32 / 1000.0).collect();
         let input = Tensor::from_shape(&[1, 3, n, n], &pixels).unwrap();
@@ -758,7 +787,6 @@ pub(crate) mod tests {
         let b = run_all(ours, &input);
         assert_eq!(a.len(), b.len());
         for (i, (x, y)) in b.iter().zip(&a).enumerate() {
-            // 20 layers deep, the differences grow: a relative 1e-3 of each output's range.
             close_within(x, y, 1e-3, &format!("output {i}"));
         }
     }

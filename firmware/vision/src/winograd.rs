@@ -26,7 +26,7 @@ use std::sync::Arc;
 use tract_nnef::internal::*;
 use tract_nnef::tract_core::ops::einsum::EinSum;
 
-use crate::direct_conv::{bias_per_channel, replace_conv3x3, Geometry};
+use crate::direct_conv::{activation_info, bytemuck_f32, replace_conv3x3, Geometry};
 
 /// Replaces each float 3×3 stride-1 `Conv` of the (decluttered) model where this is
 /// faster than tract's product (see [`worth_it`]) with the three nodes above. Returns how
@@ -151,38 +151,31 @@ impl Minimal for F4 {
 }
 
 fn winograd_where(model: &mut TypedModel, take: impl Fn(&Geometry) -> Option<Tiling>) -> TractResult<usize> {
-    replace_conv3x3(
-        model,
-        "deskcam-winograd",
-        |g| take(g).is_some(),
-        |patch, c, x| {
-            let Geometry { c_in, c_out, h, w } = c.geometry;
-            let tiling = take(&c.geometry).context("taken")?;
-            let values = match tiling {
-                Tiling::F2 => transformed_kernel::<F2>(&c.kernel, c_in, c_out)?,
-                Tiling::F4 => transformed_kernel::<F4>(&c.kernel, c_in, c_out)?,
-            };
-            let kernel = Tensor::from_shape(&[tiling.planes(), c_out, c_in], &values)?;
-            let u = patch.add_const(format!("{}.winograd-kernel", c.name), kernel)?;
-            let input = WinogradInput { tiling, c: c_in, h, w };
-            let v = patch.wire_node(format!("{}.winograd-in", c.name), input, &[x])?[0];
-            let m = patch.wire_node(
-                format!("{}.winograd-product", c.name),
-                EinSum::new("gmk,gkn->gmn".parse()?, f32::datum_type()),
-                &[u, v],
-            )?[0];
-            let bias = bias_per_channel(&c.bias, c_out)?;
-            let out = WinogradOutput {
-                tiling,
-                c: c_out,
-                h,
-                w,
-                bias: Arc::new(bias.into_iter().map(f32::to_bits).collect()),
-                alpha_bits: c.alpha.map(f32::to_bits),
-            };
-            Ok(patch.wire_node(&c.name, out, &[m])?[0])
-        },
-    )
+    replace_conv3x3(model, "deskcam-winograd", take, |patch, c, tiling, x| {
+        let Geometry { c_in, c_out, h, w } = c.geometry;
+        let values = match tiling {
+            Tiling::F2 => transformed_kernel::<F2>(&c.kernel, c_in, c_out),
+            Tiling::F4 => transformed_kernel::<F4>(&c.kernel, c_in, c_out),
+        };
+        let kernel = Tensor::from_shape(&[tiling.planes(), c_out, c_in], &values)?;
+        let u = patch.add_const(format!("{}.winograd-kernel", c.name), kernel)?;
+        let input = WinogradInput { tiling, c: c_in, h, w };
+        let v = patch.wire_node(format!("{}.winograd-in", c.name), input, &[x])?[0];
+        let m = patch.wire_node(
+            format!("{}.winograd-product", c.name),
+            EinSum::new("gmk,gkn->gmn".parse()?, f32::datum_type()),
+            &[u, v],
+        )?[0];
+        let out = WinogradOutput {
+            tiling,
+            c: c_out,
+            h,
+            w,
+            bias: Arc::new(c.bias.iter().map(|b| b.to_bits()).collect()),
+            alpha_bits: c.alpha.map(f32::to_bits),
+        };
+        Ok(patch.wire_node(&c.name, out, &[m])?[0])
+    })
 }
 
 /// Where this is faster than tract's product: layers with 64 or more output channels
@@ -204,11 +197,7 @@ fn many_channels(g: &Geometry) -> bool {
 
 /// `G g Gᵀ` for every pair of channels, as `[(m+2)²][c_out][c_in]` (in f64, rounded
 /// once).
-fn transformed_kernel<T: Minimal>(kernel: &Tensor, c_in: usize, c_out: usize) -> TractResult<Vec<f32>> {
-    let kernel = kernel.cast_to::<f32>()?;
-    let kernel = kernel.try_as_plain_ram()?;
-    let k = kernel.as_slice::<f32>()?;
-    ensure!(k.len() == c_out * c_in * 9, "kernel of {} values for {c_out}×{c_in}×3×3", k.len());
+fn transformed_kernel<T: Minimal>(k: &[f32], c_in: usize, c_out: usize) -> Vec<f32> {
     let a = T::A;
     let mut u = vec![0f32; a * a * c_out * c_in];
     for co in 0..c_out {
@@ -226,7 +215,7 @@ fn transformed_kernel<T: Minimal>(kernel: &Tensor, c_in: usize, c_out: usize) ->
             }
         }
     }
-    Ok(u)
+    u
 }
 
 /// `Bᵀ d B` of every tile (one pixel of zero padding around the image), as
@@ -343,7 +332,7 @@ impl Op for WinogradOutput {
     }
 
     fn info(&self) -> TractResult<Vec<String>> {
-        let act = self.alpha_bits.map(|a| format!(", LeakyRelu {}", f32::from_bits(a))).unwrap_or_default();
+        let act = activation_info(self.alpha_bits);
         Ok(vec![format!("{:?}, {} channels over {}×{}{act}", self.tiling, self.c, self.h, self.w)])
     }
 
@@ -447,16 +436,12 @@ impl TypedOp for WinogradOutput {
     as_op!();
 }
 
-fn bytemuck_f32(bits: &[u32]) -> &[f32] {
-    // SAFETY: u32 and f32 have the same size and alignment, and every bit pattern is an
-    // f32.
-    unsafe { std::slice::from_raw_parts(bits.as_ptr().cast(), bits.len()) }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::direct_conv::tests::{close_within, one_conv, ops, run, run_all, values};
+    #[cfg(feature = "onnx")]
+    use crate::direct_conv::tests::{assert_same_outputs, float_model};
+    use crate::direct_conv::tests::{close_within, one_conv, ops, run, values};
 
     #[test]
     fn computes_what_tracts_convolution_computes() {
@@ -519,8 +504,7 @@ mod tests {
     #[cfg(feature = "onnx")]
     #[test]
     fn the_float_model_computes_the_same_with_it() {
-        let bytes = std::fs::read(deskcam_testkit::repo().join("models/nanodet.onnx")).unwrap();
-        let tracts = crate::detector::onnx_typed(&bytes).unwrap().into_decluttered().unwrap();
+        let tracts = float_model();
         let mut ours = tracts.clone();
         // The NanoDet of models/: 24 of its 34 convolutions are 3×3 at stride 1, 16 of
         // these with 64 or more output channels (see `worth_it`), 2 over 52×52 (F(4×4))
@@ -532,15 +516,6 @@ mod tests {
             .filter_map(|n| n.op_as::<WinogradInput>())
             .filter(|op| op.tiling == Tiling::F4);
         assert_eq!(f4.count(), 2);
-        let n = 416;
-        let pixels: Vec<f32> = (0..3 * n * n).map(|i| ((i * 7919) % 1000) as f32 / 1000.0).collect();
-        let input = Tensor::from_shape(&[1, 3, n, n], &pixels).unwrap();
-        let a = run_all(tracts, &input);
-        let b = run_all(ours, &input);
-        assert_eq!(a.len(), b.len());
-        for (i, (x, y)) in b.iter().zip(&a).enumerate() {
-            // 20 layers deep, the differences grow: a relative 1e-3 of each output's range.
-            close_within(x, y, 1e-3, &format!("output {i}"));
-        }
+        assert_same_outputs(tracts, ours);
     }
 }
