@@ -211,6 +211,11 @@ impl Detector {
                 crate::winograd::winograd_f32_convolutions(&mut model).map_err(load_err)?;
             }
         }
+        // The resizes' and the max-pool's chains of small ops in one pass each (fused.rs:
+        // the same values). DESKCAM_TRACT_CHAINS=1 keeps tract's nodes, to measure.
+        if std::env::var_os("DESKCAM_TRACT_CHAINS").is_none() {
+            crate::fused::fuse_chains(&mut model).map_err(load_err)?;
+        }
         let mut optimized = model.into_optimized().map_err(load_err)?;
         // The int8 model's activations packed by our packer (int8_pack.rs: the same bytes,
         // a fraction of the instructions). DESKCAM_TRACT_PACKER=1 keeps tract's own, to

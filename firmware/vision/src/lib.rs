@@ -10,6 +10,7 @@ pub mod detector;
 mod direct_conv;
 pub mod evidence;
 pub mod frame;
+mod fused;
 mod int8_pack;
 mod nnef_quant;
 pub mod source;
