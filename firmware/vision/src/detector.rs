@@ -198,8 +198,9 @@ impl Detector {
                 reason: "input is not 1×3×N×N".into(),
             })?;
         let mut model = model.into_decluttered().map_err(load_err)?;
-        // The float model's 3×3 stride-1 convolutions with few channels computed directly
-        // (direct_conv.rs: no gathered patches, no padded copy). DESKCAM_TRACT_CONV=1
+        // The float model's 3×3 convolutions with few channels computed directly
+        // (direct_conv.rs: no gathered patches, no padded copy; the first layer at
+        // stride 2 too). DESKCAM_TRACT_CONV=1
         // keeps tract's for all of them, to measure the difference (MODEL_CARD.md).
         if std::env::var_os("DESKCAM_TRACT_CONV").is_none() {
             crate::direct_conv::direct_f32_convolutions(&mut model).map_err(load_err)?;

@@ -1,4 +1,4 @@
-//! A direct 3×3 convolution for the float model's stride-1 layers, put into the model
+//! A direct 3×3 convolution for the float model's layers with few channels, put into the model
 //! in place of tract's `Conv` before it is optimised.
 //!
 //! tract runs a float convolution as a matrix product over patches it gathers lazily:
@@ -13,6 +13,11 @@
 //! accumulators in registers; the zero padding is the missing kernel rows at the top and
 //! bottom, and a lane shifted in at the row's two ends. The layer's LeakyRelu, when it
 //! follows, is applied before the store.
+//!
+//! At stride 2 (the network's first layer: 3→32 channels over the 416×416 input, where
+//! tract's own direct convolution took 2.6 ms and its LeakyRelu 0.4 ms more on x86) each
+//! input row is first split into its even and odd columns, so that the three taps of a
+//! row are again loads of consecutive values; the padding is a zero before the odd ones.
 //!
 //! The sums are taken in another order than tract's, so outputs differ in the last bits
 //! (a test holds them to tract's within a relative 1e-5).
@@ -117,12 +122,24 @@ pub(crate) fn replace_conv3x3<T>(
 pub(crate) struct Geometry {
     pub c_in: usize,
     pub c_out: usize,
+    /// The input's.
     pub h: usize,
     pub w: usize,
+    /// 1 or 2, the same down and across.
+    pub stride: usize,
+}
+
+impl Geometry {
+    /// The output's height and width.
+    pub fn out_hw(&self) -> (usize, usize) {
+        (self.h.div_ceil(self.stride), self.w.div_ceil(self.stride))
+    }
 }
 
 /// Whether `conv` is a [`Conv3x3`]: float, NCHW with one image, no groups, a 3×3 kernel
-/// in OIHW at stride 1 without dilation, one pixel of zero padding on every side.
+/// in OIHW without dilation, at stride 1 with one pixel of zero padding on every side or
+/// at stride 2 with one at the top and left (and what the bottom and right need, if
+/// anything).
 fn covered(model: &TypedModel, node: &TypedNode, conv: &Conv) -> TractResult<Option<Geometry>> {
     let input = model.outlet_fact(node.inputs[0])?;
     let spec = &conv.pool_spec;
@@ -136,16 +153,21 @@ fn covered(model: &TypedModel, node: &TypedNode, conv: &Conv) -> TractResult<Opt
         || shape.len() != 4
         || shape[0] != 1
         || spec.kernel_shape.as_slice() != [3, 3]
-        || (0..2).any(|a| spec.stride(a) != 1 || spec.dilation(a) != 1)
+        || (0..2).any(|a| spec.dilation(a) != 1)
     {
         return Ok(None);
     }
-    let (h, w) = (shape[2], shape[3]);
+    let (h, w, stride) = (shape[2], shape[3], spec.stride(0));
     let padding = spec.computed_padding(&[h, w]);
-    if padding.iter().any(|p| p.pad_before != 1 || p.pad_after != 1 || p.convoluted != p.deconvoluted) {
+    let taken = match stride {
+        1 => padding.iter().all(|p| p.pad_before == 1 && p.pad_after == 1 && p.convoluted == p.deconvoluted),
+        2 => padding.iter().zip([h, w]).all(|(p, d)| p.pad_before == 1 && p.convoluted == d.div_ceil(2)),
+        _ => false,
+    };
+    if !taken || spec.stride(1) != stride {
         return Ok(None);
     }
-    Ok(Some(Geometry { c_in: shape[1], c_out: conv.output_channels(), h, w }))
+    Ok(Some(Geometry { c_in: shape[1], c_out: conv.output_channels(), h, w, stride }))
 }
 
 /// Where this op is faster than tract's product. x86 (AVX2, `deskcam bench --profile`,
@@ -155,8 +177,8 @@ fn covered(model: &TypedModel, node: &TypedNode, conv: &Conv) -> TractResult<Opt
 /// vectors). On aarch64 nothing is replaced until it is measured on the boards' cores:
 /// `DESKCAM_DIRECT_CONV=1` replaces the same layers as on x86, for that measurement.
 fn worth_it(g: &Geometry) -> bool {
-    // Rows at least a vector wide, and two of them.
-    if g.w < lanes() || g.h < 2 {
+    // Rows at least a vector wide, and two of them at stride 1.
+    if g.out_hw().1 < lanes() || (g.stride == 1 && g.h < 2) {
         return false;
     }
     let few_channels = g.c_out <= 32;
@@ -225,9 +247,10 @@ impl Op for DirectConv3x3 {
     }
 
     fn info(&self) -> TractResult<Vec<String>> {
-        let Geometry { c_in, c_out, h, w } = self.geometry;
+        let Geometry { c_in, c_out, h, w, stride } = self.geometry;
         let act = activation_info(self.alpha_bits);
-        Ok(vec![format!("{c_in}→{c_out} channels over {h}×{w}{act}")])
+        let at = if stride == 1 { String::new() } else { format!(" at stride {stride}") };
+        Ok(vec![format!("{c_in}→{c_out} channels over {h}×{w}{at}{act}")])
     }
 
     op_as_typed_op!();
@@ -237,12 +260,16 @@ impl EvalOp for DirectConv3x3 {
     op_out_of_plan!();
 
     fn eval(&self, _ctx: &EvalContext, inputs: TVec<TValue>) -> TractResult<TVec<TValue>> {
-        let Geometry { c_in, c_out, h, w } = self.geometry;
+        let Geometry { c_in, c_out, h, w, stride } = self.geometry;
+        let (oh, ow) = self.geometry.out_hw();
         let input = &inputs[0];
         ensure!(input.shape() == [1, c_in, h, w], "input {:?} for {:?}", input.shape(), self.geometry);
         let input = input.try_as_plain_ram()?;
-        let x = input.as_slice::<f32>()?;
-        let mut output = unsafe { Tensor::uninitialized::<f32>(&[1, c_out, h, w])? };
+        let (x, pitch) = (input.as_slice::<f32>()?, w);
+        // At stride 2 the kernel reads each row's even and odd columns apart.
+        let split = (stride == 2).then(|| even_and_odd_columns(x, c_in, h, w));
+        let (x, pitch) = split.as_ref().map_or((x, pitch), |(rows, pitch)| (&rows[..], *pitch));
+        let mut output = unsafe { Tensor::uninitialized::<f32>(&[1, c_out, oh, ow])? };
         let mut plain = output.try_as_plain_ram_mut()?;
         let out = plain.as_slice_mut::<f32>()?;
         let alpha = self.alpha_bits.map(f32::from_bits);
@@ -255,11 +282,12 @@ impl EvalOp for DirectConv3x3 {
         let blocks = c_out.div_ceil(BLOCK);
         let mut ids: tract_smallvec::SmallVec<[usize; 8]> = (0..blocks).collect();
         let out_ptr = SharedOut(out.as_mut_ptr());
-        tract_linalg::multithread::par_chunks_mut(&mut ids, 1, c_out * h * w * c_in * 9, |_, chunk| {
+        tract_linalg::multithread::par_chunks_mut(&mut ids, 1, c_out * oh * ow * c_in * 9, |_, chunk| {
             for &b in chunk.iter() {
                 let channels = BLOCK.min(c_out - b * BLOCK);
                 let args = Block {
                     input: x,
+                    pitch,
                     geometry: self.geometry,
                     taps: &taps[b * c_in * 9 * BLOCK..][..c_in * 9 * BLOCK],
                     bias: &bias[b * BLOCK..][..BLOCK],
@@ -267,8 +295,8 @@ impl EvalOp for DirectConv3x3 {
                     alpha,
                 };
                 // SAFETY: the block's channels of `out` (`[b*BLOCK, b*BLOCK+channels)`,
-                // each h×w) are within `out` and written by this call alone.
-                unsafe { run_block(&args, out_ptr.get().add(b * BLOCK * h * w)) };
+                // each oh×ow) are within `out` and written by this call alone.
+                unsafe { run_block(&args, out_ptr.get().add(b * BLOCK * oh * ow)) };
             }
             Ok(())
         })?;
@@ -278,14 +306,16 @@ impl EvalOp for DirectConv3x3 {
 
 impl TypedOp for DirectConv3x3 {
     fn output_facts(&self, inputs: &[&TypedFact]) -> TractResult<TVec<TypedFact>> {
-        let Geometry { c_in, c_out, h, w } = self.geometry;
+        let Geometry { c_in, c_out, h, w, .. } = self.geometry;
+        let (oh, ow) = self.geometry.out_hw();
         ensure!(inputs.len() == 1 && inputs[0].shape.as_concrete() == Some(&[1, c_in, h, w][..]));
-        Ok(tvec!(f32::fact([1, c_out, h, w])))
+        Ok(tvec!(f32::fact([1, c_out, oh, ow])))
     }
 
     fn cost(&self, _inputs: &[&TypedFact]) -> TractResult<TVec<(Cost, TDim)>> {
-        let Geometry { c_in, c_out, h, w } = self.geometry;
-        Ok(tvec!((Cost::FMA(f32::datum_type()), (c_out * c_in * 9 * h * w).to_dim())))
+        let Geometry { c_in, c_out, .. } = self.geometry;
+        let (oh, ow) = self.geometry.out_hw();
+        Ok(tvec!((Cost::FMA(f32::datum_type()), (c_out * c_in * 9 * oh * ow).to_dim())))
     }
 
     as_op!();
@@ -314,9 +344,32 @@ pub(crate) fn bytemuck_f32(bits: &[u32]) -> &[f32] {
     unsafe { std::slice::from_raw_parts(bits.as_ptr().cast(), bits.len()) }
 }
 
+/// For a convolution at stride 2, each input row as its even columns and then its odd
+/// columns after one zero (the padding), each in a row of `pitch` floats (zeros past
+/// the end): output pixel `x` then reads odd `x`, even `x` and odd `x + 1`, consecutive
+/// values for consecutive pixels. `[c][h][2][pitch]`, and the pitch.
+fn even_and_odd_columns(x: &[f32], c: usize, h: usize, w: usize) -> (Vec<f32>, usize) {
+    // Odd `ow` is the last one read (a vector placed at `ow - N` reads up to it).
+    let pitch = w.div_ceil(2) + 1;
+    let mut rows = vec![0f32; c * h * 2 * pitch];
+    for (row, split) in x.chunks_exact(w).zip(rows.chunks_exact_mut(2 * pitch)) {
+        let (even, odd) = split.split_at_mut(pitch);
+        for (j, pair) in row.chunks(2).enumerate() {
+            even[j] = pair[0];
+            if let Some(&v) = pair.get(1) {
+                odd[j + 1] = v;
+            }
+        }
+    }
+    (rows, pitch)
+}
+
 /// One block of output channels: what [`run_block`] computes.
 struct Block<'a> {
+    /// The input, `[c_in][h][w]`; at stride 2 as [`even_and_odd_columns`] splits it.
     input: &'a [f32],
+    /// The floats from one input row to the next (at stride 2, from one half-row).
+    pitch: usize,
     geometry: Geometry,
     /// `[c_in][3][3][BLOCK]`.
     taps: &'a [f32],
@@ -455,36 +508,125 @@ unsafe fn tile<S: Simd, const NV: usize, const L: bool, const R: bool>(b: &Block
                             S::load(row.add(xs[v] + kx).sub(1))
                         }
                     });
-                    let wv = S::weights(taps.add(((ci * 3 + ky) * 3 + kx) * BLOCK));
-                    let w0 = S::lane::<0>(wv);
-                    for v in 0..NV {
-                        acc[0][v] = S::fma(acc[0][v], xv[v], w0);
-                    }
-                    let w1 = S::lane::<1>(wv);
-                    for v in 0..NV {
-                        acc[1][v] = S::fma(acc[1][v], xv[v], w1);
-                    }
-                    let w2 = S::lane::<2>(wv);
-                    for v in 0..NV {
-                        acc[2][v] = S::fma(acc[2][v], xv[v], w2);
-                    }
-                    let w3 = S::lane::<3>(wv);
-                    for v in 0..NV {
-                        acc[3][v] = S::fma(acc[3][v], xv[v], w3);
-                    }
+                    multiply_add::<S, NV>(&mut acc, &xv, taps.add(((ci * 3 + ky) * 3 + kx) * BLOCK));
                 }
             }
         }
-        for (r, acc) in acc.iter().enumerate().take(b.channels) {
-            let plane = out.add(r * h * w + t.y * w);
-            for v in 0..NV {
+        store_tile::<S, NV>(b, &acc, out.add(t.y * w), h * w, &xs);
+    }
+}
+
+/// One tap's `NV` input vectors times its weights for the block's channels (at `taps`),
+/// into the accumulators.
+#[inline(always)]
+unsafe fn multiply_add<S: Simd, const NV: usize>(
+    acc: &mut [[S::V; NV]; BLOCK],
+    xv: &[S::V; NV],
+    taps: *const f32,
+) {
+    unsafe {
+        let wv = S::weights(taps);
+        let w0 = S::lane::<0>(wv);
+        for v in 0..NV {
+            acc[0][v] = S::fma(acc[0][v], xv[v], w0);
+        }
+        let w1 = S::lane::<1>(wv);
+        for v in 0..NV {
+            acc[1][v] = S::fma(acc[1][v], xv[v], w1);
+        }
+        let w2 = S::lane::<2>(wv);
+        for v in 0..NV {
+            acc[2][v] = S::fma(acc[2][v], xv[v], w2);
+        }
+        let w3 = S::lane::<3>(wv);
+        for v in 0..NV {
+            acc[3][v] = S::fma(acc[3][v], xv[v], w3);
+        }
+    }
+}
+
+/// The accumulators, through the LeakyRelu if there is one, into the block's channels:
+/// `row` is the output row in the first channel's plane, `plane` the floats per plane,
+/// `xs` each vector's first pixel.
+#[inline(always)]
+unsafe fn store_tile<S: Simd, const NV: usize>(
+    b: &Block,
+    acc: &[[S::V; NV]; BLOCK],
+    row: *mut f32,
+    plane: usize,
+    xs: &[usize; NV],
+) {
+    for (r, acc) in acc.iter().enumerate().take(b.channels) {
+        for v in 0..NV {
+            unsafe {
                 let a = match b.alpha {
                     Some(alpha) => S::leaky(acc[v], alpha),
                     None => acc[v],
                 };
-                S::store(plane.add(xs[v]), a);
+                S::store(row.add(r * plane + xs[v]), a);
             }
         }
+    }
+}
+
+/// At stride 2: every output row of one block, in tiles of up to `S::TILE` vectors, from
+/// [`even_and_odd_columns`]'s rows (whose zeros are the padding).
+#[inline(always)]
+unsafe fn block_rows_s2<S: Simd>(b: &Block, out: *mut f32) {
+    let (oh, ow) = b.geometry.out_hw();
+    let n_vec = ow.div_ceil(S::N);
+    for y in 0..oh {
+        let mut v0 = 0;
+        while v0 < n_vec {
+            let nv = S::TILE.min(n_vec - v0);
+            let t = Tile { y, x0: v0 * S::N };
+            let last = v0 + nv == n_vec;
+            unsafe {
+                match nv {
+                    1 => tile_s2::<S, 1>(b, &t, last, out),
+                    2 => tile_s2::<S, 2>(b, &t, last, out),
+                    3 => tile_s2::<S, 3>(b, &t, last, out),
+                    4 => tile_s2::<S, 4>(b, &t, last, out),
+                    5 => tile_s2::<S, 5>(b, &t, last, out),
+                    _ => unreachable!("TILE is at most 5"),
+                }
+            }
+            v0 += nv;
+        }
+    }
+}
+
+/// `NV` vectors of output row `t.y` at stride 2. `last`: the last vector is the row's
+/// last, placed at `ow - N` (it may overlap the one before it, which then computes the
+/// same values).
+#[inline(always)]
+unsafe fn tile_s2<S: Simd, const NV: usize>(b: &Block, t: &Tile, last: bool, out: *mut f32) {
+    let Geometry { c_in, h, .. } = b.geometry;
+    let (oh, ow) = b.geometry.out_hw();
+    let xs: [usize; NV] =
+        std::array::from_fn(|v| if last && v == NV - 1 { ow - S::N } else { t.x0 + v * S::N });
+    unsafe {
+        let mut acc: [[S::V; NV]; BLOCK] = std::array::from_fn(|r| [S::splat(b.bias[r]); NV]);
+        let x = b.input.as_ptr();
+        let taps = b.taps.as_ptr();
+        for ci in 0..c_in {
+            for ky in 0..3 {
+                // Input row 2y + ky - 1, when it is inside the image.
+                let Some(r) = (2 * t.y + ky).checked_sub(1).filter(|&r| r < h) else { continue };
+                let even = x.add((ci * h + r) * 2 * b.pitch);
+                let odd = even.add(b.pitch);
+                for kx in 0..3 {
+                    // Input columns 2x - 1, 2x and 2x + 1.
+                    let xv: [S::V; NV] = std::array::from_fn(|v| match kx {
+                        0 => S::load(odd.add(xs[v])),
+                        1 => S::load(even.add(xs[v])),
+                        _ => S::load(odd.add(xs[v] + 1)),
+                    });
+                    multiply_add::<S, NV>(&mut acc, &xv, taps.add(((ci * 3 + ky) * 3 + kx) * BLOCK));
+                }
+            }
+        }
+        store_tile::<S, NV>(b, &acc, out.add(t.y * ow), oh * ow, &xs);
     }
 }
 
@@ -556,7 +698,12 @@ mod x86 {
     /// As [`super::run_block`], on a machine with AVX2 and FMA.
     #[target_feature(enable = "avx2,fma")]
     pub unsafe fn run(b: &Block, out: *mut f32) {
-        unsafe { super::block_rows::<Avx2>(b, out) }
+        unsafe {
+            match b.geometry.stride {
+                2 => super::block_rows_s2::<Avx2>(b, out),
+                _ => super::block_rows::<Avx2>(b, out),
+            }
+        }
     }
 }
 
@@ -619,7 +766,12 @@ mod arm {
     /// # Safety
     /// As [`super::run_block`].
     pub unsafe fn run(b: &Block, out: *mut f32) {
-        unsafe { super::block_rows::<Neon>(b, out) }
+        unsafe {
+            match b.geometry.stride {
+                2 => super::block_rows_s2::<Neon>(b, out),
+                _ => super::block_rows::<Neon>(b, out),
+            }
+        }
     }
 }
 
@@ -644,6 +796,19 @@ pub(crate) mod tests {
         pad: usize,
         leaky: bool,
     ) -> TypedModel {
+        strided_conv(c_in, c_out, h, w, pad, 1, leaky)
+    }
+
+    /// [`one_conv`] at `stride`.
+    pub(crate) fn strided_conv(
+        c_in: usize,
+        c_out: usize,
+        h: usize,
+        w: usize,
+        pad: usize,
+        stride: usize,
+        leaky: bool,
+    ) -> TypedModel {
         let mut model = TypedModel::default();
         let x = model.add_source("x", f32::fact([1, c_in, h, w])).unwrap();
         let kernel = Tensor::from_shape(&[c_out, c_in, 3, 3], &values(c_out * c_in * 9, 1)).unwrap();
@@ -656,7 +821,7 @@ pub(crate) mod tests {
                 kernel_shape: tvec![3, 3],
                 padding: PaddingSpec::Explicit(tvec![pad, pad], tvec![pad, pad]),
                 dilations: None,
-                strides: None,
+                strides: Some(tvec![stride, stride]),
                 input_channels: c_in,
                 output_channels: c_out,
             },
@@ -736,6 +901,31 @@ pub(crate) mod tests {
     }
 
     #[test]
+    fn computes_what_tracts_strided_convolution_computes() {
+        if !kernel_available() {
+            eprintln!("no vector kernel on this machine: nothing to compare");
+            return;
+        }
+        // The network's first layer (3→32) on a small image; odd sides (the last column's
+        // right neighbour is padding); rows of a few vectors, a tile and a half, and
+        // not a whole number of vectors; one output row; channels not a whole block.
+        for (c_in, c_out, h, w) in
+            [(3, 32, 16, 16), (3, 5, 9, 17), (2, 7, 7, 33), (1, 1, 1, 16), (4, 6, 10, 52), (5, 3, 3, 21)]
+        {
+            for leaky in [false, true] {
+                let what = format!("{c_in}→{c_out} over {h}×{w} at stride 2, LeakyRelu {leaky}");
+                let input = Tensor::from_shape(&[1, c_in, h, w], &values(c_in * h * w, 4)).unwrap();
+                let tracts = strided_conv(c_in, c_out, h, w, 1, 2, leaky);
+                let mut ours = tracts.clone();
+                assert_eq!(direct_f32_convolutions(&mut ours).unwrap(), 1, "{what}");
+                let names = ops(&ours);
+                assert!(!names.iter().any(|n| n == "Conv" || n.contains("LeakyRelu")), "{what}: {names:?}");
+                close(&run(ours, &input), &run(tracts, &input), &what);
+            }
+        }
+    }
+
+    #[test]
     fn leaves_what_it_does_not_cover_to_tract() {
         // No padding, rows narrower than a vector, and more output channels than it is
         // faster for.
@@ -743,6 +933,9 @@ pub(crate) mod tests {
             (one_conv(4, 4, 9, 16, 0, true), "unpadded"),
             (one_conv(4, 4, 9, 3, 1, true), "3 wide"),
             (one_conv(4, 64, 9, 16, 1, true), "64 channels"),
+            (strided_conv(4, 4, 9, 16, 0, 2, true), "unpadded at stride 2"),
+            (strided_conv(4, 4, 9, 16, 1, 3, true), "stride 3"),
+            (strided_conv(4, 4, 9, 6, 1, 2, true), "3 wide at stride 2"),
         ] {
             let mut ours = model.clone();
             assert_eq!(direct_f32_convolutions(&mut ours).unwrap(), 0, "{what}");
@@ -762,10 +955,11 @@ pub(crate) mod tests {
         let tracts = float_model();
         let mut ours = tracts.clone();
         let replaced = direct_f32_convolutions(&mut ours).unwrap();
-        // The NanoDet of models/: 24 of its 34 convolutions are 3×3 at stride 1 (the rest
-        // are 1×1 or at stride 2), each followed by its LeakyRelu; 8 of these have at most
-        // 32 output channels (see `worth_it`).
-        assert_eq!(replaced, 8);
+        // The NanoDet of models/: 24 of its 34 convolutions are 3×3 at stride 1 and 4 at
+        // stride 2 (the rest are 1×1), each followed by its LeakyRelu; 8 of the first and
+        // 1 of the second (the first layer, 3→32) have at most 32 output channels (see
+        // `worth_it`).
+        assert_eq!(replaced, 9);
         assert_same_outputs(tracts, ours);
     }
 

@@ -152,7 +152,7 @@ impl Minimal for F4 {
 
 fn winograd_where(model: &mut TypedModel, take: impl Fn(&Geometry) -> Option<Tiling>) -> TractResult<usize> {
     replace_conv3x3(model, "deskcam-winograd", take, |patch, c, tiling, x| {
-        let Geometry { c_in, c_out, h, w } = c.geometry;
+        let Geometry { c_in, c_out, h, w, .. } = c.geometry;
         let values = match tiling {
             Tiling::F2 => transformed_kernel::<F2>(&c.kernel, c_in, c_out),
             Tiling::F4 => transformed_kernel::<F4>(&c.kernel, c_in, c_out),
@@ -192,7 +192,7 @@ fn worth_it(g: &Geometry) -> bool {
 /// 64 or more output channels: where this was measured faster (with 16 or 32 the
 /// transforms weigh more than the products they save, and `direct_conv` is faster).
 fn many_channels(g: &Geometry) -> bool {
-    g.c_out >= 64
+    g.c_out >= 64 && g.stride == 1
 }
 
 /// `G g Gᵀ` for every pair of channels, as `[(m+2)²][c_out][c_in]` (in f64, rounded
