@@ -218,6 +218,11 @@ impl Detector {
             crate::fused::fuse_chains(&mut model).map_err(load_err)?;
         }
         let mut optimized = model.into_optimized().map_err(load_err)?;
+        // The Pads tract puts before its patches, with the Concats that feed them, as one
+        // copy each (fused.rs).
+        if std::env::var_os("DESKCAM_TRACT_CHAINS").is_none() {
+            crate::fused::padded_concats(&mut optimized).map_err(load_err)?;
+        }
         // The int8 model's activations packed by our packer (int8_pack.rs: the same bytes,
         // a fraction of the instructions). DESKCAM_TRACT_PACKER=1 keeps tract's own, to
         // measure the difference (MODEL_CARD.md).

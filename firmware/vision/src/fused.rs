@@ -12,14 +12,21 @@
 //!   was 1.4 ms of a 61 ms inference on x86). [`PaddedMaxPool`] takes each output from
 //!   the input where it lies; a maximum is one of its values, so these are the same too.
 //!
+//! - In the optimised plan, the zero `Pad` tract puts before a convolution it computes
+//!   from patches (the three at stride 2 with 64–256 channels), with the `Concat` that
+//!   alone feeds it: tract's Concat copies its inputs into one tensor and its Pad fills
+//!   a new one and copies that in through a general strided assignment. [`PaddedConcat`]
+//!   copies each input's rows once into the padded output.
+//!
 //! `deskcam bench --profile`, x86, before: the resizes' 24 Gathers, 16 Muls and 4 Adds
-//! 3.6–4.0 ms, the max-pool's three nodes 2.6–3.1 ms (MODEL_CARD.md).
+//! 3.6–4.0 ms, the max-pool's three nodes 2.6–3.1 ms, the three Pads 1.0 ms
+//! (MODEL_CARD.md).
 
 use std::collections::HashSet;
 use std::sync::Arc;
 
 use tract_nnef::internal::*;
-use tract_nnef::tract_core::ops::array::{Gather, Pad, PadMode};
+use tract_nnef::tract_core::ops::array::{Gather, Pad, PadMode, TypedConcat};
 use tract_nnef::tract_core::ops::binary::{BinMiniOp, TypedBinOp};
 use tract_nnef::tract_core::ops::cnn::{MaxPool, PaddingSpec};
 use tract_nnef::tract_core::ops::math::{Add, Mul};
@@ -436,6 +443,132 @@ impl TypedOp for PaddedMaxPool {
     as_op!();
 }
 
+/// Replaces, in the optimised plan, each constant `Pad` of a float `[1, c, h, w]` tensor's
+/// height and width (and nothing else) by a [`PaddedConcat`], which takes in the inputs
+/// of the channel `Concat` that alone feeds the Pad, if there is one. Returns how many
+/// it replaced.
+pub fn padded_concats(model: &mut TypedModel) -> TractResult<usize> {
+    let mut replaced = 0;
+    let pads: Vec<usize> = model.nodes().iter().filter(|n| n.op_is::<Pad>()).map(|n| n.id).collect();
+    for id in pads {
+        let node = model.node(id);
+        let Some(pad) = node.op_as::<Pad>() else { continue };
+        let PadMode::Constant(value) = &pad.mode else { continue };
+        let Some([_, _, h, w]) = image_shape(model, node.inputs[0])? else { continue };
+        if value.datum_type() != f32::datum_type()
+            || value.len() != 1
+            || pad.pads.len() != 4
+            || pad.pads[..2] != [(0, 0), (0, 0)]
+        {
+            continue;
+        }
+        let value = value.cast_to_scalar::<f32>()?;
+        let feeder = model.node(node.inputs[0].node);
+        let concat = feeder.op_as::<TypedConcat>().is_some_and(|c| c.axis == 1)
+            && only_read_within(model, feeder.id, &[id].into())?;
+        let inputs: Vec<OutletId> = if concat { feeder.inputs.clone() } else { vec![node.inputs[0]] };
+        let mut channels = vec![];
+        for &i in &inputs {
+            match image_shape(model, i)? {
+                Some([_, c, ih, iw]) if (ih, iw) == (h, w) => channels.push(c),
+                _ => break,
+            }
+        }
+        if channels.len() != inputs.len() {
+            continue;
+        }
+        let op =
+            PaddedConcat { channels, h, w, pads: [pad.pads[2], pad.pads[3]], value_bits: value.to_bits() };
+        let mut patch = TypedModelPatch::new("deskcam-padded-concat");
+        let tapped = inputs.iter().map(|&i| patch.tap_model(model, i)).collect::<TractResult<TVec<_>>>()?;
+        let out = patch.wire_node(format!("{}.padded-concat", node.name), op, &tapped)?[0];
+        patch.shunt_outside(model, OutletId::new(id, 0), out)?;
+        patch.apply(model)?;
+        replaced += 1;
+    }
+    if replaced > 0 {
+        model.compact()?;
+    }
+    Ok(replaced)
+}
+
+/// The inputs, `[1, channels[i], h, w]` floats, one after the other along the channels,
+/// padded with `value` (`pads`: before and after, down and across).
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct PaddedConcat {
+    channels: Vec<usize>,
+    h: usize,
+    w: usize,
+    pads: [(usize, usize); 2],
+    value_bits: u32,
+}
+
+impl PaddedConcat {
+    fn out_hw(&self) -> (usize, usize) {
+        let [(pt, pb), (pl, pr)] = self.pads;
+        (self.h + pt + pb, self.w + pl + pr)
+    }
+}
+
+impl Op for PaddedConcat {
+    fn name(&self) -> StaticName {
+        "DeskcamPaddedConcat".into()
+    }
+
+    fn info(&self) -> TractResult<Vec<String>> {
+        let (oh, ow) = self.out_hw();
+        Ok(vec![format!("{:?} channels, {}×{} → {oh}×{ow}", self.channels, self.h, self.w)])
+    }
+
+    op_as_typed_op!();
+}
+
+impl EvalOp for PaddedConcat {
+    op_out_of_plan!();
+
+    fn eval(&self, _ctx: &EvalContext, inputs: TVec<TValue>) -> TractResult<TVec<TValue>> {
+        let PaddedConcat { h, w, pads: [(pt, _), (pl, _)], .. } = *self;
+        let (oh, ow) = self.out_hw();
+        let value = f32::from_bits(self.value_bits);
+        ensure!(inputs.len() == self.channels.len(), "{} inputs for {self:?}", inputs.len());
+        let total: usize = self.channels.iter().sum();
+        let mut output = unsafe { Tensor::uninitialized::<f32>(&[1, total, oh, ow])? };
+        let mut plain = output.try_as_plain_ram_mut()?;
+        let mut planes = plain.as_slice_mut::<f32>()?.chunks_exact_mut(oh * ow);
+        for (input, &c) in inputs.iter().zip(&self.channels) {
+            ensure!(input.shape() == [1, c, h, w], "input {:?} for {self:?}", input.shape());
+            let input = input.try_as_plain_ram()?;
+            for (image, plane) in input.as_slice::<f32>()?.chunks_exact(h * w).zip(&mut planes) {
+                let (top, rest) = plane.split_at_mut(pt * ow);
+                let (middle, bottom) = rest.split_at_mut(h * ow);
+                top.fill(value);
+                bottom.fill(value);
+                for (row, out) in image.chunks_exact(w).zip(middle.chunks_exact_mut(ow)) {
+                    let (left, rest) = out.split_at_mut(pl);
+                    let (inside, right) = rest.split_at_mut(w);
+                    left.fill(value);
+                    inside.copy_from_slice(row);
+                    right.fill(value);
+                }
+            }
+        }
+        Ok(tvec!(output.into_tvalue()))
+    }
+}
+
+impl TypedOp for PaddedConcat {
+    fn output_facts(&self, inputs: &[&TypedFact]) -> TractResult<TVec<TypedFact>> {
+        let (oh, ow) = self.out_hw();
+        ensure!(inputs.len() == self.channels.len());
+        for (fact, &c) in inputs.iter().zip(&self.channels) {
+            ensure!(fact.shape.as_concrete() == Some(&[1, c, self.h, self.w][..]));
+        }
+        Ok(tvec!(f32::fact([1, self.channels.iter().sum(), oh, ow])))
+    }
+
+    as_op!();
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -657,6 +790,91 @@ mod tests {
             for (i, (x, y)) in b.iter().zip(&a).enumerate() {
                 same_bits(x, y, &format!("{file}, output {i}"));
             }
+        }
+    }
+
+    /// `[1, c, h, w]` sources concatenated along the channels (when more than one) and
+    /// padded with `value`.
+    fn concat_pad_model(
+        channels: &[usize],
+        h: usize,
+        w: usize,
+        pads: Vec<(usize, usize)>,
+        value: f32,
+    ) -> TypedModel {
+        let mut model = TypedModel::default();
+        let xs: TVec<OutletId> = channels
+            .iter()
+            .enumerate()
+            .map(|(i, &c)| model.add_source(format!("x{i}"), f32::fact([1, c, h, w])).unwrap())
+            .collect();
+        let x = if xs.len() > 1 {
+            model.wire_node("concat", TypedConcat { axis: 1 }, &xs).unwrap()[0]
+        } else {
+            xs[0]
+        };
+        let pad = Pad { pads, mode: PadMode::Constant(Arc::new(tensor0(value))) };
+        let y = model.wire_node("pad", pad, &[x]).unwrap()[0];
+        model.select_output_outlets(&[y]).unwrap();
+        model
+    }
+
+    fn concat_pad_inputs(channels: &[usize], h: usize, w: usize) -> TVec<TValue> {
+        channels.iter().enumerate().map(|(i, &c)| image(c, h, w, i).into_tvalue()).collect()
+    }
+
+    #[test]
+    fn the_padded_concat_computes_what_concat_and_pad_compute() {
+        for (channels, h, w, pads, value) in [
+            (vec![2, 3], 4, 5, vec![(0, 0), (0, 0), (1, 1), (1, 1)], 0.0),
+            (vec![1, 1, 2], 3, 1, vec![(0, 0), (0, 0), (0, 2), (3, 0)], -1.5),
+            (vec![4], 2, 2, vec![(0, 0), (0, 0), (1, 0), (0, 1)], 0.0),
+        ] {
+            let what = format!("{channels:?} {h}×{w} {pads:?}");
+            let model = concat_pad_model(&channels, h, w, pads, value);
+            let mut ours = model.clone();
+            assert_eq!(padded_concats(&mut ours).unwrap(), 1, "{what}");
+            assert!(!ops(&ours).iter().any(|o| o == "Pad" || o == "Concat"), "{what}: {:?}", ops(&ours));
+            let inputs = concat_pad_inputs(&channels, h, w);
+            let a = model.into_runnable().unwrap().run(inputs.clone()).unwrap();
+            let b = ours.into_runnable().unwrap().run(inputs).unwrap();
+            same_bits(&b[0].clone().into_tensor(), &a[0].clone().into_tensor(), &what);
+        }
+    }
+
+    #[test]
+    fn a_concat_read_elsewhere_stays_and_a_pad_of_the_channels_is_left_alone() {
+        let mut model = concat_pad_model(&[1, 2], 3, 3, vec![(0, 0), (0, 0), (1, 1), (1, 1)], 0.0);
+        let concat = OutletId::new(model.node_by_name("concat").unwrap().id, 0);
+        let padded = model.output_outlets().unwrap()[0];
+        model.select_output_outlets(&[padded, concat]).unwrap();
+        assert_eq!(padded_concats(&mut model).unwrap(), 1);
+        assert!(ops(&model).iter().any(|o| o == "Concat"), "{:?}", ops(&model));
+        let mut model = concat_pad_model(&[1, 2], 3, 3, vec![(0, 0), (1, 0), (1, 1), (1, 1)], 0.0);
+        assert_eq!(padded_concats(&mut model).unwrap(), 0);
+    }
+
+    /// The float model's plan, with the chains fused before optimisation and the padded
+    /// concatenations after, computes its outputs to the last bit.
+    #[cfg(feature = "onnx")]
+    #[test]
+    fn the_float_plan_computes_the_same_with_padded_concats() {
+        let mut model = crate::direct_conv::tests::float_model();
+        fuse_chains(&mut model).unwrap();
+        let tracts = model.into_optimized().unwrap();
+        let mut ours = tracts.clone();
+        // Every Pad before tract's patches (in the detector, with the direct convolution
+        // and Winograd, the three at stride 2 with 64–256 channels are left).
+        let pads = ops(&tracts).iter().filter(|o| *o == "Pad").count();
+        assert!(pads >= 3, "{pads} Pads");
+        assert_eq!(padded_concats(&mut ours).unwrap(), pads);
+        assert!(!ops(&ours).iter().any(|o| o == "Pad"), "{:?}", ops(&ours));
+        let input = tvec![image(3, 416, 416, 7).into_tvalue()];
+        let a = tracts.into_runnable().unwrap().run(input.clone()).unwrap();
+        let b = ours.into_runnable().unwrap().run(input).unwrap();
+        assert_eq!(a.len(), b.len());
+        for (i, (x, y)) in b.iter().zip(&a).enumerate() {
+            same_bits(&x.clone().into_tensor(), &y.clone().into_tensor(), &format!("output {i}"));
         }
     }
 }
