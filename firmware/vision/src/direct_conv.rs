@@ -57,8 +57,7 @@ pub fn direct_f32_convolutions(model: &mut TypedModel) -> TractResult<usize> {
     )
 }
 
-/// A float 3×3 stride-1 convolution with one pixel of zero padding, as both of our
-/// convolutions (this one and `winograd`) take it.
+/// A float 3×3 convolution as [`covered`] takes it (Winograd at stride 1 only).
 pub(crate) struct Conv3x3 {
     pub name: String,
     pub geometry: Geometry,
@@ -229,8 +228,8 @@ fn bias_per_channel(bias: &Tensor, c_out: usize) -> TractResult<Vec<f32>> {
     }
 }
 
-/// A 3×3 convolution at stride 1 with one pixel of zero padding, optionally followed by
-/// a LeakyRelu, over `[1, c_in, h, w]` floats.
+/// A 3×3 convolution as [`covered`] takes it (stride 1 or 2), optionally followed by a
+/// LeakyRelu, over `[1, c_in, h, w]` floats.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct DirectConv3x3 {
     geometry: Geometry,
@@ -278,7 +277,7 @@ impl EvalOp for DirectConv3x3 {
         // Blocks of output channels split across tract's executor (one thread unless the
         // board's `model.threads` says more); each writes only its own channels.
         // (Held inline for up to 8 blocks, the 32 channels `worth_it` takes: no allocation
-        // per inference beside the output.)
+        // per inference beside the output, and at stride 2 the split rows.)
         let blocks = c_out.div_ceil(BLOCK);
         let mut ids: tract_smallvec::SmallVec<[usize; 8]> = (0..blocks).collect();
         let out_ptr = SharedOut(out.as_mut_ptr());
@@ -421,7 +420,8 @@ fn kernel_available() -> bool {
 }
 
 /// # Safety
-/// `out` is valid for `b.channels` planes of `h×w` floats; the kernel is available.
+/// `out` is valid for `b.channels` planes of the output's `oh×ow` floats; the kernel is
+/// available.
 unsafe fn run_block(b: &Block, out: *mut f32) {
     #[cfg(target_arch = "x86_64")]
     unsafe {
@@ -943,7 +943,7 @@ pub(crate) mod tests {
         }
     }
 
-    /// The shipped float model: every 3×3 stride-1 convolution replaced, and its outputs
+    /// The shipped float model: the 3×3 convolutions with few channels replaced, and its outputs
     /// those of tract's plan within the tolerance of a different order of sums.
     #[cfg(feature = "onnx")]
     #[test]

@@ -10,7 +10,8 @@
 //! - The max-pool, a `Pad` with -∞, a pool at stride 1 across and a `Downsample` keeping
 //!   every other column: three passes over 32 planes of 208×208 (the padded copy alone
 //!   was 1.4 ms of a 61 ms inference on x86). [`PaddedMaxPool`] takes each output from
-//!   the input where it lies; a maximum is one of its values, so these are the same too.
+//!   the input where it lies; a maximum is one of its values, so these are the same too
+//!   (but for the sign of a zero maximum, see its `eval`).
 //!
 //! - In the optimised plan, the zero `Pad` tract puts before a convolution it computes
 //!   from patches (the three at stride 2 with 64–256 channels), with the `Concat` that
@@ -50,7 +51,7 @@ pub fn fuse_chains(model: &mut TypedModel) -> TractResult<(usize, usize)> {
 fn image_shape(model: &TypedModel, outlet: OutletId) -> TractResult<Option<[usize; 4]>> {
     let fact = model.outlet_fact(outlet)?;
     let shape = fact.shape.as_concrete().and_then(|s| <[usize; 4]>::try_from(s).ok());
-    Ok(shape.filter(|s| fact.datum_type == f32::datum_type() && s[0] == 1))
+    Ok(shape.filter(|s| fact.datum_type == f32::datum_type() && s[0] == 1 && !s.contains(&0)))
 }
 
 /// Whether every reader of `node`'s outputs is in `within` and none is a model output:
@@ -145,7 +146,11 @@ fn term(model: &TypedModel, outlet: OutletId) -> TractResult<Option<FoundTerm>> 
         else {
             continue;
         };
-        if weight.datum_type() != f32::datum_type() || weight.shape() != [1, 1, rows.len(), cols.len()] {
+        if rows.is_empty()
+            || cols.is_empty()
+            || weight.datum_type() != f32::datum_type()
+            || weight.shape() != [1, 1, rows.len(), cols.len()]
+        {
             continue;
         }
         let weight = weight.try_as_plain_ram()?.as_slice::<f32>()?.to_vec();
@@ -155,7 +160,8 @@ fn term(model: &TypedModel, outlet: OutletId) -> TractResult<Option<FoundTerm>> 
 }
 
 /// The terms of `Add(Add(t1, t2), t3)…` from the left, with the Adds, when every leaf is
-/// a [`term`].
+/// a [`term`]. Only a chain nested on the left (as `graph_rewrites.py` writes it): the
+/// op sums from the left, and another nesting rounds otherwise.
 fn terms(
     model: &TypedModel,
     outlet: OutletId,
@@ -165,7 +171,10 @@ fn terms(
     let node = model.node(outlet.node);
     if bin_op::<Add>(node) && node.inputs.len() == 2 {
         adds.push(node.id);
-        return Ok(terms(model, node.inputs[0], found, adds)? && terms(model, node.inputs[1], found, adds)?);
+        let Some(last) = term(model, node.inputs[1])? else { return Ok(false) };
+        let sum = terms(model, node.inputs[0], found, adds)?;
+        found.push(last);
+        return Ok(sum);
     }
     Ok(match term(model, outlet)? {
         Some(t) => {
@@ -348,14 +357,6 @@ fn padded_max_pools(model: &mut TypedModel) -> TractResult<usize> {
             }
         }
         let (oh, ow) = ((hp - kh) / sh + 1, (wp - kw) / sw + 1);
-        // Every window over a real value: one over padding alone is -∞ here and
-        // f32::MIN in tract's pool (which starts from the type's least value).
-        let reaches = |n: usize, k: usize, s: usize, before: usize, len: usize| {
-            (0..n).all(|o| o * s + k > before && o * s < before + len)
-        };
-        if !reaches(oh, kh, sh, pt, h) || !reaches(ow, kw, sw, pl, w) {
-            continue;
-        }
         let within: HashSet<usize> = [pad_node.id, id, last].into();
         if image_shape(model, OutletId::new(last, 0))? != Some([1, c, oh, ow])
             || !only_read_within(model, pad_node.id, &within)?
@@ -418,15 +419,18 @@ impl EvalOp for PaddedMaxPool {
                 let real = &mut down[pl..pl + w];
                 real.fill(f32::NEG_INFINITY);
                 for y in (oy * sh..oy * sh + kh).filter_map(|y| y.checked_sub(pt)).filter(|&y| y < h) {
-                    // tract's comparison (`maxpool.rs`, fold_max), so that ties and NaNs
-                    // come out the same.
+                    // tract's comparison (`maxpool.rs`, fold_max): a NaN is never taken.
                     for (m, &v) in real.iter_mut().zip(&image[y * w..][..w]) {
                         *m = if *m < v { v } else { *m };
                     }
                 }
                 for (ox, o) in out.iter_mut().enumerate() {
                     let window = &down[ox * sw..][..kw];
-                    *o = window.iter().fold(f32::NEG_INFINITY, |m, &v| if m < v { v } else { m });
+                    // From f32::MIN as tract's pool: a window of padding and -∞ alone gives
+                    // f32::MIN. (tract folds the window row by row, this op down the
+                    // columns first: the same maximum, except that among zeros of both
+                    // signs it may keep the other sign.)
+                    *o = window.iter().fold(f32::MIN, |m, &v| if m < v { v } else { m });
                 }
             }
         })
@@ -649,6 +653,8 @@ mod tests {
             ([2, 6, 5], [(0, 1), (2, 0)], [2, 3], [1, 2], None),
             ([2, 5, 11], [(1, 1), (1, 1)], [3, 3], [1, 1], Some(3)),
             ([1, 4, 4], [(2, 2), (2, 2)], [3, 3], [2, 2], None),
+            // Windows over padding alone (the first and last of each side).
+            ([1, 4, 4], [(2, 2), (2, 2)], [2, 2], [2, 2], None),
         ];
         for &(shape @ [c, h, w], pads, kernel, strides, keep) in cases {
             let model = pool_model(shape, pads, kernel, strides, keep);
@@ -658,14 +664,26 @@ mod tests {
     }
 
     #[test]
+    fn the_max_pool_takes_minus_infinity_and_nan_as_tracts_does() {
+        // A channel of -∞ alone (tract's pool gives f32::MIN there), NaNs among values
+        // (never taken), and a plain channel.
+        let (c, h, w) = (3, 5, 6);
+        let mut pixels = values(c * h * w, 9);
+        pixels[..h * w].fill(f32::NEG_INFINITY);
+        for i in (h * w..2 * h * w).step_by(3) {
+            pixels[i] = f32::NAN;
+        }
+        let input = Tensor::from_shape(&[1, c, h, w], &pixels).unwrap();
+        let model = pool_model([c, h, w], [(1, 1), (1, 1)], [3, 3], [2, 1], Some(2));
+        assert_eq!(fused_against_tracts(model, &input, "-∞ and NaN"), (0, 1));
+    }
+
+    #[test]
     fn a_pool_whose_padding_is_read_elsewhere_is_left_alone() {
         let mut model = pool_model([1, 4, 4], [(1, 1), (1, 1)], [3, 3], [2, 1], Some(2));
         let pad = OutletId::new(model.node_by_name("pad").unwrap().id, 0);
         let pooled = model.output_outlets().unwrap()[0];
         model.select_output_outlets(&[pooled, pad]).unwrap();
-        assert_eq!(fuse_chains(&mut model).unwrap(), (0, 0));
-        // Nor one with windows over padding alone (here the first and last of each side).
-        let mut model = pool_model([1, 4, 4], [(2, 2), (2, 2)], [2, 2], [2, 2], None);
         assert_eq!(fuse_chains(&mut model).unwrap(), (0, 0));
         // And a pad of zeros is not a max-pool's.
         let mut model = pool_model([1, 4, 4], [(1, 1), (1, 1)], [3, 3], [2, 1], Some(2));
@@ -765,6 +783,20 @@ mod tests {
         // One term alone is not a sum.
         let mut model = sum_model([1, 2, 2], &cols, &[vec![0, 1]], &[(0, 0)], false);
         assert_eq!(fuse_chains(&mut model).unwrap(), (0, 0));
+        // Nor is a sum nested on the right, t0 + (t1 + t2): summed from the left it would
+        // round otherwise. (Its inner t1 + t2, on the other column set, is a sum of its
+        // own.)
+        let wide = vec![vec![0i64, 1, 2, 3, 4, 5, 5, 4], vec![5, 4, 3, 2, 1, 0, 0, 1]];
+        let rows = [vec![0i64, 1, 2, 3, 4, 5, 2, 3]];
+        let mut model = sum_model([3, 6, 6], &wide, &rows, &[(0, 0), (1, 0), (1, 0)], false);
+        let node = |m: &TypedModel, name: &str| OutletId::new(m.node_by_name(name).unwrap().id, 0);
+        let (t0, t1, t2) = (node(&model, "term0"), node(&model, "term1"), node(&model, "term2"));
+        let inner = model.wire_node("inner", add(), &[t1, t2]).unwrap()[0];
+        let outer = model.wire_node("outer", add(), &[t0, inner]).unwrap()[0];
+        model.select_output_outlets(&[outer]).unwrap();
+        model.compact().unwrap(); // (sum_model's own sums, unread now, dropped)
+        let input = image(3, 6, 6, 1);
+        assert_eq!(fused_against_tracts(model, &input, "nested on the right"), (1, 0));
     }
 
     /// The models' four resizes and their max-pool (where it is float), fused, compute
