@@ -214,13 +214,14 @@ impl Detector {
         }
         // The resizes' and the max-pool's chains of small ops in one pass each (fused.rs:
         // the same values). DESKCAM_TRACT_CHAINS=1 keeps tract's nodes, to measure.
-        if std::env::var_os("DESKCAM_TRACT_CHAINS").is_none() {
+        let fuse = std::env::var_os("DESKCAM_TRACT_CHAINS").is_none();
+        if fuse {
             crate::fused::fuse_chains(&mut model).map_err(load_err)?;
         }
         let mut optimized = model.into_optimized().map_err(load_err)?;
         // The Pads tract puts before its patches, with the Concats that feed them, as one
         // copy each (fused.rs).
-        if std::env::var_os("DESKCAM_TRACT_CHAINS").is_none() {
+        if fuse {
             crate::fused::padded_concats(&mut optimized).map_err(load_err)?;
         }
         // The int8 model's activations packed by our packer (int8_pack.rs: the same bytes,

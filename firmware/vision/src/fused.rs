@@ -107,6 +107,24 @@ fn per_channel(
     Ok(tvec!(output.into_tvalue()))
 }
 
+/// Padding before and after, down and across.
+type HwPads = [(usize, usize); 2];
+
+/// A `Pad` of a rank-4 tensor's height and width alone with one float: the value and
+/// the pads, or None.
+fn image_pad(node: &TypedNode) -> TractResult<Option<(f32, HwPads)>> {
+    let Some(pad) = node.op_as::<Pad>() else { return Ok(None) };
+    let PadMode::Constant(value) = &pad.mode else { return Ok(None) };
+    if value.datum_type() != f32::datum_type()
+        || value.len() != 1
+        || pad.pads.len() != 4
+        || pad.pads[..2] != [(0, 0), (0, 0)]
+    {
+        return Ok(None);
+    }
+    Ok(Some((value.cast_to_scalar::<f32>()?, [pad.pads[2], pad.pads[3]])))
+}
+
 /// One term of a [`GatherSum`]: `weight · X[.., rows, cols]`.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 struct Term {
@@ -321,27 +339,20 @@ fn padded_max_pools(model: &mut TypedModel) -> TractResult<usize> {
         let Some(pool) = node.op_as::<MaxPool>() else { continue };
         let spec = &pool.pool_spec;
         let pad_node = model.node(node.inputs[0].node);
-        let Some(pad) = pad_node.op_as::<Pad>() else { continue };
-        let PadMode::Constant(value) = &pad.mode else { continue };
+        let Some((value, [(pt, pb), (pl, pr)])) = image_pad(pad_node)? else { continue };
         let x = pad_node.inputs[0];
         let Some([_, c, h, w]) = image_shape(model, x)? else { continue };
-        let minus_infinity = value.datum_type() == f32::datum_type()
-            && value.len() == 1
-            && value.cast_to_scalar::<f32>()? == f32::NEG_INFINITY;
-        if !minus_infinity
+        if value != f32::NEG_INFINITY
             || pool.with_index_outputs.is_some()
             || spec.data_format != DataFormat::NCHW
             || spec.kernel_shape.len() != 2
             || !matches!(spec.padding, PaddingSpec::Valid)
             || (0..2).any(|a| spec.dilation(a) != 1)
-            || pad.pads.len() != 4
-            || pad.pads[..2] != [(0, 0), (0, 0)]
         {
             continue;
         }
         let (kh, kw, sh, mut sw) =
             (spec.kernel_shape[0], spec.kernel_shape[1], spec.stride(0), spec.stride(1));
-        let ((pt, pb), (pl, pr)) = (pad.pads[2], pad.pads[3]);
         let (hp, wp) = (h + pt + pb, w + pl + pr);
         if kh == 0 || kw == 0 || kh > hp || kw > wp || sh == 0 || sw == 0 {
             continue;
@@ -456,17 +467,8 @@ pub fn padded_concats(model: &mut TypedModel) -> TractResult<usize> {
     let pads: Vec<usize> = model.nodes().iter().filter(|n| n.op_is::<Pad>()).map(|n| n.id).collect();
     for id in pads {
         let node = model.node(id);
-        let Some(pad) = node.op_as::<Pad>() else { continue };
-        let PadMode::Constant(value) = &pad.mode else { continue };
+        let Some((value, pads)) = image_pad(node)? else { continue };
         let Some([_, _, h, w]) = image_shape(model, node.inputs[0])? else { continue };
-        if value.datum_type() != f32::datum_type()
-            || value.len() != 1
-            || pad.pads.len() != 4
-            || pad.pads[..2] != [(0, 0), (0, 0)]
-        {
-            continue;
-        }
-        let value = value.cast_to_scalar::<f32>()?;
         let feeder = model.node(node.inputs[0].node);
         let concat = feeder.op_as::<TypedConcat>().is_some_and(|c| c.axis == 1)
             && only_read_within(model, feeder.id, &[id].into())?;
@@ -481,8 +483,7 @@ pub fn padded_concats(model: &mut TypedModel) -> TractResult<usize> {
         if channels.len() != inputs.len() {
             continue;
         }
-        let op =
-            PaddedConcat { channels, h, w, pads: [pad.pads[2], pad.pads[3]], value_bits: value.to_bits() };
+        let op = PaddedConcat { channels, h, w, pads, value_bits: value.to_bits() };
         let mut patch = TypedModelPatch::new("deskcam-padded-concat");
         let tapped = inputs.iter().map(|&i| patch.tap_model(model, i)).collect::<TractResult<TVec<_>>>()?;
         let out = patch.wire_node(format!("{}.padded-concat", node.name), op, &tapped)?[0];
@@ -503,7 +504,7 @@ pub struct PaddedConcat {
     channels: Vec<usize>,
     h: usize,
     w: usize,
-    pads: [(usize, usize); 2],
+    pads: HwPads,
     value_bits: u32,
 }
 
