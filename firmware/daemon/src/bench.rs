@@ -165,16 +165,19 @@ fn profile(args: &BenchArgs, frame: &deskcam_vision::Frame) -> Result<ExitCode> 
     let mut out = Vec::new();
     for model in &args.models {
         let det = Detector::load(model, 0.3, 0.5).with_context(|| format!("loading {}", model.display()))?;
-        let nodes = det.profile(frame, args.warmup, args.runs)?;
+        let nodes = det.profile(frame, args.warmup, args.runs, &|| alloc_count::count().0)?;
         let total: f64 = nodes.iter().map(|n| n.seconds).sum();
-        let mut kinds: Vec<(String, f64, usize)> = Vec::new();
+        let total_allocs: u64 = nodes.iter().map(|n| n.allocations).sum();
+        // (op, seconds, nodes, allocations)
+        let mut kinds: Vec<(String, f64, usize, u64)> = Vec::new();
         for n in &nodes {
             match kinds.iter_mut().find(|k| k.0 == n.op) {
                 Some(k) => {
                     k.1 += n.seconds;
                     k.2 += 1;
+                    k.3 += n.allocations;
                 }
-                None => kinds.push((n.op.clone(), n.seconds, 1)),
+                None => kinds.push((n.op.clone(), n.seconds, 1, n.allocations)),
             }
         }
         kinds.sort_by(|a, b| b.1.total_cmp(&a.1));
@@ -182,19 +185,23 @@ fn profile(args: &BenchArgs, frame: &deskcam_vision::Frame) -> Result<ExitCode> 
         slowest.sort_by(|a, b| b.seconds.total_cmp(&a.seconds));
         if args.json {
             out.push(serde_json::json!({
-                "model": model.display().to_string(), "total_ms": total * 1e3,
-                "ops": kinds.iter().map(|(op, s, count)| serde_json::json!({"op": op, "ms": s * 1e3, "nodes": count})).collect::<Vec<_>>(),
-                "slowest": slowest.iter().map(|n| serde_json::json!({"name": n.name, "op": n.op, "ms": n.seconds * 1e3, "info": n.info})).collect::<Vec<_>>(),
+                "model": model.display().to_string(), "total_ms": total * 1e3, "allocations": total_allocs,
+                "ops": kinds.iter().map(|(op, s, count, allocs)| serde_json::json!({"op": op, "ms": s * 1e3, "nodes": count, "allocations": allocs})).collect::<Vec<_>>(),
+                "slowest": slowest.iter().map(|n| serde_json::json!({"name": n.name, "op": n.op, "ms": n.seconds * 1e3, "allocations": n.allocations, "info": n.info})).collect::<Vec<_>>(),
             }));
             continue;
         }
         println!(
-            "{}: {:.2} ms per inference in the plan's nodes (each its fastest run)",
+            "{}: {:.2} ms per inference in the plan's nodes (each its fastest run), {total_allocs} allocations in them",
             model.display(),
             total * 1e3
         );
-        for (op, s, count) in &kinds {
-            println!("  {op:<28} {:9.3} ms {:5.1} %  ({count} nodes)", s * 1e3, 100.0 * s / total);
+        for (op, s, count, allocs) in &kinds {
+            println!(
+                "  {op:<28} {:9.3} ms {:5.1} %  ({count} nodes, {allocs} allocations)",
+                s * 1e3,
+                100.0 * s / total
+            );
         }
         println!("  slowest nodes:");
         for n in slowest.iter().take(25) {

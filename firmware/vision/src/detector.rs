@@ -224,6 +224,12 @@ impl Detector {
         if fuse {
             crate::fused::padded_concats(&mut optimized).map_err(load_err)?;
         }
+        // The float products' packing of their activations into a reused buffer
+        // (packed_product.rs: the same products). DESKCAM_TRACT_PACKING=1 keeps tract's
+        // packing nodes, to measure.
+        if std::env::var_os("DESKCAM_TRACT_PACKING").is_none() {
+            crate::packed_product::packed_products(&mut optimized).map_err(load_err)?;
+        }
         // The int8 model's activations packed by our packer (int8_pack.rs: the same bytes,
         // a fraction of the instructions). DESKCAM_TRACT_PACKER=1 keeps tract's own, to
         // measure the difference (MODEL_CARD.md).
@@ -270,7 +276,7 @@ impl Detector {
     pub fn run_head(&self, frame: &Frame) -> Result<HeadOutputs, DetectorError> {
         let n = self.input_size;
         let mut buffers = self.buffers.lock().unwrap_or_else(|p| p.into_inner());
-        let Buffers { input: slot, xtaps, state } = &mut *buffers;
+        let Buffers { input: slot, xtaps, state, pool } = &mut *buffers;
         let mut input = match slot.take() {
             Some(t) if Arc::strong_count(&t) == 1 && Arc::weak_count(&t) == 0 => t,
             // The first frame, or the last input is still shared: a fresh tensor.
@@ -288,7 +294,10 @@ impl Detector {
             Some(s) => s,
             None => state.insert(self.plan.spawn().map_err(|e| DetectorError::Run(format!("{e:#}")))?),
         };
-        let outputs = state.run(tvec!(TValue::from_const(input.clone())));
+        let outputs = state
+            .run_plan_with_eval(tvec!(TValue::from_const(input.clone())), |ctx, st, node, inputs| {
+                pool.eval(ctx, st, node, inputs)
+            });
         *slot = Some(input);
         let outputs = match outputs {
             Ok(o) => o,
@@ -311,8 +320,16 @@ impl Detector {
     /// the time of each node of the optimised plan (its fastest of the timed runs: a run
     /// where the thread was preempted in the middle of a node does not count against
     /// that node), for `deskcam bench --profile`. Not the hot path: a state of its own
-    /// (the warm-up prepares the same one), a clock read per node.
-    pub fn profile(&self, frame: &Frame, warmup: usize, runs: usize) -> Result<Vec<NodeTime>, DetectorError> {
+    /// (the warm-up prepares the same one), a clock read per node. `allocations` reads
+    /// the process's count of heap allocations (the daemon's allocator keeps it): each
+    /// node's of the last run are its [`NodeTime::allocations`].
+    pub fn profile(
+        &self,
+        frame: &Frame,
+        warmup: usize,
+        runs: usize,
+        allocations: &dyn Fn() -> u64,
+    ) -> Result<Vec<NodeTime>, DetectorError> {
         let err = |e: TractError| DetectorError::Run(format!("{e:#}"));
         let input = preprocess(frame.image(), self.input_size).0.into_tvalue();
         let model = self.plan.model();
@@ -324,19 +341,28 @@ impl Detector {
                 op: node.op.name().to_string(),
                 info: node.op.info().map(|i| i.join("; ")).unwrap_or_default(),
                 seconds: f64::INFINITY,
+                allocations: 0,
             })
             .collect();
         let mut state = self.plan.spawn().map_err(err)?;
+        let mut pool = crate::reuse::Pool::default();
         for _ in 0..warmup {
-            state.run(tvec!(input.clone())).map_err(err)?;
+            state
+                .run_plan_with_eval(tvec!(input.clone()), |ctx, st, node, inputs| {
+                    pool.eval(ctx, st, node, inputs)
+                })
+                .map_err(err)?;
         }
         for _ in 0..runs {
             state
                 .run_plan_with_eval(tvec!(input.clone()), |ctx, op_state, node, inputs| {
+                    let a = allocations();
                     let t = std::time::Instant::now();
-                    let out = tract_nnef::tract_core::plan::eval(ctx, op_state, node, inputs);
-                    let node_time = &mut times[node.id].seconds;
-                    *node_time = node_time.min(t.elapsed().as_secs_f64());
+                    let out = pool.eval(ctx, op_state, node, inputs);
+                    let seconds = t.elapsed().as_secs_f64();
+                    let node_time = &mut times[node.id];
+                    node_time.seconds = node_time.seconds.min(seconds);
+                    node_time.allocations = allocations() - a;
                     out
                 })
                 .map_err(err)?;
@@ -370,6 +396,8 @@ pub struct NodeTime {
     /// The op's own description (shapes, kernels), as tract's `dump` shows it.
     pub info: String,
     pub seconds: f64,
+    /// Heap allocations in the node's evaluation (the last profiled run).
+    pub allocations: u64,
 }
 
 /// The raw outputs of one run of the network.
@@ -419,6 +447,8 @@ struct Buffers {
     /// One run state for every frame: `plan.run` would build a new one each time (its
     /// per-node op states, value slots and matrix-product scratch space).
     state: Option<TypedSimpleState>,
+    /// The nodes' outputs that are ours to allocate (reuse.rs).
+    pool: crate::reuse::Pool,
 }
 
 /// Bilinear taps of one output column or row: the two source indices and the weight of

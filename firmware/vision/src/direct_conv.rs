@@ -29,6 +29,8 @@ use tract_nnef::tract_core::ops::cnn::{Conv, KernelFormat};
 use tract_nnef::tract_core::ops::element_wise::ElementWiseOp;
 use tract_nnef::tract_core::ops::nn::{DataFormat, LeakyRelu};
 
+use crate::reuse::{eval_alone, EvalInto, Scratch};
+
 /// Output channels done together: the weights of one input tap for them are one vector
 /// on aarch64 (each used by lane) and four broadcasts on x86.
 const BLOCK: usize = 4;
@@ -259,16 +261,22 @@ impl EvalOp for DirectConv3x3 {
     op_out_of_plan!();
 
     fn eval(&self, _ctx: &EvalContext, inputs: TVec<TValue>) -> TractResult<TVec<TValue>> {
+        let (oh, ow) = self.geometry.out_hw();
+        eval_alone(self, &inputs, f32::datum_type(), &[1, self.geometry.c_out, oh, ow])
+    }
+}
+
+impl EvalInto for DirectConv3x3 {
+    fn eval_into(&self, inputs: &[TValue], output: &mut Tensor, scratch: &mut Scratch) -> TractResult<()> {
         let Geometry { c_in, c_out, h, w, stride } = self.geometry;
         let (oh, ow) = self.geometry.out_hw();
         let input = &inputs[0];
         ensure!(input.shape() == [1, c_in, h, w], "input {:?} for {:?}", input.shape(), self.geometry);
+        ensure!(output.shape() == [1, c_out, oh, ow], "output {:?} for {:?}", output.shape(), self.geometry);
         let input = input.try_as_plain_ram()?;
-        let (x, pitch) = (input.as_slice::<f32>()?, w);
+        let x = input.as_slice::<f32>()?;
         // At stride 2 the kernel reads each row's even and odd columns apart.
-        let split = (stride == 2).then(|| even_and_odd_columns(x, c_in, h, w));
-        let (x, pitch) = split.as_ref().map_or((x, pitch), |(rows, pitch)| (&rows[..], *pitch));
-        let mut output = unsafe { Tensor::uninitialized::<f32>(&[1, c_out, oh, ow])? };
+        let (x, pitch) = if stride == 2 { even_and_odd_columns(x, c_in, h, w, scratch) } else { (x, w) };
         let mut plain = output.try_as_plain_ram_mut()?;
         let out = plain.as_slice_mut::<f32>()?;
         let alpha = self.alpha_bits.map(f32::from_bits);
@@ -277,7 +285,7 @@ impl EvalOp for DirectConv3x3 {
         // Blocks of output channels split across tract's executor (one thread unless the
         // board's `model.threads` says more); each writes only its own channels.
         // (Held inline for up to 8 blocks, the 32 channels `worth_it` takes: no allocation
-        // per inference beside the output, and at stride 2 the split rows.)
+        // per inference; the output and the split rows are the pool's.)
         let blocks = c_out.div_ceil(BLOCK);
         let mut ids: tract_smallvec::SmallVec<[usize; 8]> = (0..blocks).collect();
         let out_ptr = SharedOut(out.as_mut_ptr());
@@ -298,8 +306,7 @@ impl EvalOp for DirectConv3x3 {
                 unsafe { run_block(&args, out_ptr.get().add(b * BLOCK * oh * ow)) };
             }
             Ok(())
-        })?;
-        Ok(tvec!(output.into_tvalue()))
+        })
     }
 }
 
@@ -347,10 +354,16 @@ pub(crate) fn bytemuck_f32(bits: &[u32]) -> &[f32] {
 /// columns after one zero (the padding), each in a row of `pitch` floats (zeros past
 /// the end): output pixel `x` then reads odd `x`, even `x` and odd `x + 1`, consecutive
 /// values for consecutive pixels. `[c][h][2][pitch]`, and the pitch.
-fn even_and_odd_columns(x: &[f32], c: usize, h: usize, w: usize) -> (Vec<f32>, usize) {
+fn even_and_odd_columns<'s>(
+    x: &[f32],
+    c: usize,
+    h: usize,
+    w: usize,
+    scratch: &'s mut Scratch,
+) -> (&'s [f32], usize) {
     // Odd `ow` is the last one read (a vector placed at `ow - N` reads up to it).
     let pitch = w.div_ceil(2) + 1;
-    let mut rows = vec![0f32; c * h * 2 * pitch];
+    let rows = scratch.zeroed(c * h * 2 * pitch);
     for (row, split) in x.chunks_exact(w).zip(rows.chunks_exact_mut(2 * pitch)) {
         let (even, odd) = split.split_at_mut(pitch);
         for (j, pair) in row.chunks(2).enumerate() {

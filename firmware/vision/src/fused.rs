@@ -35,6 +35,7 @@ use tract_nnef::tract_core::ops::nn::DataFormat;
 use tract_nnef::tract_core::ops::Downsample;
 
 use crate::direct_conv::bytemuck_f32;
+use crate::reuse::{eval_alone, EvalInto, Scratch};
 
 /// Replaces each chain this module covers in the (decluttered) model. Returns how many
 /// resizes and how many max-pools it replaced.
@@ -87,24 +88,25 @@ fn indices(model: &TypedModel, outlet: OutletId, len: usize) -> TractResult<Opti
 }
 
 /// Runs `f` on each channel's plane of `[1, c, h, w]` floats and of the output
-/// `[1, c, oh, ow]` it makes.
+/// `[1, c, oh, ow]`.
 fn per_channel(
     inputs: &[TValue],
+    output: &mut Tensor,
     [c, h, w]: [usize; 3],
     [oh, ow]: [usize; 2],
     mut f: impl FnMut(&[f32], &mut [f32]),
-) -> TractResult<TVec<TValue>> {
+) -> TractResult<()> {
     let input = &inputs[0];
     ensure!(input.shape() == [1, c, h, w], "input {:?} for [1, {c}, {h}, {w}]", input.shape());
+    ensure!(output.shape() == [1, c, oh, ow], "output {:?} for [1, {c}, {oh}, {ow}]", output.shape());
     let input = input.try_as_plain_ram()?;
     let x = input.as_slice::<f32>()?;
-    let mut output = unsafe { Tensor::uninitialized::<f32>(&[1, c, oh, ow])? };
     let mut plain = output.try_as_plain_ram_mut()?;
     let out = plain.as_slice_mut::<f32>()?;
     for (image, out) in x.chunks_exact(h * w).zip(out.chunks_exact_mut(oh * ow)) {
         f(image, out);
     }
-    Ok(tvec!(output.into_tvalue()))
+    Ok(())
 }
 
 /// Padding before and after, down and across.
@@ -291,11 +293,17 @@ impl EvalOp for GatherSum {
     op_out_of_plan!();
 
     fn eval(&self, _ctx: &EvalContext, inputs: TVec<TValue>) -> TractResult<TVec<TValue>> {
+        eval_alone(self, &inputs, f32::datum_type(), &[1, self.c, self.oh, self.ow])
+    }
+}
+
+impl EvalInto for GatherSum {
+    fn eval_into(&self, inputs: &[TValue], output: &mut Tensor, scratch: &mut Scratch) -> TractResult<()> {
         let GatherSum { c, h, w, oh, ow, .. } = *self;
         // Each column set's gather of one channel's rows, `[h, ow]`, so that the terms
         // are row by row products of contiguous values.
-        let mut gathered = vec![0f32; self.col_sets.len() * h * ow];
-        per_channel(&inputs, [c, h, w], [oh, ow], |image, out| {
+        let gathered = scratch.floats(self.col_sets.len() * h * ow);
+        per_channel(inputs, output, [c, h, w], [oh, ow], |image, out| {
             for (cols, g) in self.col_sets.iter().zip(gathered.chunks_exact_mut(h * ow)) {
                 for (row, g) in image.chunks_exact(w).zip(g.chunks_exact_mut(ow)) {
                     for (g, &col) in g.iter_mut().zip(cols) {
@@ -420,12 +428,20 @@ impl EvalOp for PaddedMaxPool {
     op_out_of_plan!();
 
     fn eval(&self, _ctx: &EvalContext, inputs: TVec<TValue>) -> TractResult<TVec<TValue>> {
+        let (oh, ow) = self.out;
+        eval_alone(self, &inputs, f32::datum_type(), &[1, self.c, oh, ow])
+    }
+}
+
+impl EvalInto for PaddedMaxPool {
+    fn eval_into(&self, inputs: &[TValue], output: &mut Tensor, scratch: &mut Scratch) -> TractResult<()> {
         let PaddedMaxPool { c, h, w, kernel: (kh, kw), strides: (sh, sw), before: (pt, pl), out: (oh, ow) } =
             *self;
         // One padded row: the maximum down the kernel's rows, -∞ where they are padding.
         let width = (ow - 1) * sw + kw;
-        let mut down = vec![f32::NEG_INFINITY; width.max(pl + w)];
-        per_channel(&inputs, [c, h, w], [oh, ow], |image, out| {
+        let down = scratch.floats(width.max(pl + w));
+        down.fill(f32::NEG_INFINITY);
+        per_channel(inputs, output, [c, h, w], [oh, ow], |image, out| {
             for (oy, out) in out.chunks_exact_mut(ow).enumerate() {
                 let real = &mut down[pl..pl + w];
                 real.fill(f32::NEG_INFINITY);
@@ -484,17 +500,29 @@ pub fn padded_concats(model: &mut TypedModel) -> TractResult<usize> {
             continue;
         }
         let op = PaddedConcat { channels, h, w, pads, value_bits: value.to_bits() };
-        let mut patch = TypedModelPatch::new("deskcam-padded-concat");
-        let tapped = inputs.iter().map(|&i| patch.tap_model(model, i)).collect::<TractResult<TVec<_>>>()?;
-        let out = patch.wire_node(format!("{}.padded-concat", node.name), op, &tapped)?[0];
-        patch.shunt_outside(model, OutletId::new(id, 0), out)?;
-        patch.apply(model)?;
+        replace_node(model, id, "padded-concat", op, &inputs)?;
         replaced += 1;
     }
     if replaced > 0 {
         model.compact()?;
     }
     Ok(replaced)
+}
+
+/// Puts `op`, reading `inputs`, in the place of node `id`'s one output (the node goes
+/// when the model is compacted), named after the node with `suffix`.
+pub(crate) fn replace_node(
+    model: &mut TypedModel,
+    id: usize,
+    suffix: &str,
+    op: impl Into<Box<dyn TypedOp>>,
+    inputs: &[OutletId],
+) -> TractResult<()> {
+    let mut patch = TypedModelPatch::new(format!("deskcam-{suffix}"));
+    let tapped = inputs.iter().map(|&i| patch.tap_model(model, i)).collect::<TractResult<TVec<_>>>()?;
+    let out = patch.wire_node(format!("{}.{suffix}", model.node(id).name), op, &tapped)?[0];
+    patch.shunt_outside(model, OutletId::new(id, 0), out)?;
+    patch.apply(model)
 }
 
 /// The inputs, `[1, channels[i], h, w]` floats, one after the other along the channels,
@@ -532,12 +560,19 @@ impl EvalOp for PaddedConcat {
     op_out_of_plan!();
 
     fn eval(&self, _ctx: &EvalContext, inputs: TVec<TValue>) -> TractResult<TVec<TValue>> {
+        let (oh, ow) = self.out_hw();
+        eval_alone(self, &inputs, f32::datum_type(), &[1, self.channels.iter().sum(), oh, ow])
+    }
+}
+
+impl EvalInto for PaddedConcat {
+    fn eval_into(&self, inputs: &[TValue], output: &mut Tensor, _scratch: &mut Scratch) -> TractResult<()> {
         let PaddedConcat { h, w, pads: [(pt, _), (pl, _)], .. } = *self;
         let (oh, ow) = self.out_hw();
         let value = f32::from_bits(self.value_bits);
         ensure!(inputs.len() == self.channels.len(), "{} inputs for {self:?}", inputs.len());
         let total: usize = self.channels.iter().sum();
-        let mut output = unsafe { Tensor::uninitialized::<f32>(&[1, total, oh, ow])? };
+        ensure!(output.shape() == [1, total, oh, ow], "output {:?} for {self:?}", output.shape());
         let mut plain = output.try_as_plain_ram_mut()?;
         let mut planes = plain.as_slice_mut::<f32>()?.chunks_exact_mut(oh * ow);
         for (input, &c) in inputs.iter().zip(&self.channels) {
@@ -557,7 +592,7 @@ impl EvalOp for PaddedConcat {
                 }
             }
         }
-        Ok(tvec!(output.into_tvalue()))
+        Ok(())
     }
 }
 

@@ -13,6 +13,8 @@ pub mod frame;
 mod fused;
 mod int8_pack;
 mod nnef_quant;
+mod packed_product;
+mod reuse;
 pub mod source;
 mod winograd;
 

@@ -27,6 +27,7 @@ use tract_nnef::internal::*;
 use tract_nnef::tract_core::ops::einsum::EinSum;
 
 use crate::direct_conv::{activation_info, bytemuck_f32, replace_conv3x3, Geometry};
+use crate::reuse::{eval_alone, EvalInto, Scratch};
 
 /// Replaces each float 3×3 stride-1 `Conv` of the (decluttered) model where this is
 /// faster than tract's product (see [`worth_it`]) with the three nodes above. Returns how
@@ -245,31 +246,48 @@ impl EvalOp for WinogradInput {
     fn eval(&self, _ctx: &EvalContext, inputs: TVec<TValue>) -> TractResult<TVec<TValue>> {
         let WinogradInput { tiling, c, h, w } = *self;
         let (th, tw) = tiling.tiles(h, w);
+        eval_alone(self, &inputs, f32::datum_type(), &[tiling.planes(), c, th * tw])
+    }
+}
+
+impl EvalInto for WinogradInput {
+    fn eval_into(&self, inputs: &[TValue], output: &mut Tensor, scratch: &mut Scratch) -> TractResult<()> {
+        let WinogradInput { tiling, c, h, w } = *self;
+        let (th, tw) = tiling.tiles(h, w);
         let input = &inputs[0];
         ensure!(input.shape() == [1, c, h, w], "input {:?} for {self:?}", input.shape());
+        ensure!(output.shape() == [tiling.planes(), c, th * tw], "output {:?} for {self:?}", output.shape());
         let input = input.try_as_plain_ram()?;
         let x = input.as_slice::<f32>()?;
-        let mut output = unsafe { Tensor::uninitialized::<f32>(&[tiling.planes(), c, th * tw])? };
         let mut plain = output.try_as_plain_ram_mut()?;
         let v = plain.as_slice_mut::<f32>()?;
         match tiling {
-            Tiling::F2 => transform_input::<F2>(x, c, h, w, v),
-            Tiling::F4 => transform_input::<F4>(x, c, h, w, v),
+            Tiling::F2 => transform_input::<F2>(x, c, h, w, v, scratch),
+            Tiling::F4 => transform_input::<F4>(x, c, h, w, v, scratch),
         }
-        Ok(tvec!(output.into_tvalue()))
+        Ok(())
     }
 }
 
 /// See [`WinogradInput`]: `x` is `[c, h, w]`, `v` `[A², c, tiles]`.
-fn transform_input<T: Minimal>(x: &[f32], c: usize, h: usize, w: usize, v: &mut [f32]) {
+/// `scratch` holds the rows of one tile row's first pass.
+fn transform_input<T: Minimal>(
+    x: &[f32],
+    c: usize,
+    h: usize,
+    w: usize,
+    v: &mut [f32],
+    scratch: &mut Scratch,
+) {
     let (m, a) = (T::M, T::A);
     let (th, tw) = (h.div_ceil(m), w.div_ceil(m));
     let plane = c * th * tw;
     // The A rows combined down the tile (`Bᵀ d`), each with a zero on the left and
     // zeros past the right edge, so that tile `tx` reads columns `m·tx..m·tx + A`.
     let padded = m * tw + 2;
-    let mut rows = vec![0f32; a * padded];
-    let zero = vec![0f32; w];
+    // (Zeroed: the padding is never written.)
+    let (rows, zero) = scratch.zeroed(a * padded + w).split_at_mut(a * padded);
+    let zero = &*zero;
     for ci in 0..c {
         let image = &x[ci * h * w..][..h * w];
         for ty in 0..th {
@@ -342,23 +360,29 @@ impl EvalOp for WinogradOutput {
     op_out_of_plan!();
 
     fn eval(&self, _ctx: &EvalContext, inputs: TVec<TValue>) -> TractResult<TVec<TValue>> {
+        eval_alone(self, &inputs, f32::datum_type(), &[1, self.c, self.h, self.w])
+    }
+}
+
+impl EvalInto for WinogradOutput {
+    fn eval_into(&self, inputs: &[TValue], output: &mut Tensor, scratch: &mut Scratch) -> TractResult<()> {
         let (tiling, c, h, w) = (self.tiling, self.c, self.h, self.w);
         let (th, tw) = tiling.tiles(h, w);
         let input = &inputs[0];
         ensure!(input.shape() == [tiling.planes(), c, th * tw], "input {:?} for {self:?}", input.shape());
+        ensure!(output.shape() == [1, c, h, w], "output {:?} for {self:?}", output.shape());
         let input = input.try_as_plain_ram()?;
         let m = input.as_slice::<f32>()?;
-        let mut output = unsafe { Tensor::uninitialized::<f32>(&[1, c, h, w])? };
         let mut plain = output.try_as_plain_ram_mut()?;
         let y = plain.as_slice_mut::<f32>()?;
         // The leaky slope, or 1 (the identity) without the activation.
         let alpha = self.alpha_bits.map_or(1.0, f32::from_bits);
         let bias = bytemuck_f32(&self.bias);
         match tiling {
-            Tiling::F2 => transform_output::<F2>(m, c, h, w, bias, alpha, y),
-            Tiling::F4 => transform_output::<F4>(m, c, h, w, bias, alpha, y),
+            Tiling::F2 => transform_output::<F2>(m, c, h, w, bias, alpha, y, scratch),
+            Tiling::F4 => transform_output::<F4>(m, c, h, w, bias, alpha, y, scratch),
         }
-        Ok(tvec!(output.into_tvalue()))
+        Ok(())
     }
 }
 
@@ -373,15 +397,16 @@ fn transform_output<T: Minimal>(
     bias: &[f32],
     alpha: f32,
     y: &mut [f32],
+    scratch: &mut Scratch,
 ) {
     let (mo, a) = (T::M, T::A);
     let (th, tw) = (h.div_ceil(mo), w.div_ceil(mo));
     let plane = c * th * tw;
     // `Aᵀ m` of the row's tiles: `down[(r * A + j) * tw + tx]`.
-    let mut down = vec![0f32; mo * a * tw];
-    // M output rows of whole tiles, cut to the image's size at its edges.
+    // M output rows of whole tiles, cut to the image's size at its edges: `rows`. (Both
+    // written in full before they are read.)
     let width = mo * tw;
-    let mut rows = vec![0f32; mo * width];
+    let (down, rows) = scratch.floats(mo * a * tw + mo * width).split_at_mut(mo * a * tw);
     for co in 0..c {
         let b = bias[co];
         let out = &mut y[co * h * w..][..h * w];

@@ -1,0 +1,442 @@
+//! tract's packing of a matrix product's activations and the product, as one op that
+//! packs into memory it reuses.
+//!
+//! tract's optimised plan computes a float convolution (and the Winograd layers' batched
+//! products) as `OptMatMulPack`, which copies the activations into the kernel's panel
+//! layout in a new buffer, boxed per matrix (36 matrices for an F(4×4) layer), then
+//! `OptMatMul`, which reads them. [`PackedProduct`] takes the unpacked activations, packs
+//! each matrix into one buffer lent by the pool (reuse.rs) with tract's own packing
+//! routine, and runs tract's kernel with the same fused operations (bias, LeakyRelu,
+//! store) into the pooled output: the same products in the same order, no allocation.
+
+use tract_linalg::mmm::{
+    AsInputValue, FusedSpec, MMMInputFormat, MMMInputValue, MatMatMul, PackedExoticFact, PackedMatrixStorage,
+};
+use tract_linalg::pack::PackedFormat;
+use tract_nnef::internal::*;
+use tract_nnef::tract_core::ops::matmul::optimized::{
+    MapOutputAxisToInput, MatMulOperand, OptMatMul, ProtoFusedSpec,
+};
+use tract_nnef::tract_core::ops::matmul::pack::{DynPackedExoticFact, OptMatMulPack};
+
+use crate::reuse::{EvalInto, Scratch};
+
+/// Replaces each `OptMatMul` of the optimised plan that reads one float `OptMatMulPack`
+/// (which nothing else reads) with a [`PackedProduct`] reading the pack's input. Returns
+/// how many it replaced.
+pub fn packed_products(model: &mut TypedModel) -> TractResult<usize> {
+    let mut replaced = 0;
+    for id in 0..model.nodes().len() {
+        let Some(op) = packed_product(model, id)? else { continue };
+        let node = model.node(id);
+        let mut inputs = node.inputs.clone();
+        let pack = model.node(inputs[op.slot].node);
+        inputs[op.slot] = pack.inputs[0];
+        crate::fused::replace_node(model, id, "packed", op, &inputs)?;
+        replaced += 1;
+    }
+    if replaced > 0 {
+        model.compact()?;
+    }
+    Ok(replaced)
+}
+
+/// The op for node `id` if it is a product this op covers.
+fn packed_product(model: &TypedModel, id: usize) -> TractResult<Option<PackedProduct>> {
+    let node = model.node(id);
+    let Some(mm) = node.op_as::<OptMatMul>() else { return Ok(None) };
+    if node.outputs.len() != 1 || node.outputs[0].fact.shape.as_concrete().is_none() {
+        return Ok(None);
+    }
+    // The one AddMatMul, one of whose operands is an input.
+    let matmuls: Vec<_> = mm
+        .micro_ops
+        .iter()
+        .filter_map(|op| match op {
+            ProtoFusedSpec::AddMatMul { a, b, packings, .. } => Some((a, b, packings)),
+            _ => None,
+        })
+        .collect();
+    let [(a, b, packings)] = &matmuls[..] else { return Ok(None) };
+    // Panels extracted from another format (f16 weights) are not ours.
+    if packings.iter().any(|p| p.1.is_some()) {
+        return Ok(None);
+    }
+    for (side, operand) in [(Side::A, a), (Side::B, b)] {
+        let MatMulOperand::Input(slot) = operand else { continue };
+        let slot = *slot;
+        let outlet = node.inputs[slot];
+        let pack_node = model.node(outlet.node);
+        let Some(pack) = pack_node.op_as::<OptMatMulPack>() else { continue };
+        // Read only here, and at this slot only.
+        if model.outlet_successors(outlet).len() != 1
+            || node.inputs.iter().filter(|&&i| i == outlet).count() != 1
+        {
+            continue;
+        }
+        let x = model.outlet_fact(pack_node.inputs[0])?;
+        if x.datum_type != f32::datum_type() || x.shape.as_concrete().is_none() {
+            continue;
+        }
+        let packed = &pack_node.outputs[0].fact;
+        let Some(exotic) = packed.exotic_fact.as_ref().and_then(|f| f.downcast_ref::<DynPackedExoticFact>())
+        else {
+            continue;
+        };
+        // Every mode's format a plain f32 panel layout.
+        if !exotic
+            .packers
+            .iter()
+            .all(|p| p.downcast_ref::<PackedFormat>().is_some_and(|f| f.dt == f32::datum_type()))
+        {
+            continue;
+        }
+        let mapping = pack.axes_mapping(&[x], &[packed])?;
+        let k_axis = mapping.axis('K')?.inputs[0][0];
+        let mn_axis = mapping.axis('M')?.inputs[0][0];
+        let shape = x.shape.as_concrete().context("shape checked above")?;
+        let (k, mn) = (shape[k_axis], shape[mn_axis]);
+        // The kernel's format for the activations in each mode (what its packing expects).
+        let mut facts = vec![];
+        for (mode, mmm) in mm.mmm.iter().enumerate() {
+            let (a_format, b_format) = &mmm.packings()[packings[mode].0];
+            let format = if side == Side::A { a_format } else { b_format };
+            if !format.downcast_ref::<PackedFormat>().is_some_and(|f| f.dt == f32::datum_type()) {
+                return Ok(None);
+            }
+            facts.push(PackedExoticFact { format: format.clone(), mn: mn.to_dim(), k });
+        }
+        return Ok(Some(PackedProduct { mm: mm.clone(), slot, side, k_axis, mn_axis, facts }));
+    }
+    Ok(None)
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+enum Side {
+    A,
+    B,
+}
+
+/// `OptMatMulPack` and `OptMatMul` as one op: input `slot` is the activations, unpacked.
+#[derive(Debug, Clone)]
+pub struct PackedProduct {
+    mm: OptMatMul,
+    slot: usize,
+    /// Which of the product's operands the activations are.
+    side: Side,
+    /// The activations' K and M (or N) axes.
+    k_axis: usize,
+    mn_axis: usize,
+    /// The packed activations' format and size, per mode of the product.
+    facts: Vec<PackedExoticFact>,
+}
+
+impl PartialEq for PackedProduct {
+    fn eq(&self, other: &Self) -> bool {
+        self.mm == other.mm
+            && (self.slot, self.side, self.k_axis, self.mn_axis)
+                == (other.slot, other.side, other.k_axis, other.mn_axis)
+            && self.facts == other.facts
+    }
+}
+impl Eq for PackedProduct {}
+
+impl Op for PackedProduct {
+    fn name(&self) -> StaticName {
+        "DeskcamPackedProduct".into()
+    }
+
+    fn info(&self) -> TractResult<Vec<String>> {
+        let mut info = self.mm.info()?;
+        info.push(format!("activations packed here ({:?} side)", self.side));
+        Ok(info)
+    }
+
+    op_as_typed_op!();
+}
+
+impl EvalOp for PackedProduct {
+    op_out_of_plan!();
+
+    fn eval(&self, _ctx: &EvalContext, inputs: TVec<TValue>) -> TractResult<TVec<TValue>> {
+        let shape = self.mm.c_fact.shape.as_concrete().context("output shape not fixed")?;
+        crate::reuse::eval_alone(self, &inputs, self.mm.c_fact.datum_type, shape)
+    }
+}
+
+impl TypedOp for PackedProduct {
+    fn output_facts(&self, _inputs: &[&TypedFact]) -> TractResult<TVec<TypedFact>> {
+        Ok(tvec!(self.mm.c_fact.clone()))
+    }
+
+    as_op!();
+}
+
+/// At most this many axes in the output (tract's products here have 3 or 4).
+const MAX_RANK: usize = 6;
+
+impl EvalInto for PackedProduct {
+    fn eval_into(&self, inputs: &[TValue], output: &mut Tensor, scratch: &mut Scratch) -> TractResult<()> {
+        let mm = &self.mm;
+        let c_shape: TVec<usize> = output.shape().into();
+        ensure!(c_shape.len() <= MAX_RANK, "output {c_shape:?}");
+        let m = mm.c_m_axis.map_or(1, |ax| c_shape[ax]);
+        let n = mm.c_n_axis.map_or(1, |ax| c_shape[ax]);
+        let mode = mm.mode_picker.pick(n)?;
+        let mmm: &dyn MatMatMul = &*mm.mmm[mode];
+        let x = &inputs[self.slot];
+        let (k, mn) = (x.shape()[self.k_axis], x.shape()[self.mn_axis]);
+        let Some(ProtoFusedSpec::AddMatMul { a, b, packings, geo }) =
+            mm.micro_ops.iter().find(|op| matches!(op, ProtoFusedSpec::AddMatMul { .. }))
+        else {
+            bail!("no product in {:?}", mm);
+        };
+        let packing = packings[mode].0;
+        let mapping = match self.side {
+            Side::A => &geo.c_to_a_axis_mapping,
+            Side::B => &geo.c_to_b_axis_mapping,
+        };
+        let fact = &self.facts[mode];
+        ensure!((fact.k, fact.mn.to_usize()?) == (k, mn), "activations {:?} for {self:?}", x.shape());
+        let format =
+            fact.format.downcast_ref::<PackedFormat>().context("the kernel's panels are not plain")?;
+        // The activations' matrices: every axis but K and M, in order, as the pack's
+        // output has them (its batch strides are the natural ones of that shape).
+        let mut batch_shape: TVec<usize> = x.shape().into();
+        batch_shape.remove(self.k_axis.max(self.mn_axis));
+        batch_shape.remove(self.k_axis.min(self.mn_axis));
+        let batch_axes: TVec<usize> =
+            (0..x.rank()).filter(|&ax| ax != self.k_axis && ax != self.mn_axis).collect();
+        let batch_strides = Tensor::natural_strides(&batch_shape);
+        let x_strides = x.strides();
+        let size = format.len(k, mn) * 4;
+        let panel_bytes = format.single_panel_len(k) * 4;
+        // SAFETY: the kernels' scratch is allocated by this kernel when it cannot use the
+        // one there; the packed buffer is sized and aligned for the format below.
+        unsafe {
+            if !scratch.mmm.as_ref().is_some_and(|s| mmm.can_use_scratch_space(&**s)) {
+                scratch.mmm = Some(mmm.allocate_scratch_space());
+            }
+            scratch.packed.ensure_size_and_align(size.max(1), format.alignment());
+        }
+        // Every coordinate of the output but along M and N: one product each.
+        let mut looping = c_shape.clone();
+        for ax in [mm.c_m_axis, mm.c_n_axis].into_iter().flatten() {
+            looping[ax] = 1;
+        }
+        let x_ptr = x.as_ptr::<f32>()?;
+        let mut coords = [0usize; MAX_RANK];
+        loop {
+            let coords_now = &coords[..c_shape.len()];
+            // Which matrix of the activations, as tract's pack would have indexed it.
+            let mut flat = mapping.flat_index(coords_now, &batch_strides);
+            let mut offset = 0isize;
+            for (i, &ax) in batch_axes.iter().enumerate() {
+                let stride = batch_strides[i] as usize;
+                offset += (flat / stride) as isize * x_strides[ax];
+                flat %= stride;
+            }
+            let packed = scratch.packed.as_bytes_mut();
+            // SAFETY: `packed` holds `format.len(k, mn)` floats; the source is the
+            // matrix at `offset` with its K and M strides, within `x`.
+            unsafe {
+                // As tract: the last panel's padding lanes zeroed (garbage there may be
+                // denormals, which stall the kernel).
+                if mn % format.r != 0 {
+                    packed[(mn / format.r) * panel_bytes..size].fill(0);
+                }
+                format.pack_t::<f32>(
+                    packed.as_mut_ptr().cast(),
+                    x_ptr.offset(offset).cast(),
+                    mn,
+                    x_strides[self.k_axis],
+                    x_strides[self.mn_axis],
+                    0..k,
+                    0..mn,
+                );
+            }
+            let lent = LentPacked { fact, data: packed.as_ptr(), panel_bytes, mn };
+            let lent: &dyn MMMInputValue = &lent;
+            let mut uops: tract_smallvec::SmallVec<[FusedSpec; 8]> = tract_smallvec::SmallVec::new();
+            for op in &mm.micro_ops {
+                uops.push(match op {
+                    ProtoFusedSpec::AddMatMul { .. } => {
+                        let (a, b) = match self.side {
+                            Side::A => (lent, operand(b, &geo.c_to_b_axis_mapping, inputs, coords_now)?),
+                            Side::B => (operand(a, &geo.c_to_a_axis_mapping, inputs, coords_now)?, lent),
+                        };
+                        FusedSpec::AddMatMul {
+                            a: AsInputValue::Borrowed(a),
+                            b: AsInputValue::Borrowed(b),
+                            packing,
+                        }
+                    }
+                    // SAFETY: as OptMatMul resolves them, for these output coordinates.
+                    op => op.resolve(inputs, coords_now, output, mmm, mode),
+                });
+            }
+            // SAFETY: the operands as the kernel's packing expects (the format is its
+            // own), the scratch space checked for this kernel above.
+            unsafe {
+                mmm.run_with_scratch_space(m, n, scratch.mmm.as_deref_mut().context("scratch")?, &uops)?;
+            }
+            // The next coordinates, last axis fastest.
+            let mut ax = c_shape.len();
+            loop {
+                if ax == 0 {
+                    return Ok(());
+                }
+                ax -= 1;
+                coords[ax] += 1;
+                if coords[ax] < looping[ax] {
+                    break;
+                }
+                coords[ax] = 0;
+            }
+        }
+    }
+}
+
+/// The product's other operand for these output coordinates, as `OptMatMul` resolves it.
+fn operand<'t>(
+    operand: &'t MatMulOperand,
+    mapping: &MapOutputAxisToInput,
+    inputs: &'t [TValue],
+    coords: &[usize],
+) -> TractResult<&'t dyn MMMInputValue> {
+    match operand {
+        MatMulOperand::Const(v) => Ok(&**v),
+        MatMulOperand::Input(i) => {
+            let storage = inputs[*i].try_storage_as::<PackedMatrixStorage>()?;
+            Ok(storage.value_at_flat(mapping.flat_index(coords, storage.batch_strides())))
+        }
+    }
+}
+
+/// Packed activations in a buffer lent for one product: what tract's `EagerPackedInput`
+/// is, without owning its memory (the pool's scratch) or its fact (the op's). Made and
+/// dropped within [`PackedProduct`]'s evaluation, while both are borrowed there.
+#[derive(Clone, Debug)]
+struct LentPacked {
+    fact: *const PackedExoticFact,
+    data: *const u8,
+    panel_bytes: usize,
+    mn: usize,
+}
+
+// SAFETY: read-only pointers to memory that outlives the value (see above); the kernel
+// may read it from several threads, none writes it.
+unsafe impl Send for LentPacked {}
+unsafe impl Sync for LentPacked {}
+
+impl LentPacked {
+    fn fact(&self) -> &PackedExoticFact {
+        // SAFETY: the op's fact outlives the value (see above).
+        unsafe { &*self.fact }
+    }
+}
+
+impl std::hash::Hash for LentPacked {
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        (self.fact as usize, self.data as usize, self.panel_bytes, self.mn).hash(state)
+    }
+}
+
+impl PartialEq for LentPacked {
+    fn eq(&self, other: &Self) -> bool {
+        (self.fact, self.data, self.panel_bytes, self.mn)
+            == (other.fact, other.data, other.panel_bytes, other.mn)
+    }
+}
+impl Eq for LentPacked {}
+
+impl std::fmt::Display for LentPacked {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "lent {}", self.fact())
+    }
+}
+
+impl MMMInputValue for LentPacked {
+    fn format(&self) -> &dyn MMMInputFormat {
+        &*self.fact().format
+    }
+    fn scratch_panel_buffer_layout(&self) -> Option<std::alloc::Layout> {
+        None
+    }
+    fn panel_bytes(&self, i: usize, _buffer: Option<*mut u8>) -> TractResult<*const u8> {
+        // SAFETY: panel `i` of the buffer (the kernel asks for panels below mn / r).
+        Ok(unsafe { self.data.add(i * self.panel_bytes) })
+    }
+    fn mn(&self) -> usize {
+        self.mn
+    }
+    fn k(&self) -> usize {
+        self.fact().k
+    }
+    fn exotic_fact(&self) -> &dyn ExoticFact {
+        self.fact()
+    }
+    fn extract_at_mn_f16(&self, _mn: usize, _slice: &mut [f16]) -> TractResult<()> {
+        bail!("lent panels are read by the kernel only")
+    }
+    fn extract_at_mn_f32(&self, _mn: usize, _slice: &mut [f32]) -> TractResult<()> {
+        bail!("lent panels are read by the kernel only")
+    }
+}
+
+#[cfg(all(test, feature = "onnx"))]
+mod tests {
+    use super::*;
+    use crate::direct_conv::tests::{float_model, values};
+    use crate::reuse::Pool;
+    use std::sync::Arc;
+
+    /// The shipped float model as the detector optimises it (Winograd layers included),
+    /// with or without its packing done here.
+    fn plan(packed_here: bool) -> (Arc<TypedSimplePlan>, usize) {
+        let mut model = float_model();
+        crate::direct_conv::direct_f32_convolutions(&mut model).unwrap();
+        crate::winograd::winograd_f32_convolutions(&mut model).unwrap();
+        let mut optimized = model.into_optimized().unwrap();
+        let replaced = if packed_here { packed_products(&mut optimized).unwrap() } else { 0 };
+        (optimized.into_runnable().unwrap(), replaced)
+    }
+
+    /// The same products in the same order: the same bits as tract's plan, run after run,
+    /// the pool reusing its tensors from the second run on.
+    #[test]
+    fn the_float_model_computes_the_same_bits_with_it() {
+        let (tracts, _) = plan(false);
+        let (ours, replaced) = plan(true);
+        // The 16 Winograd layers' batched products and the 1×1 and patch convolutions
+        // that tract packs.
+        assert!(replaced >= 16, "{replaced} products packed here");
+        let n = 416;
+        let input = Tensor::from_shape(&[1, 3, n, n], &values(3 * n * n, 3)).unwrap();
+        let expected = tracts.run(tvec!(input.clone().into_tvalue())).unwrap();
+        let mut state = ours.spawn().unwrap();
+        let mut pool = Pool::default();
+        let mut sizes = vec![];
+        for run in 0..3 {
+            let outputs = state
+                .run_plan_with_eval(tvec!(input.clone().into_tvalue()), |ctx, st, node, inputs| {
+                    pool.eval(ctx, st, node, inputs)
+                })
+                .unwrap();
+            assert_eq!(outputs.len(), expected.len());
+            for (i, (a, b)) in outputs.iter().zip(&expected).enumerate() {
+                assert_eq!(a.shape(), b.shape());
+                let (a, b) = (a.try_as_plain_ram().unwrap(), b.try_as_plain_ram().unwrap());
+                let (a, b) = (a.as_slice::<f32>().unwrap(), b.as_slice::<f32>().unwrap());
+                let differ = a.iter().zip(b).filter(|(x, y)| x.to_bits() != y.to_bits()).count();
+                assert_eq!(differ, 0, "run {run}, output {i}: {differ} of {} values differ", a.len());
+            }
+            sizes.push(pool.size());
+        }
+        // Tensors shared by nodes whose outputs are not alive at once.
+        let pooled = ours.model().nodes().iter().filter(|n| n.op.name().starts_with("Deskcam")).count();
+        assert!(sizes[0].0 > 0 && sizes[0].0 < pooled, "{pooled} nodes' outputs in {sizes:?}");
+        assert_eq!(sizes[1], sizes[0], "no tensor added after the first run");
+        assert_eq!(sizes[2], sizes[0], "no tensor added after the first run");
+    }
+}
