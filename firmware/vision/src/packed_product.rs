@@ -101,7 +101,7 @@ fn packed_product(model: &TypedModel, id: usize) -> TractResult<Option<PackedPro
         for (mode, mmm) in mm.mmm.iter().enumerate() {
             let (a_format, b_format) = &mmm.packings()[packings[mode].0];
             let format = if side == Side::A { a_format } else { b_format };
-            if !format.downcast_ref::<PackedFormat>().is_some_and(|f| f.dt == f32::datum_type()) {
+            if format.downcast_ref::<PackedFormat>().is_none_or(|f| f.dt != f32::datum_type()) {
                 return Ok(None);
             }
             facts.push(PackedExoticFact { format: format.clone(), mn: mn.to_dim(), k });

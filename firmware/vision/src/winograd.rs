@@ -293,7 +293,7 @@ fn transform_input<T: Minimal>(
         for ty in 0..th {
             let input_rows: [&[f32]; 6] = std::array::from_fn(|k| match (m * ty + k).checked_sub(1) {
                 Some(y) if k < a && y < h => &image[y * w..][..w],
-                _ => &zero[..],
+                _ => zero,
             });
             for x in 0..w {
                 let d: [f32; 6] = std::array::from_fn(|k| if k < a { input_rows[k][x] } else { 0.0 });
@@ -389,6 +389,7 @@ impl EvalInto for WinogradOutput {
 /// See [`WinogradOutput`]: `m` is `[A², c, tiles]`, `y` `[c, h, w]`. A row of tiles at
 /// a time, each step a loop over the row's tiles that reads and writes runs of
 /// consecutive values (vector loads and stores).
+#[allow(clippy::too_many_arguments)] // the layer's geometry, its parameters, the memory
 fn transform_output<T: Minimal>(
     m: &[f32],
     c: usize,
