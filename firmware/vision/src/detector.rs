@@ -294,10 +294,7 @@ impl Detector {
             Some(s) => s,
             None => state.insert(self.plan.spawn().map_err(|e| DetectorError::Run(format!("{e:#}")))?),
         };
-        let outputs = state
-            .run_plan_with_eval(tvec!(TValue::from_const(input.clone())), |ctx, st, node, inputs| {
-                pool.eval(ctx, st, node, inputs)
-            });
+        let outputs = pool.run(state, tvec!(TValue::from_const(input.clone())));
         *slot = Some(input);
         let outputs = match outputs {
             Ok(o) => o,
@@ -347,11 +344,7 @@ impl Detector {
         let mut state = self.plan.spawn().map_err(err)?;
         let mut pool = crate::reuse::Pool::default();
         for _ in 0..warmup {
-            state
-                .run_plan_with_eval(tvec!(input.clone()), |ctx, st, node, inputs| {
-                    pool.eval(ctx, st, node, inputs)
-                })
-                .map_err(err)?;
+            pool.run(&mut state, tvec!(input.clone())).map_err(err)?;
         }
         for _ in 0..runs {
             state

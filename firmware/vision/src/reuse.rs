@@ -3,7 +3,8 @@
 //! tract's plan allocates each node's output when the node runs and frees it after its
 //! last reader: a few hundred allocations per inference, tens of megabytes. The detector
 //! runs its plan through [`Pool::eval`]: a node whose op writes into a tensor it is
-//! handed ([`EvalInto`]: ours, and tract's matrix product) gets one from the pool, a
+//! handed ([`EvalInto`]: ours, and the float products with their packing,
+//! packed_product.rs) gets one from the pool, a
 //! tensor of the same type and length that nothing outside the pool holds any more;
 //! other nodes run as tract runs them. The plan drops a value after its last reader
 //! (before that reader runs, so the reader's inputs are the only other holders), so a
@@ -78,16 +79,16 @@ fn as_eval_into(op: &dyn TypedOp) -> Option<&dyn EvalInto> {
     None
 }
 
-/// Evaluates an [`EvalInto`] op outside a pool (tests, constant folding): a fresh output.
-pub fn eval_alone(
-    op: &dyn EvalInto,
-    inputs: &[TValue],
-    datum_type: DatumType,
-    shape: &[usize],
-) -> TractResult<TVec<TValue>> {
+/// Evaluates an [`EvalInto`] op outside a pool (tests, constant folding): a fresh output,
+/// of the fact the op's `output_facts` gives for these inputs.
+pub fn eval_alone<O: EvalInto + TypedOp>(op: &O, inputs: &[TValue]) -> TractResult<TVec<TValue>> {
+    let facts: TVec<TypedFact> = inputs.iter().map(|t| TypedFact::shape_and_dt_of(t)).collect();
+    let facts: TVec<&TypedFact> = facts.iter().collect();
+    let [fact] = &op.output_facts(&facts)?[..] else { bail!("{} has more than one output", op.name()) };
+    let shape = fact.shape.as_concrete().with_context(|| format!("{} output {fact:?}", op.name()))?;
     // SAFETY: a plain numeric type (our ops' outputs are floats), every value written by
     // `eval_into`.
-    let mut output = unsafe { Tensor::uninitialized_dt(datum_type, shape)? };
+    let mut output = unsafe { Tensor::uninitialized_dt(fact.datum_type, shape)? };
     op.eval_into(inputs, &mut output, &mut Scratch::default())?;
     Ok(tvec!(output.into_tvalue()))
 }
@@ -101,6 +102,11 @@ pub struct Pool {
 }
 
 impl Pool {
+    /// Runs `state`'s plan on `inputs` with [`Pool::eval`].
+    pub fn run(&mut self, state: &mut TypedSimpleState, inputs: TVec<TValue>) -> TractResult<TVec<TValue>> {
+        state.run_plan_with_eval(inputs, |ctx, st, node, inputs| self.eval(ctx, st, node, inputs))
+    }
+
     /// Runs one node of a plan: into a pooled tensor when its op is an [`EvalInto`] with
     /// one output of a known shape, else as tract's plan does. The `eval` of
     /// `SimpleState::run_plan_with_eval`.
