@@ -237,9 +237,11 @@ impl Detector {
             crate::int8_pack::faster_int8_packing(&mut optimized).map_err(load_err)?;
         }
         let plan = optimized.into_runnable().map_err(load_err)?;
+        let pool = crate::reuse::Pool::for_plan(&plan, pool_budget()).map_err(load_err)?;
+        let buffers = Buffers { input: None, xtaps: vec![], state: None, pool };
         Ok(Detector {
             plan,
-            buffers: std::sync::Mutex::new(Buffers::default()),
+            buffers: std::sync::Mutex::new(buffers),
             input_size,
             min_score,
             nms_iou,
@@ -342,7 +344,7 @@ impl Detector {
             })
             .collect();
         let mut state = self.plan.spawn().map_err(err)?;
-        let mut pool = crate::reuse::Pool::default();
+        let mut pool = crate::reuse::Pool::for_plan(&self.plan, pool_budget()).map_err(err)?;
         for _ in 0..warmup {
             pool.run(&mut state, tvec!(input.clone())).map_err(err)?;
         }
@@ -431,9 +433,21 @@ pub fn preprocess(img: &image::RgbImage, size: usize) -> (Tensor, Letterbox) {
     (Tensor::from_shape(&[1, 3, size, size], &data).expect("shape matches data length"), letterbox)
 }
 
+/// The bytes of the plan's outputs kept from frame to frame (reuse.rs), by default
+/// [`POOL_BUDGET_MB`]; `DESKCAM_POOL_MB` sets another, to measure.
+fn pool_budget() -> usize {
+    let mb = std::env::var("DESKCAM_POOL_MB").ok().and_then(|v| v.parse::<usize>().ok());
+    mb.unwrap_or(POOL_BUDGET_MB) << 20
+}
+
+/// The default of [`pool_budget`]. The fp32 model's pooled outputs come in 10 sizes, 21.7
+/// MiB if all are kept (the board's peak RSS went from 56.4 to 77.3 MB, target 64); 4 MiB
+/// keeps the 5 sizes that 42 of the 63 nodes write (3.3 MiB), and leaves the first layers'
+/// few large tensors to the allocator.
+pub const POOL_BUDGET_MB: usize = 4;
+
 /// The input tensor and the resize's column taps, reused from frame to frame: tract holds
 /// the tensor only during a run, so no 2 MB buffer is allocated per frame.
-#[derive(Default)]
 struct Buffers {
     input: Option<Arc<Tensor>>,
     xtaps: Vec<Tap>,

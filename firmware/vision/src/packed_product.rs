@@ -387,7 +387,7 @@ impl MMMInputValue for LentPacked {
 mod tests {
     use super::*;
     use crate::direct_conv::tests::{float_model, values};
-    use crate::reuse::Pool;
+    use crate::reuse::{Class, Pool};
     use std::sync::Arc;
 
     /// The shipped float model as the detector optimises it (Winograd layers included),
@@ -413,25 +413,46 @@ mod tests {
         let n = 416;
         let input = Tensor::from_shape(&[1, 3, n, n], &values(3 * n * n, 3)).unwrap();
         let expected = tracts.run(tvec!(input.clone().into_tvalue())).unwrap();
-        let mut state = ours.spawn().unwrap();
-        let mut pool = Pool::default();
-        let mut sizes = vec![];
-        for run in 0..3 {
-            let outputs = pool.run(&mut state, tvec!(input.clone().into_tvalue())).unwrap();
-            assert_eq!(outputs.len(), expected.len());
-            for (i, (a, b)) in outputs.iter().zip(&expected).enumerate() {
-                assert_eq!(a.shape(), b.shape());
-                let (a, b) = (a.try_as_plain_ram().unwrap(), b.try_as_plain_ram().unwrap());
-                let (a, b) = (a.as_slice::<f32>().unwrap(), b.as_slice::<f32>().unwrap());
-                let differ = a.iter().zip(b).filter(|(x, y)| x.to_bits() != y.to_bits()).count();
-                assert_eq!(differ, 0, "run {run}, output {i}: {differ} of {} values differ", a.len());
+        // Every class pooled, then a budget that keeps the cheapest per allocation saved.
+        let all = Pool::for_plan(&ours, usize::MAX).unwrap();
+        let budget = 4 << 20;
+        for mut pool in [all, Pool::for_plan(&ours, budget).unwrap()] {
+            let mut state = ours.spawn().unwrap();
+            let mut sizes = vec![];
+            for run in 0..3 {
+                let outputs = pool.run(&mut state, tvec!(input.clone().into_tvalue())).unwrap();
+                assert_eq!(outputs.len(), expected.len());
+                for (i, (a, b)) in outputs.iter().zip(&expected).enumerate() {
+                    assert_eq!(a.shape(), b.shape());
+                    let (a, b) = (a.try_as_plain_ram().unwrap(), b.try_as_plain_ram().unwrap());
+                    let (a, b) = (a.as_slice::<f32>().unwrap(), b.as_slice::<f32>().unwrap());
+                    let differ = a.iter().zip(b).filter(|(x, y)| x.to_bits() != y.to_bits()).count();
+                    assert_eq!(differ, 0, "run {run}, output {i}: {differ} of {} values differ", a.len());
+                }
+                sizes.push(pool.size());
             }
-            sizes.push(pool.size());
+            assert_eq!(sizes[1], sizes[0], "no tensor added after the first run");
+            assert_eq!(sizes[2], sizes[0], "no tensor added after the first run");
+            // The plan's liveness says how many tensors of each class the pool makes.
+            let kept = pool.kept();
+            let made = (kept.iter().map(|c| c.tensors).sum(), kept.iter().map(Class::bytes).sum());
+            assert_eq!(sizes[0], made, "{kept:?}");
         }
-        // Tensors shared by nodes whose outputs are not alive at once.
+        let classes = crate::reuse::classes(&ours).unwrap();
         let pooled = ours.model().nodes().iter().filter(|n| n.op.name().starts_with("Deskcam")).count();
-        assert!(sizes[0].0 > 0 && sizes[0].0 < pooled, "{pooled} nodes' outputs in {sizes:?}");
-        assert_eq!(sizes[1], sizes[0], "no tensor added after the first run");
-        assert_eq!(sizes[2], sizes[0], "no tensor added after the first run");
+        // Tensors shared by nodes whose outputs are not alive at once.
+        let tensors: usize = classes.iter().map(|c| c.tensors).sum();
+        assert!(tensors > 0 && tensors < pooled, "{pooled} nodes' outputs in {classes:?}");
+        assert_eq!(classes.iter().map(|c| c.nodes).sum::<usize>(), pooled, "{classes:?}");
+        // Under the budget: fewer classes, chosen cheapest per allocation saved first; a
+        // class left out did not fit beside the cheaper ones kept.
+        let kept = Pool::for_plan(&ours, budget).unwrap().kept().to_vec();
+        assert!(kept.iter().map(Class::bytes).sum::<usize>() <= budget);
+        assert!(!kept.is_empty() && kept.len() < classes.len(), "{kept:?} of {classes:?}");
+        let cheaper = |a: &Class, b: &Class| a.bytes() * b.nodes < b.bytes() * a.nodes;
+        for c in classes.iter().filter(|c| !kept.contains(c)) {
+            let before: usize = kept.iter().filter(|k| cheaper(k, c)).map(Class::bytes).sum();
+            assert!(before + c.bytes() > budget, "{c:?} left out of {kept:?}");
+        }
     }
 }

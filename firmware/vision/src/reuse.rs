@@ -4,12 +4,19 @@
 //! last reader: a few hundred allocations per inference, tens of megabytes. The detector
 //! runs its plan through [`Pool::eval`]: a node whose op writes into a tensor it is
 //! handed ([`EvalInto`]: ours, and the float products with their packing,
-//! packed_product.rs) gets one from the pool, a
-//! tensor of the same type and length that nothing outside the pool holds any more;
-//! other nodes run as tract runs them. The plan drops a value after its last reader
-//! (before that reader runs, so the reader's inputs are the only other holders), so a
-//! pooled tensor is free exactly when tract would have freed it: the pool grows to the
-//! largest set of tensors of one length alive at once and then allocates nothing.
+//! packed_product.rs) gets one from the pool, a tensor of the same type and length that
+//! nothing outside the pool holds any more; other nodes run as tract runs them. The plan
+//! drops a value after its last reader (before that reader runs, so the reader's inputs
+//! are the only other holders), so a pooled tensor is free exactly when tract would have
+//! freed it.
+//!
+//! A pooled tensor is kept between runs, where tract's freed memory serves the next
+//! allocation of any size: pooling every size costs the sum over sizes, not the plan's
+//! peak (a tract `Tensor` cannot lend a larger buffer to a smaller tensor: its clone
+//! copies the whole buffer). So the pool is planned before the first run
+//! ([`Pool::for_plan`]): [`classes`] counts, per type and length, how many outputs are
+//! alive at once and how many nodes write one, and a byte budget keeps the classes that
+//! save the most allocations per byte. The others are allocated per run, as tract does.
 //!
 //! A reused tensor's contents are the last frame's: an op writes every value of its
 //! output.
@@ -93,15 +100,104 @@ pub fn eval_alone<O: EvalInto + TypedOp>(op: &O, inputs: &[TValue]) -> TractResu
     Ok(tvec!(output.into_tvalue()))
 }
 
+/// The outputs of one type and length that a plan's pooled ops write: how many are alive
+/// at once at most (the tensors a pool keeps for them) and how many nodes write one (the
+/// allocations they save per run).
+#[derive(Clone, Debug, PartialEq)]
+pub struct Class {
+    pub datum_type: DatumType,
+    pub len: usize,
+    pub tensors: usize,
+    pub nodes: usize,
+}
+
+impl Class {
+    /// The bytes a pool keeps for this class.
+    pub fn bytes(&self) -> usize {
+        self.tensors * self.len * self.datum_type.size_of()
+    }
+}
+
+/// The classes of `plan`'s outputs that [`EvalInto`] ops write, from the plan's order and
+/// each output's last reader: a value is alive from the step that makes it to the step
+/// of its last reader (the reader holds it while it runs); the model's outputs to the
+/// end of the run and beyond (the caller holds them).
+pub fn classes(plan: &TypedSimplePlan) -> TractResult<Vec<Class>> {
+    let model = plan.model();
+    let order = plan.order_without_consts();
+    let mut last = vec![None; model.nodes().len()];
+    for (step, &n) in order.iter().enumerate() {
+        for input in &model.node(n).inputs {
+            last[input.node] = Some(step);
+        }
+    }
+    for output in model.output_outlets()? {
+        last[output.node] = Some(usize::MAX);
+    }
+    // Per class, (step, +1) when a value is made and (step after its last reader, -1).
+    type Events = Vec<(usize, isize)>;
+    let mut events: Vec<(DatumType, usize, Events)> = vec![];
+    for (step, &n) in order.iter().enumerate() {
+        let node = model.node(n);
+        let (Some(_), [output]) = (as_eval_into(node.op.as_ref()), &node.outputs[..]) else { continue };
+        let Some(shape) = output.fact.shape.as_concrete() else { continue };
+        let (dt, len) = (output.fact.datum_type, shape.iter().product::<usize>());
+        let end = last[n].unwrap_or(step).saturating_add(1);
+        match events.iter_mut().find(|(d, l, _)| *d == dt && *l == len) {
+            Some((.., e)) => e.extend([(step, 1), (end, -1)]),
+            None => events.push((dt, len, vec![(step, 1), (end, -1)])),
+        }
+    }
+    Ok(events
+        .into_iter()
+        .map(|(datum_type, len, mut events)| {
+            let nodes = events.len() / 2;
+            // A tensor let go of at a step is free for the node of that step.
+            events.sort();
+            let (mut alive, mut tensors) = (0isize, 0isize);
+            for (_, delta) in events {
+                alive += delta;
+                tensors = tensors.max(alive);
+            }
+            Class { datum_type, len, tensors: tensors as usize, nodes }
+        })
+        .collect())
+}
+
 /// The tensors a plan's nodes write into, and their scratch.
-#[derive(Default)]
 pub struct Pool {
+    /// The classes whose outputs are pooled: the others are allocated as tract does.
+    kept: Vec<Class>,
     /// Every tensor the pool made; free when the pool's is the only reference.
     tensors: Vec<Arc<Tensor>>,
     scratch: Scratch,
 }
 
 impl Pool {
+    /// A pool for `plan` that keeps at most `budget` bytes of tensors: the classes that
+    /// save the most allocations per byte kept, first. A pooled tensor is kept between
+    /// runs, where tract would give its memory back to be reused for another size: all
+    /// of them cost the device tens of megabytes (issue 4: peak RSS).
+    pub fn for_plan(plan: &TypedSimplePlan, budget: usize) -> TractResult<Pool> {
+        let mut classes = classes(plan)?;
+        classes.sort_by(|a, b| (a.bytes() * b.nodes).cmp(&(b.bytes() * a.nodes)).then(a.len.cmp(&b.len)));
+        let mut kept = vec![];
+        let mut total = 0usize;
+        for class in classes {
+            if total + class.bytes() <= budget {
+                total += class.bytes();
+                kept.push(class);
+            }
+        }
+        Ok(Pool { kept, tensors: vec![], scratch: Scratch::default() })
+    }
+
+    /// The classes this pool keeps.
+    #[cfg(test)]
+    pub fn kept(&self) -> &[Class] {
+        &self.kept
+    }
+
     /// Runs `state`'s plan on `inputs` with [`Pool::eval`].
     pub fn run(&mut self, state: &mut TypedSimpleState, inputs: TVec<TValue>) -> TractResult<TVec<TValue>> {
         state.run_plan_with_eval(inputs, |ctx, st, node, inputs| self.eval(ctx, st, node, inputs))
@@ -119,11 +215,20 @@ impl Pool {
     ) -> TractResult<TVec<TValue>> {
         if let (Some(op), [output]) = (as_eval_into(node.op.as_ref()), &node.outputs[..]) {
             if let Some(shape) = output.fact.shape.as_concrete() {
-                let mut tensor = self.take(output.fact.datum_type, shape)?;
+                let (dt, len) = (output.fact.datum_type, shape.iter().product::<usize>());
+                let kept = self.kept.iter().any(|c| c.datum_type == dt && c.len == len);
+                let mut tensor = if kept {
+                    self.take(dt, shape)?
+                } else {
+                    // SAFETY: a plain numeric type; the op writes every value.
+                    Arc::new(unsafe { Tensor::uninitialized_dt(dt, shape)? })
+                };
                 let target = Arc::get_mut(&mut tensor).context("a pooled tensor is shared")?;
                 op.eval_into(&inputs, target, &mut self.scratch)
                     .with_context(|| format!("Evaluating {node}"))?;
-                self.tensors.push(tensor.clone());
+                if kept {
+                    self.tensors.push(tensor.clone());
+                }
                 return Ok(tvec!(tensor.into_tvalue()));
             }
         }
