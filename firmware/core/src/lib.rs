@@ -6,6 +6,7 @@
 //! clock. Time is always an argument (`Millis`), so every decision can be replayed and
 //! tested with simulated time.
 
+pub mod alloc_count;
 pub mod board;
 pub mod command;
 pub mod config;

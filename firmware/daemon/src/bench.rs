@@ -13,8 +13,8 @@ use deskcam_vision::detector::set_inference_threads;
 use deskcam_vision::source::DirSource;
 use deskcam_vision::{render_still, Detector, FrameSource};
 
-use crate::alloc_count;
 use crate::telemetry::percentile;
+use deskcam_core::alloc_count;
 
 #[derive(clap::Args)]
 pub struct BenchArgs {

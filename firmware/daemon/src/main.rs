@@ -4,7 +4,6 @@
 //! simulated GPIO and an embedded broker; `config` prints or checks configuration;
 //! `safe-state` closes the shutter and turns the LED off (the service's stop hook).
 
-mod alloc_count;
 mod audit;
 mod bench;
 mod board;
@@ -47,7 +46,7 @@ const DEFAULT_CONFIG_PATH: &str = "/data/deskcam.toml";
 
 /// The system allocator, counted (`deskcam bench` reports allocations per frame).
 #[global_allocator]
-static ALLOCATOR: alloc_count::Counting = alloc_count::Counting;
+static ALLOCATOR: deskcam_core::alloc_count::Counting = deskcam_core::alloc_count::Counting;
 /// Audit entries waiting for the broker (they are on disk already).
 const AUDIT_QUEUE: usize = 256;
 /// Replies waiting for the broker, and commands waiting for the scan loop.
