@@ -129,7 +129,7 @@ impl TypedOp for PackI8K4 {
 }
 
 /// The same bytes viewed as `i8` (both are one byte, every bit pattern valid in both).
-fn bytemuck_i8(bytes: &mut [u8]) -> &mut [i8] {
+pub(crate) fn bytemuck_i8(bytes: &mut [u8]) -> &mut [i8] {
     // SAFETY: u8 and i8 have the same size, alignment and valid values.
     unsafe { std::slice::from_raw_parts_mut(bytes.as_mut_ptr().cast::<i8>(), bytes.len()) }
 }
@@ -137,7 +137,7 @@ fn bytemuck_i8(bytes: &mut [u8]) -> &mut [i8] {
 /// Packs a K × MN row-major matrix (`src[kk * row_stride + m]`) into `PackedI8K4` with
 /// panels of `r` columns: `out[p * panel + (kk / 4) * 4r + (m % r) * 4 + kk % 4]`, the K
 /// and MN padding zero. `out` is exactly `ceil(mn / r)` panels of `ceil(k / 4) * 4r`.
-fn pack_rows(src: &[i8], k: usize, mn: usize, row_stride: usize, r: usize, out: &mut [i8]) {
+pub(crate) fn pack_rows(src: &[i8], k: usize, mn: usize, row_stride: usize, r: usize, out: &mut [i8]) {
     let kb_bytes = 4 * r;
     let panel = k.div_ceil(4) * kb_bytes;
     let full_panels = mn / r;
@@ -232,7 +232,7 @@ fn transpose_4x8(rows: &[[i8; 8]; 4]) -> [i8; 32] {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use tract_linalg::mmm::MMMInputFormat;
 
@@ -296,12 +296,21 @@ mod tests {
         // tract picks the K=4-interleaved layout where the CPU has a dot-product kernel
         // (aarch64 SDOT, x86 VNNI); elsewhere nothing is replaced and both plans are tract's.
         eprintln!("{replaced} packing nodes replaced");
+        assert!(
+            !has_dot_product_kernel() || replaced > 0,
+            "the dot-product kernel's packing was not replaced"
+        );
+    }
+
+    /// Whether tract has an int8 dot-product kernel on this CPU (and packs for it in
+    /// `PackedI8K4`).
+    pub(crate) fn has_dot_product_kernel() -> bool {
         #[cfg(target_arch = "aarch64")]
         let dot = std::arch::is_aarch64_feature_detected!("dotprod");
         #[cfg(target_arch = "x86_64")]
         let dot = is_x86_feature_detected!("avxvnni") || is_x86_feature_detected!("avx512vnni");
         #[cfg(not(any(target_arch = "aarch64", target_arch = "x86_64")))]
         let dot = false;
-        assert!(!dot || replaced > 0, "the dot-product kernel's packing was not replaced");
+        dot
     }
 }

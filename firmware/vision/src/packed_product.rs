@@ -8,21 +8,26 @@
 //! each matrix into one buffer lent by the pool (reuse.rs) with tract's own packing
 //! routine, and runs tract's kernel with the same fused operations (bias, LeakyRelu,
 //! store) into the pooled output: the same products in the same order, no allocation.
+//! The int8 model's products that tract runs with its dot-product kernels (x86 VNNI,
+//! aarch64 SDOT: activations in `PackedI8K4`) the same way, packed with int8_pack.rs's
+//! row packer (the same bytes as tract's).
 
 use tract_linalg::mmm::{
     AsInputValue, FusedSpec, MMMInputFormat, MMMInputValue, MatMatMul, PackedExoticFact, PackedMatrixStorage,
 };
-use tract_linalg::pack::PackedFormat;
+use tract_linalg::pack::{PackedFormat, PackedI8K4};
 use tract_nnef::internal::*;
 use tract_nnef::tract_core::ops::matmul::optimized::{
     MapOutputAxisToInput, MatMulOperand, OptMatMul, ProtoFusedSpec,
 };
 use tract_nnef::tract_core::ops::matmul::pack::{DynPackedExoticFact, OptMatMulPack};
 
+use crate::int8_pack::bytemuck_i8;
 use crate::reuse::{EvalInto, Scratch};
 
-/// Replaces each `OptMatMul` of the optimised plan that reads one float `OptMatMulPack`
-/// (which nothing else reads) with a [`PackedProduct`] reading the pack's input. Returns
+/// Replaces each `OptMatMul` of the optimised plan that reads one `OptMatMulPack` of
+/// float activations into plain panels or int8 ones into `PackedI8K4` (which nothing else
+/// reads) with a [`PackedProduct`] reading the pack's input. Returns
 /// how many it replaced.
 pub fn packed_products(model: &mut TypedModel) -> TractResult<usize> {
     let mut replaced = 0;
@@ -75,33 +80,40 @@ fn packed_product(model: &TypedModel, id: usize) -> TractResult<Option<PackedPro
             continue;
         }
         let x = model.outlet_fact(pack_node.inputs[0])?;
-        if x.datum_type != f32::datum_type() || x.shape.as_concrete().is_none() {
-            continue;
-        }
+        let Some(shape) = x.shape.as_concrete() else { continue };
         let packed = &pack_node.outputs[0].fact;
         let Some(exotic) = packed.exotic_fact.as_ref().and_then(|f| f.downcast_ref::<DynPackedExoticFact>())
         else {
             continue;
         };
-        // Every mode's format a plain f32 panel layout.
-        if !exotic
-            .packers
-            .iter()
-            .all(|p| p.downcast_ref::<PackedFormat>().is_some_and(|f| f.dt == f32::datum_type()))
-        {
+        // Every mode's format the one this op packs for this type: plain f32 panels, or
+        // int8 in the dot-product kernels' layout.
+        let ours = |format: &dyn MMMInputFormat| {
+            if x.datum_type == f32::datum_type() {
+                format.downcast_ref::<PackedFormat>().is_some_and(|f| f.dt == f32::datum_type())
+            } else {
+                x.datum_type == i8::datum_type() && format.downcast_ref::<PackedI8K4>().is_some()
+            }
+        };
+        if !exotic.packers.iter().all(|p| ours(&**p)) {
             continue;
         }
         let mapping = pack.axes_mapping(&[x], &[packed])?;
         let k_axis = mapping.axis('K')?.inputs[0][0];
         let mn_axis = mapping.axis('M')?.inputs[0][0];
-        let shape = x.shape.as_concrete().context("shape checked above")?;
         let (k, mn) = (shape[k_axis], shape[mn_axis]);
+        // The int8 packer reads whole rows: M (or N) contiguous.
+        if x.datum_type == i8::datum_type()
+            && (k == 0 || mn == 0 || (mn > 1 && Tensor::natural_strides(shape)[mn_axis] != 1))
+        {
+            continue;
+        }
         // The kernel's format for the activations in each mode (what its packing expects).
         let mut facts = vec![];
         for (mode, mmm) in mm.mmm.iter().enumerate() {
             let (a_format, b_format) = &mmm.packings()[packings[mode].0];
             let format = if side == Side::A { a_format } else { b_format };
-            if format.downcast_ref::<PackedFormat>().is_none_or(|f| f.dt != f32::datum_type()) {
+            if !ours(&**format) {
                 return Ok(None);
             }
             facts.push(PackedExoticFact { format: format.clone(), mn: mn.to_dim(), k });
@@ -109,6 +121,15 @@ fn packed_product(model: &TypedModel, id: usize) -> TractResult<Option<PackedPro
         return Ok(Some(PackedProduct { mm: mm.clone(), slot, side, k_axis, mn_axis, facts }));
     }
     Ok(None)
+}
+
+/// The panel layout the kernel reads the activations in.
+#[derive(Clone, Copy)]
+enum Panels<'f> {
+    /// tract's plain panels (floats), packed with tract's routine.
+    Plain(&'f PackedFormat),
+    /// int8, 4 K values of a column side by side, packed with int8_pack.rs's.
+    I8K4(&'f PackedI8K4),
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -197,8 +218,10 @@ impl EvalInto for PackedProduct {
         };
         let fact = &self.facts[mode];
         ensure!((fact.k, fact.mn.to_usize()?) == (k, mn), "activations {:?} for {self:?}", x.shape());
-        let format =
-            fact.format.downcast_ref::<PackedFormat>().context("the kernel's panels are not plain")?;
+        let panels = match fact.format.downcast_ref::<PackedFormat>() {
+            Some(plain) => Panels::Plain(plain),
+            None => Panels::I8K4(fact.format.downcast_ref::<PackedI8K4>().context("the kernel's panels")?),
+        };
         // The activations' matrices: every axis but K and M, in order, as the pack's
         // output has them (its batch strides are the natural ones of that shape).
         let mut batch_shape: TVec<usize> = x.shape().into();
@@ -208,22 +231,29 @@ impl EvalInto for PackedProduct {
             (0..x.rank()).filter(|&ax| ax != self.k_axis && ax != self.mn_axis).collect();
         let batch_strides = Tensor::natural_strides(&batch_shape);
         let x_strides = x.strides();
-        let size = format.len(k, mn) * 4;
-        let panel_bytes = format.single_panel_len(k) * 4;
+        let (size, panel_bytes, alignment) = match panels {
+            Panels::Plain(format) => {
+                (format.len(k, mn) * 4, format.single_panel_len(k) * 4, format.alignment())
+            }
+            Panels::I8K4(format) => {
+                let panel_bytes = k.div_ceil(4) * 4 * format.r;
+                (mn.div_ceil(format.r) * panel_bytes, panel_bytes, format.alignment())
+            }
+        };
         // SAFETY: the kernels' scratch is allocated by this kernel when it cannot use the
         // one there; the packed buffer is sized and aligned for the format below.
         unsafe {
             if !scratch.mmm.as_ref().is_some_and(|s| mmm.can_use_scratch_space(&**s)) {
                 scratch.mmm = Some(mmm.allocate_scratch_space());
             }
-            scratch.packed.ensure_size_and_align(size.max(1), format.alignment());
+            scratch.packed.ensure_size_and_align(size.max(1), alignment);
         }
         // Every coordinate of the output but along M and N: one product each.
         let mut looping = c_shape.clone();
         for ax in [mm.c_m_axis, mm.c_n_axis].into_iter().flatten() {
             looping[ax] = 1;
         }
-        let x_ptr = x.as_ptr::<f32>()?;
+        let x_plain = x.try_as_plain_ram()?;
         let mut coords = [0usize; MAX_RANK];
         loop {
             let coords_now = &coords[..c_shape.len()];
@@ -235,24 +265,35 @@ impl EvalInto for PackedProduct {
                 offset += (flat / stride) as isize * x_strides[ax];
                 flat %= stride;
             }
-            let packed = scratch.packed.as_bytes_mut();
-            // SAFETY: `packed` holds `format.len(k, mn)` floats; the source is the
-            // matrix at `offset` with its K and M strides, within `x`.
-            unsafe {
-                // As tract: the last panel's padding lanes zeroed (garbage there may be
-                // denormals, which stall the kernel).
-                if mn % format.r != 0 {
-                    packed[(mn / format.r) * panel_bytes..size].fill(0);
+            let packed = &mut scratch.packed.as_bytes_mut()[..size];
+            match panels {
+                Panels::Plain(format) => {
+                    let x_ptr = x_plain.as_slice::<f32>()?.as_ptr();
+                    // SAFETY: `packed` holds `format.len(k, mn)` floats; the source is the
+                    // matrix at `offset` with its K and M strides, within `x`.
+                    unsafe {
+                        // As tract: the last panel's padding lanes zeroed (garbage there
+                        // may be denormals, which stall the kernel).
+                        if mn % format.r != 0 {
+                            packed[(mn / format.r) * panel_bytes..].fill(0);
+                        }
+                        format.pack_t::<f32>(
+                            packed.as_mut_ptr().cast(),
+                            x_ptr.offset(offset).cast(),
+                            mn,
+                            x_strides[self.k_axis],
+                            x_strides[self.mn_axis],
+                            0..k,
+                            0..mn,
+                        );
+                    }
                 }
-                format.pack_t::<f32>(
-                    packed.as_mut_ptr().cast(),
-                    x_ptr.offset(offset).cast(),
-                    mn,
-                    x_strides[self.k_axis],
-                    x_strides[self.mn_axis],
-                    0..k,
-                    0..mn,
-                );
+                Panels::I8K4(format) => {
+                    // Rows of M contiguous (checked when the op was made), K of them.
+                    let src = &x_plain.as_slice::<i8>()?[offset as usize..];
+                    let row_stride = if k > 1 { x_strides[self.k_axis] as usize } else { mn };
+                    crate::int8_pack::pack_rows(src, k, mn, row_stride, format.r, bytemuck_i8(packed));
+                }
             }
             let lent = LentPacked { fact, data: packed.as_ptr(), panel_bytes, mn };
             let lent: &dyn MMMInputValue = &lent;
@@ -453,6 +494,41 @@ mod tests {
         for c in classes.iter().filter(|c| !kept.contains(c)) {
             let before: usize = kept.iter().filter(|k| cheaper(k, c)).map(Class::bytes).sum();
             assert!(before + c.bytes() > budget, "{c:?} left out of {kept:?}");
+        }
+    }
+
+    /// The int8 model's products whose activations tract packs for its dot-product
+    /// kernels (x86 VNNI, aarch64 SDOT), packed here by int8_pack.rs's packer: the same
+    /// bits as tract's plan.
+    #[test]
+    fn the_int8_model_computes_the_same_bits_with_it() {
+        let bytes = std::fs::read(deskcam_testkit::repo().join("models/nanodet-int8-qlinear.onnx")).unwrap();
+        let tracts = crate::detector::onnx_typed(&bytes).unwrap().into_optimized().unwrap();
+        let mut ours = tracts.clone();
+        packed_products(&mut ours).unwrap();
+        let int8 = ours
+            .nodes()
+            .iter()
+            .filter(|n| {
+                n.op_as::<PackedProduct>().is_some_and(|op| {
+                    ours.outlet_fact(n.inputs[op.slot]).unwrap().datum_type == i8::datum_type()
+                })
+            })
+            .count();
+        eprintln!("{int8} int8 products packed here");
+        assert!(!crate::int8_pack::tests::has_dot_product_kernel() || int8 > 0);
+        let n = 416;
+        let input = Tensor::from_shape(&[1, 3, n, n], &values(3 * n * n, 5)).unwrap();
+        let expected = tracts.into_runnable().unwrap().run(tvec!(input.clone().into_tvalue())).unwrap();
+        let ours = ours.into_runnable().unwrap();
+        let mut state = ours.spawn().unwrap();
+        let mut pool = Pool::for_plan(&ours, usize::MAX).unwrap();
+        for run in 0..2 {
+            let outputs = pool.run(&mut state, tvec!(input.clone().into_tvalue())).unwrap();
+            assert_eq!(outputs.len(), expected.len());
+            for (i, (a, b)) in outputs.iter().zip(&expected).enumerate() {
+                assert!(**a == **b, "run {run}, output {i} differs");
+            }
         }
     }
 }
