@@ -238,6 +238,13 @@ impl Detector {
         }
         let plan = optimized.into_runnable().map_err(load_err)?;
         let pool = crate::reuse::Pool::for_plan(&plan, pool_budget()).map_err(load_err)?;
+        let kept = pool.kept();
+        tracing::debug!(
+            "detector: {} outputs of {} sizes pooled, {} KiB",
+            kept.iter().map(|c| c.nodes).sum::<usize>(),
+            kept.len(),
+            kept.iter().map(crate::reuse::Class::bytes).sum::<usize>() >> 10
+        );
         let buffers = Buffers { input: None, xtaps: vec![], state: None, pool };
         Ok(Detector {
             plan,
@@ -440,10 +447,10 @@ fn pool_budget() -> usize {
     mb.unwrap_or(POOL_BUDGET_MB) << 20
 }
 
-/// The default of [`pool_budget`]. The fp32 model's pooled outputs come in 10 sizes, 21.7
-/// MiB if all are kept (the board's peak RSS went from 56.4 to 77.3 MB, target 64); 4 MiB
-/// keeps the 5 sizes that 42 of the 63 nodes write (3.3 MiB), and leaves the first layers'
-/// few large tensors to the allocator.
+/// The default of [`pool_budget`]. Pooling every size of the fp32 model's outputs kept
+/// 21.7 MiB (the board's peak RSS went from 56.4 to 77.3 MB, target 64); 4 MiB keeps the
+/// small, frequent sizes and leaves the first layers' few large tensors to the allocator
+/// (allocations per inference by budget: README, "Speed").
 pub const POOL_BUDGET_MB: usize = 4;
 
 /// The input tensor and the resize's column taps, reused from frame to frame: tract holds

@@ -480,11 +480,18 @@ mod tests {
             assert_eq!(sizes[0], made, "{kept:?}");
         }
         let classes = crate::reuse::classes(&ours).unwrap();
-        let pooled = ours.model().nodes().iter().filter(|n| n.op.name().starts_with("Deskcam")).count();
+        // Our ops and tract's slices and concatenations.
+        let pooled = ours
+            .model()
+            .nodes()
+            .iter()
+            .filter(|n| n.op.name().starts_with("Deskcam") || ["Slice", "Concat"].contains(&&*n.op.name()))
+            .count();
         // Tensors shared by nodes whose outputs are not alive at once.
         let tensors: usize = classes.iter().map(|c| c.tensors).sum();
         assert!(tensors > 0 && tensors < pooled, "{pooled} nodes' outputs in {classes:?}");
-        assert_eq!(classes.iter().map(|c| c.nodes).sum::<usize>(), pooled, "{classes:?}");
+        // (and the reshapes of their outputs)
+        assert!(classes.iter().map(|c| c.nodes).sum::<usize>() >= pooled, "{classes:?}");
         // Under the budget: fewer classes, chosen cheapest per allocation saved first; a
         // class left out did not fit beside the cheaper ones kept.
         let kept = Pool::for_plan(&ours, budget).unwrap().kept().to_vec();

@@ -3,8 +3,8 @@
 //! tract's plan allocates each node's output when the node runs and frees it after its
 //! last reader: a few hundred allocations per inference, tens of megabytes. The detector
 //! runs its plan through [`Pool::eval`]: a node whose op writes into a tensor it is
-//! handed ([`EvalInto`]: ours, and the float products with their packing,
-//! packed_product.rs) gets one from the pool, a tensor of the same type and length that
+//! handed ([`EvalInto`]: ours, the products with their packing (packed_product.rs),
+//! tract's slices and concatenations, reshapes of pooled values) gets one from the pool, a tensor of the same type and length that
 //! nothing outside the pool holds any more; other nodes run as tract runs them. The plan
 //! drops a value after its last reader (before that reader runs, so the reader's inputs
 //! are the only other holders), so a pooled tensor is free exactly when tract would have
@@ -25,6 +25,8 @@ use std::sync::Arc;
 
 use tract_linalg::mmm::ScratchSpace;
 use tract_nnef::internal::*;
+use tract_nnef::tract_core::ops::array::{Slice, TypedConcat};
+use tract_nnef::tract_core::ops::change_axes::IntoShape;
 
 /// An op that writes its one output into a tensor it is given.
 pub trait EvalInto {
@@ -63,6 +65,42 @@ impl Scratch {
     }
 }
 
+/// tract's slice, copied into the given tensor (tract's allocates it): the int8 model's
+/// patches are gathered by some 300 of them.
+impl EvalInto for Slice {
+    fn eval_into(&self, inputs: &[TValue], output: &mut Tensor, _: &mut Scratch) -> TractResult<()> {
+        let (start, end) = (self.start.to_usize()?, self.end.to_usize()?);
+        output.assign_slice(.., &inputs[0], start..end, self.axis)
+    }
+}
+
+/// tract's concatenation, each input copied into its place in the given tensor.
+impl EvalInto for TypedConcat {
+    fn eval_into(&self, inputs: &[TValue], output: &mut Tensor, _: &mut Scratch) -> TractResult<()> {
+        let mut at = 0;
+        for input in inputs {
+            let n = input.shape()[self.axis];
+            output.assign_slice(at..at + n, input, .., self.axis)?;
+            at += n;
+        }
+        ensure!(at == output.shape()[self.axis], "{inputs:?} into {:?}", output.shape());
+        Ok(())
+    }
+}
+
+/// tract's reshape, copied into the given tensor: only where the pool holds its input
+/// (see [`classes`]), which tract's would copy too (into a new tensor: the pool's
+/// reference makes the input shared); elsewhere tract's moves it.
+impl EvalInto for IntoShape {
+    fn eval_into(&self, inputs: &[TValue], output: &mut Tensor, _: &mut Scratch) -> TractResult<()> {
+        let input = inputs[0].try_as_plain_ram()?.as_bytes();
+        let out = output.as_bytes_mut();
+        ensure!(input.len() == out.len(), "{:?} into {:?}", inputs[0].shape(), self.dims);
+        out.copy_from_slice(input);
+        Ok(())
+    }
+}
+
 /// The ops that evaluate into a given tensor.
 fn as_eval_into(op: &dyn TypedOp) -> Option<&dyn EvalInto> {
     use crate::{direct_conv, fused, packed_product, winograd};
@@ -75,6 +113,9 @@ fn as_eval_into(op: &dyn TypedOp) -> Option<&dyn EvalInto> {
         };
     }
     first_of!(
+        Slice,
+        TypedConcat,
+        IntoShape,
         direct_conv::DirectConv3x3,
         fused::GatherSum,
         fused::PaddedMaxPool,
@@ -125,6 +166,7 @@ impl Class {
 pub fn classes(plan: &TypedSimplePlan) -> TractResult<Vec<Class>> {
     let model = plan.model();
     let order = plan.order_without_consts();
+    let keys = keys(model, order);
     let mut last = vec![None; model.nodes().len()];
     for (step, &n) in order.iter().enumerate() {
         for input in &model.node(n).inputs {
@@ -136,21 +178,18 @@ pub fn classes(plan: &TypedSimplePlan) -> TractResult<Vec<Class>> {
     }
     // Per class, (step, +1) when a value is made and (step after its last reader, -1).
     type Events = Vec<(usize, isize)>;
-    let mut events: Vec<(DatumType, usize, Events)> = vec![];
+    let mut events: Vec<(Key, Events)> = vec![];
     for (step, &n) in order.iter().enumerate() {
-        let node = model.node(n);
-        let (Some(_), [output]) = (as_eval_into(node.op.as_ref()), &node.outputs[..]) else { continue };
-        let Some(shape) = output.fact.shape.as_concrete() else { continue };
-        let (dt, len) = (output.fact.datum_type, shape.iter().product::<usize>());
+        let Some(key) = keys[n] else { continue };
         let end = last[n].unwrap_or(step).saturating_add(1);
-        match events.iter_mut().find(|(d, l, _)| *d == dt && *l == len) {
-            Some((.., e)) => e.extend([(step, 1), (end, -1)]),
-            None => events.push((dt, len, vec![(step, 1), (end, -1)])),
+        match events.iter_mut().find(|(k, _)| *k == key) {
+            Some((_, e)) => e.extend([(step, 1), (end, -1)]),
+            None => events.push((key, vec![(step, 1), (end, -1)])),
         }
     }
     Ok(events
         .into_iter()
-        .map(|(datum_type, len, mut events)| {
+        .map(|((datum_type, len), mut events)| {
             let nodes = events.len() / 2;
             // A tensor let go of at a step is free for the node of that step.
             events.sort();
@@ -164,10 +203,34 @@ pub fn classes(plan: &TypedSimplePlan) -> TractResult<Vec<Class>> {
         .collect())
 }
 
+/// A class: the output's type and length.
+type Key = (DatumType, usize);
+
+/// Per node id, the class of its output if the pool may give it one: an [`EvalInto`] op
+/// with one output of a known shape; a reshape only of a value the pool may hold (else
+/// tract's moves it, no copy).
+fn keys(model: &TypedModel, order: &[usize]) -> Vec<Option<Key>> {
+    let mut keys = vec![None; model.nodes().len()];
+    for &n in order {
+        let node = model.node(n);
+        let (Some(_), [output]) = (as_eval_into(node.op.as_ref()), &node.outputs[..]) else { continue };
+        let Some(shape) = output.fact.shape.as_concrete() else { continue };
+        if node.op_is::<IntoShape>()
+            && (output.fact.exotic_fact.is_some() || keys[node.inputs[0].node].is_none())
+        {
+            continue;
+        }
+        keys[n] = Some((output.fact.datum_type, shape.iter().product()));
+    }
+    keys
+}
+
 /// The tensors a plan's nodes write into, and their scratch.
 pub struct Pool {
     /// The classes whose outputs are pooled: the others are allocated as tract does.
     kept: Vec<Class>,
+    /// Per node id, whether its output is pooled.
+    pooled: Vec<bool>,
     /// Every tensor the pool made; free when the pool's is the only reference.
     tensors: Vec<Arc<Tensor>>,
     scratch: Scratch,
@@ -189,11 +252,15 @@ impl Pool {
                 kept.push(class);
             }
         }
-        Ok(Pool { kept, tensors: vec![], scratch: Scratch::default() })
+        let keys = keys(plan.model(), plan.order_without_consts());
+        let pooled = keys
+            .iter()
+            .map(|key| key.is_some_and(|(dt, len)| kept.iter().any(|c| c.datum_type == dt && c.len == len)))
+            .collect();
+        Ok(Pool { kept, pooled, tensors: vec![], scratch: Scratch::default() })
     }
 
     /// The classes this pool keeps.
-    #[cfg(test)]
     pub fn kept(&self) -> &[Class] {
         &self.kept
     }
@@ -214,47 +281,52 @@ impl Pool {
         inputs: TVec<TValue>,
     ) -> TractResult<TVec<TValue>> {
         if let (Some(op), [output]) = (as_eval_into(node.op.as_ref()), &node.outputs[..]) {
-            if let Some(shape) = output.fact.shape.as_concrete() {
-                let (dt, len) = (output.fact.datum_type, shape.iter().product::<usize>());
-                let kept = self.kept.iter().any(|c| c.datum_type == dt && c.len == len);
-                let mut tensor = if kept {
-                    self.take(dt, shape)?
-                } else {
-                    // SAFETY: a plain numeric type; the op writes every value.
-                    Arc::new(unsafe { Tensor::uninitialized_dt(dt, shape)? })
-                };
-                let target = Arc::get_mut(&mut tensor).context("a pooled tensor is shared")?;
-                op.eval_into(&inputs, target, &mut self.scratch)
-                    .with_context(|| format!("Evaluating {node}"))?;
-                if kept {
-                    self.tensors.push(tensor.clone());
+            let pooled = self.pooled.get(node.id).copied().unwrap_or(false);
+            if let Some(shape) =
+                output.fact.shape.as_concrete().filter(|_| pooled || !node.op_is::<IntoShape>())
+            {
+                if pooled {
+                    let ix = self.take(output.fact.datum_type, shape)?;
+                    let target = Arc::get_mut(&mut self.tensors[ix]).context("a pooled tensor is shared")?;
+                    op.eval_into(&inputs, target, &mut self.scratch)
+                        .with_context(|| format!("Evaluating {node}"))?;
+                    return Ok(tvec!(self.tensors[ix].clone().into_tvalue()));
                 }
+                // SAFETY: a plain numeric type; the op writes every value.
+                let mut tensor = unsafe { Tensor::uninitialized_dt(output.fact.datum_type, shape)? };
+                op.eval_into(&inputs, &mut tensor, &mut self.scratch)
+                    .with_context(|| format!("Evaluating {node}"))?;
                 return Ok(tvec!(tensor.into_tvalue()));
             }
         }
         tract_nnef::tract_core::plan::eval(ctx, state, node, inputs)
     }
 
-    /// A tensor of this type and shape that nothing else holds, out of the pool (the
-    /// caller puts a reference back): a free one of the same length reshaped, or a new one.
-    fn take(&mut self, datum_type: DatumType, shape: &[usize]) -> TractResult<Arc<Tensor>> {
+    /// The index of a pooled tensor of this type and shape that nothing else holds: a free
+    /// one of the same length reshaped, or a new one. The tensors keep their places, so
+    /// from the second run on every node gets the same one each run.
+    fn take(&mut self, datum_type: DatumType, shape: &[usize]) -> TractResult<usize> {
         let len: usize = shape.iter().product();
-        let free = self.tensors.iter().position(|t| {
+        let free = |t: &Arc<Tensor>| {
             Arc::strong_count(t) == 1
                 && Arc::weak_count(t) == 0
                 && t.datum_type() == datum_type
                 && t.len() == len
-        });
-        let Some(ix) = free else {
-            // SAFETY: a plain numeric type; the op writes every value before anyone reads.
-            return Ok(Arc::new(unsafe { Tensor::uninitialized_dt(datum_type, shape)? }));
         };
-        let mut tensor = self.tensors.swap_remove(ix);
-        let t = Arc::get_mut(&mut tensor).context("a free tensor is shared")?;
+        // One of this very shape first: a reshape to more than 4 axes allocates (the
+        // shape and strides leave their inline storage).
+        let found = (self.tensors.iter().position(|t| free(t) && t.shape() == shape))
+            .or_else(|| self.tensors.iter().position(free));
+        let Some(ix) = found else {
+            // SAFETY: a plain numeric type; the op writes every value before anyone reads.
+            self.tensors.push(Arc::new(unsafe { Tensor::uninitialized_dt(datum_type, shape)? }));
+            return Ok(self.tensors.len() - 1);
+        };
+        let t = Arc::get_mut(&mut self.tensors[ix]).context("a free tensor is shared")?;
         if t.shape() != shape {
             t.set_shape(shape)?;
         }
-        Ok(tensor)
+        Ok(ix)
     }
 
     /// How many tensors the pool holds, and their bytes.
