@@ -26,7 +26,7 @@ use std::sync::Arc;
 use tract_linalg::mmm::ScratchSpace;
 use tract_nnef::internal::*;
 use tract_nnef::tract_core::ops::array::{Slice, TypedConcat};
-use tract_nnef::tract_core::ops::change_axes::IntoShape;
+use tract_nnef::tract_core::ops::change_axes::{AxisOp, IntoShape};
 
 /// An op that writes its one output into a tensor it is given.
 pub trait EvalInto {
@@ -101,10 +101,43 @@ impl EvalInto for IntoShape {
     }
 }
 
+/// tract's axis move, the one [`AxisOp`] that copies (into a new tensor in tract's):
+/// the head's transposes.
+impl EvalInto for AxisOp {
+    fn eval_into(&self, inputs: &[TValue], output: &mut Tensor, _: &mut Scratch) -> TractResult<()> {
+        let AxisOp::Move(from, to) = *self else { bail!("{self:?} does not copy") };
+        let shape = inputs[0].shape();
+        // The input as [outer][p][q][inner] and the output as [outer][q][p][inner]: the
+        // moved axis is p (to the right) or q (to the left).
+        let (lo, hi) = (from.min(to), from.max(to));
+        let split = if from < to { from + 1 } else { from };
+        let outer: usize = shape[..lo].iter().product();
+        let p: usize = shape[lo..split].iter().product();
+        let q: usize = shape[split..=hi].iter().product();
+        let item = shape[hi + 1..].iter().product::<usize>() * inputs[0].datum_type().size_of();
+        let src = inputs[0].try_as_plain_ram()?.as_bytes();
+        let dst = output.as_bytes_mut();
+        ensure!(src.len() == dst.len() && src.len() == outer * p * q * item, "{shape:?} {self:?}");
+        for o in 0..outer {
+            for i in 0..p {
+                for m in 0..q {
+                    let s = ((o * p + i) * q + m) * item;
+                    let d = ((o * q + m) * p + i) * item;
+                    dst[d..d + item].copy_from_slice(&src[s..s + item]);
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
 /// The ops that evaluate into a given tensor.
 fn as_eval_into(op: &dyn TypedOp) -> Option<&dyn EvalInto> {
     use crate::{direct_conv, fused, packed_product, winograd};
     let op = op.as_op();
+    if let Some(op @ AxisOp::Move(..)) = op.downcast_ref::<AxisOp>() {
+        return Some(op);
+    }
     macro_rules! first_of {
         ($($t:ty),*) => {
             $(if let Some(op) = op.downcast_ref::<$t>() {
@@ -333,5 +366,31 @@ impl Pool {
     #[cfg(test)]
     pub fn size(&self) -> (usize, usize) {
         (self.tensors.len(), self.tensors.iter().map(|t| t.len() * t.datum_type().size_of()).sum())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every move of every axis of a 4-d tensor (and a 5-d one's outer axes): the same
+    /// values as tract's.
+    #[test]
+    fn axis_moves_as_tracts() {
+        for shape in [&[2usize, 3, 4, 5][..], &[1, 4, 3, 2, 2]] {
+            let len = shape.iter().product::<usize>();
+            let values: Vec<f32> = (0..len).map(|i| i as f32).collect();
+            let input = Tensor::from_shape(shape, &values).unwrap().into_tvalue();
+            for from in 0..shape.len() {
+                for to in 0..shape.len() {
+                    let op = AxisOp::Move(from, to);
+                    let mut expected = input.clone().into_tensor();
+                    op.change_tensor(&mut expected, false).unwrap();
+                    let mut output = Tensor::zero::<f32>(expected.shape()).unwrap();
+                    op.eval_into(std::slice::from_ref(&input), &mut output, &mut Scratch::default()).unwrap();
+                    assert_eq!(output, expected, "{shape:?} {op:?}");
+                }
+            }
+        }
     }
 }
