@@ -25,7 +25,7 @@ use std::sync::Arc;
 
 use tract_linalg::mmm::ScratchSpace;
 use tract_nnef::internal::*;
-use tract_nnef::tract_core::ops::array::{Slice, TypedConcat};
+use tract_nnef::tract_core::ops::array::{Pad, PadMode, Slice, TypedConcat};
 use tract_nnef::tract_core::ops::change_axes::{AxisOp, IntoShape};
 
 /// An op that writes its one output into a tensor it is given.
@@ -131,11 +131,58 @@ impl EvalInto for AxisOp {
     }
 }
 
+/// tract's constant pad (the int8 model's, before its convolutions): the output filled
+/// with the value as tract casts it, then the input's rows copied into the interior.
+impl EvalInto for Pad {
+    fn eval_into(&self, inputs: &[TValue], output: &mut Tensor, _: &mut Scratch) -> TractResult<()> {
+        let PadMode::Constant(value) = &self.mode else { bail!("{self:?} is not a constant pad") };
+        let input = &inputs[0];
+        let size = input.datum_type().size_of();
+        fn element<T: Datum + Copy>(value: &Tensor) -> TractResult<Vec<u8>> {
+            let v = value.cast_to_scalar::<T>()?;
+            // SAFETY: the bytes of a plain numeric value.
+            Ok(unsafe { std::slice::from_raw_parts((&v as *const T).cast::<u8>(), std::mem::size_of::<T>()) }
+                .to_vec())
+        }
+        let element = dispatch_numbers!(element(input.datum_type())(value))?;
+        ensure!(element.len() == size, "{value:?} as {:?}", input.datum_type());
+        let out_strides: TVec<usize> = output.strides().iter().map(|&s| s as usize * size).collect();
+        let out = output.as_bytes_mut();
+        for chunk in out.chunks_exact_mut(size) {
+            chunk.copy_from_slice(&element);
+        }
+        let shape = input.shape();
+        let Some((&last, outer)) = shape.split_last() else {
+            out.copy_from_slice(input.try_as_plain_ram()?.as_bytes());
+            return Ok(());
+        };
+        let row = last * size;
+        let base: usize = self.pads.iter().zip(&out_strides).map(|(&(before, _), s)| before * s).sum();
+        let src = input.try_as_plain_ram()?.as_bytes();
+        let mut index: TVec<usize> = tvec![0; outer.len()];
+        for r in 0..outer.iter().product::<usize>() {
+            let at = base + index.iter().zip(&out_strides).map(|(i, s)| i * s).sum::<usize>();
+            out[at..at + row].copy_from_slice(&src[r * row..(r + 1) * row]);
+            for ax in (0..outer.len()).rev() {
+                index[ax] += 1;
+                if index[ax] < outer[ax] {
+                    break;
+                }
+                index[ax] = 0;
+            }
+        }
+        Ok(())
+    }
+}
+
 /// The ops that evaluate into a given tensor.
 fn as_eval_into(op: &dyn TypedOp) -> Option<&dyn EvalInto> {
     use crate::{direct_conv, fused, packed_product, winograd};
     let op = op.as_op();
     if let Some(op @ AxisOp::Move(..)) = op.downcast_ref::<AxisOp>() {
+        return Some(op);
+    }
+    if let Some(op @ Pad { mode: PadMode::Constant(_), .. }) = op.downcast_ref::<Pad>() {
         return Some(op);
     }
     macro_rules! first_of {
@@ -372,6 +419,37 @@ impl Pool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Constant pads of floats and int8 on every axis, some sides zero: tract's values.
+    #[test]
+    fn constant_pads_as_tracts() {
+        type Case = (&'static [usize], Vec<(usize, usize)>);
+        let cases: [Case; 3] = [
+            (&[1, 3, 4, 5], vec![(0, 0), (0, 0), (1, 2), (2, 1)]),
+            (&[2, 3], vec![(1, 0), (0, 3)]),
+            (&[4], vec![(2, 1)]),
+        ];
+        for (shape, pads) in cases {
+            let len = shape.iter().product::<usize>();
+            for (input, value) in [
+                (
+                    Tensor::from_shape(shape, &(0..len).map(|i| i as f32).collect::<Vec<_>>()).unwrap(),
+                    tensor0(-1.5f32),
+                ),
+                (
+                    Tensor::from_shape(shape, &(0..len).map(|i| i as i8).collect::<Vec<_>>()).unwrap(),
+                    tensor0(-3i8),
+                ),
+            ] {
+                let op = Pad { pads: pads.clone(), mode: PadMode::Constant(value.into_arc_tensor()) };
+                let input = input.into_tvalue();
+                let expected = op.eval(&EvalContext::out_of_plan(), tvec!(input.clone())).unwrap().remove(0);
+                let mut output = Tensor::zero_dt(input.datum_type(), expected.shape()).unwrap();
+                op.eval_into(std::slice::from_ref(&input), &mut output, &mut Scratch::default()).unwrap();
+                assert_eq!(output, *expected, "{shape:?} {pads:?}");
+            }
+        }
+    }
 
     /// Every move of every axis of a 4-d tensor (and a 5-d one's outer axes): the same
     /// values as tract's.

@@ -20,7 +20,7 @@ fn the_detector_allocates_little_and_the_same_on_every_frame() {
     let token = deskcam_hw::sim::simulated_open();
     let frame = DirSource::open(&photos, false).unwrap().next_frame(&token).unwrap();
     // Bounds above today's figures on x86 (fp32 149 with the 4 MiB pool budget, 1,604
-    // before the pool; int8 1,157 on a CPU with VNNI, whose products with tract's
+    // before the pool; int8 1,087 on a CPU with VNNI, whose products with tract's
     // dot-product kernels are fused with their packing, 2,432 before; elsewhere tract
     // packs them itself, and some of the int8 model's ops are not pooled yet).
     for (model, bound) in [("nanodet.onnx", 200), ("nanodet-int8-qlinear.onnx", 3000)] {
