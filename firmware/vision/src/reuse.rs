@@ -4,11 +4,12 @@
 //! last reader: a few hundred allocations per inference, tens of megabytes. The detector
 //! runs its plan through [`Pool::eval`]: a node whose op writes into a tensor it is
 //! handed ([`EvalInto`]: ours, the products with their packing (packed_product.rs),
-//! tract's slices and concatenations, reshapes of pooled values) gets one from the pool, a tensor of the same type and length that
-//! nothing outside the pool holds any more; other nodes run as tract runs them. The plan
-//! drops a value after its last reader (before that reader runs, so the reader's inputs
-//! are the only other holders), so a pooled tensor is free exactly when tract would have
-//! freed it.
+//! tract's slices, concatenations, axis moves and constant pads, and reshapes of pooled
+//! values) gets one from the pool, a tensor of the same type and length that nothing
+//! outside the pool holds any more; other nodes run as tract runs them. The plan drops a
+//! value after its last reader (before that reader runs, so the reader's inputs are the
+//! only other holders), so a pooled tensor is free exactly when tract would have freed
+//! it. Only plain numbers are pooled (no shapes' symbols, no packed matrices).
 //!
 //! A pooled tensor is kept between runs, where tract's freed memory serves the next
 //! allocation of any size: pooling every size costs the sum over sizes, not the plan's
@@ -283,6 +284,12 @@ pub fn classes(plan: &TypedSimplePlan) -> TractResult<Vec<Class>> {
         .collect())
 }
 
+/// Whether a value of this fact may be written into an uninitialised tensor and copied
+/// as bytes: numbers, not symbols or strings, and not a packed matrix.
+fn plain_numbers(fact: &TypedFact) -> bool {
+    fact.datum_type.is_copy() && fact.datum_type.is_number() && fact.exotic_fact.is_none()
+}
+
 /// A class: the output's type and length.
 type Key = (DatumType, usize);
 
@@ -295,8 +302,7 @@ fn keys(model: &TypedModel, order: &[usize]) -> Vec<Option<Key>> {
         let node = model.node(n);
         let (Some(_), [output]) = (as_eval_into(node.op.as_ref()), &node.outputs[..]) else { continue };
         let Some(shape) = output.fact.shape.as_concrete() else { continue };
-        if node.op_is::<IntoShape>()
-            && (output.fact.exotic_fact.is_some() || keys[node.inputs[0].node].is_none())
+        if !plain_numbers(&output.fact) || (node.op_is::<IntoShape>() && keys[node.inputs[0].node].is_none())
         {
             continue;
         }
@@ -362,9 +368,8 @@ impl Pool {
     ) -> TractResult<TVec<TValue>> {
         if let (Some(op), [output]) = (as_eval_into(node.op.as_ref()), &node.outputs[..]) {
             let pooled = self.pooled.get(node.id).copied().unwrap_or(false);
-            if let Some(shape) =
-                output.fact.shape.as_concrete().filter(|_| pooled || !node.op_is::<IntoShape>())
-            {
+            let ours = pooled || (plain_numbers(&output.fact) && !node.op_is::<IntoShape>());
+            if let Some(shape) = output.fact.shape.as_concrete().filter(|_| ours) {
                 if pooled {
                     let ix = self.take(output.fact.datum_type, shape)?;
                     let target = Arc::get_mut(&mut self.tensors[ix]).context("a pooled tensor is shared")?;
