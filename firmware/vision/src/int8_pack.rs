@@ -94,8 +94,7 @@ impl EvalOp for PackI8K4 {
         let src = plain.as_slice::<i8>()?;
         let row_stride = if k > 1 { strides[self.k_axis] as usize } else { mn };
         let r = self.format.r;
-        let panel_bytes = k.div_ceil(4) * 4 * r;
-        let len = mn.div_ceil(r) * panel_bytes;
+        let (panel_bytes, len) = packed_size(k, mn, r);
         // SAFETY: a non-zero size (k and mn are) and a power-of-two alignment
         // (PackedI8K4's, 16), the layout tract allocates for this format; pack_rows
         // writes every byte of it.
@@ -132,6 +131,13 @@ impl TypedOp for PackI8K4 {
 pub(crate) fn bytemuck_i8(bytes: &mut [u8]) -> &mut [i8] {
     // SAFETY: u8 and i8 have the same size, alignment and valid values.
     unsafe { std::slice::from_raw_parts_mut(bytes.as_mut_ptr().cast::<i8>(), bytes.len()) }
+}
+
+/// The bytes of one panel of `r` columns in `PackedI8K4` (K padded to a multiple of 4),
+/// and of the `ceil(mn / r)` panels [`pack_rows`] writes.
+pub(crate) fn packed_size(k: usize, mn: usize, r: usize) -> (usize, usize) {
+    let panel_bytes = k.div_ceil(4) * 4 * r;
+    (panel_bytes, mn.div_ceil(r) * panel_bytes)
 }
 
 /// Packs a K × MN row-major matrix (`src[kk * row_stride + m]`) into `PackedI8K4` with

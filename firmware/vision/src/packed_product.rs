@@ -236,8 +236,8 @@ impl EvalInto for PackedProduct {
                 (format.len(k, mn) * 4, format.single_panel_len(k) * 4, format.alignment())
             }
             Panels::I8K4(format) => {
-                let panel_bytes = k.div_ceil(4) * 4 * format.r;
-                (mn.div_ceil(format.r) * panel_bytes, panel_bytes, format.alignment())
+                let (panel_bytes, size) = crate::int8_pack::packed_size(k, mn, format.r);
+                (size, panel_bytes, format.alignment())
             }
         };
         // SAFETY: the kernels' scratch is allocated by this kernel when it cannot use the
@@ -479,7 +479,7 @@ mod tests {
             let made = (kept.iter().map(|c| c.tensors).sum(), kept.iter().map(Class::bytes).sum());
             assert_eq!(sizes[0], made, "{kept:?}");
         }
-        let classes = crate::reuse::classes(&ours).unwrap();
+        let (classes, _) = crate::reuse::classes(&ours).unwrap();
         // Our ops and tract's slices and concatenations.
         let pooled = ours
             .model()

@@ -215,8 +215,8 @@ pub fn eval_alone<O: EvalInto + TypedOp>(op: &O, inputs: &[TValue]) -> TractResu
     let facts: TVec<&TypedFact> = facts.iter().collect();
     let [fact] = &op.output_facts(&facts)?[..] else { bail!("{} has more than one output", op.name()) };
     let shape = fact.shape.as_concrete().with_context(|| format!("{} output {fact:?}", op.name()))?;
-    // SAFETY: a plain numeric type (our ops' outputs are floats), every value written by
-    // `eval_into`.
+    // SAFETY: a plain numeric type (our ops' outputs are floats, the products' floats or
+    // int8), every value written by `eval_into`.
     let mut output = unsafe { Tensor::uninitialized_dt(fact.datum_type, shape)? };
     op.eval_into(inputs, &mut output, &mut Scratch::default())?;
     Ok(tvec!(output.into_tvalue()))
@@ -244,7 +244,8 @@ impl Class {
 /// each output's last reader: a value is alive from the step that makes it to the step
 /// of its last reader (the reader holds it while it runs); the model's outputs to the
 /// end of the run and beyond (the caller holds them).
-pub fn classes(plan: &TypedSimplePlan) -> TractResult<Vec<Class>> {
+/// Also returns the class of each node's output (see [`keys`]).
+pub(crate) fn classes(plan: &TypedSimplePlan) -> TractResult<(Vec<Class>, Vec<Option<Key>>)> {
     let model = plan.model();
     let order = plan.order_without_consts();
     let keys = keys(model, order);
@@ -268,7 +269,7 @@ pub fn classes(plan: &TypedSimplePlan) -> TractResult<Vec<Class>> {
             None => events.push((key, vec![(step, 1), (end, -1)])),
         }
     }
-    Ok(events
+    let classes = events
         .into_iter()
         .map(|((datum_type, len), mut events)| {
             let nodes = events.len() / 2;
@@ -281,7 +282,8 @@ pub fn classes(plan: &TypedSimplePlan) -> TractResult<Vec<Class>> {
             }
             Class { datum_type, len, tensors: tensors as usize, nodes }
         })
-        .collect())
+        .collect();
+    Ok((classes, keys))
 }
 
 /// Whether a value of this fact may be written into an uninitialised tensor and copied
@@ -291,7 +293,7 @@ fn plain_numbers(fact: &TypedFact) -> bool {
 }
 
 /// A class: the output's type and length.
-type Key = (DatumType, usize);
+pub(crate) type Key = (DatumType, usize);
 
 /// Per node id, the class of its output if the pool may give it one: an [`EvalInto`] op
 /// with one output of a known shape; a reshape only of a value the pool may hold (else
@@ -328,7 +330,7 @@ impl Pool {
     /// runs, where tract would give its memory back to be reused for another size: all
     /// of them cost the device tens of megabytes (issue 4: peak RSS).
     pub fn for_plan(plan: &TypedSimplePlan, budget: usize) -> TractResult<Pool> {
-        let mut classes = classes(plan)?;
+        let (mut classes, keys) = classes(plan)?;
         classes.sort_by(|a, b| (a.bytes() * b.nodes).cmp(&(b.bytes() * a.nodes)).then(a.len.cmp(&b.len)));
         let mut kept = vec![];
         let mut total = 0usize;
@@ -338,7 +340,6 @@ impl Pool {
                 kept.push(class);
             }
         }
-        let keys = keys(plan.model(), plan.order_without_consts());
         let pooled = keys
             .iter()
             .map(|key| key.is_some_and(|(dt, len)| kept.iter().any(|c| c.datum_type == dt && c.len == len)))
