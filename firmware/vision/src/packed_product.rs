@@ -14,6 +14,7 @@
 
 use tract_linalg::mmm::{
     AsInputValue, FusedSpec, MMMInputFormat, MMMInputValue, MatMatMul, PackedExoticFact, PackedMatrixStorage,
+    ScratchSpace,
 };
 use tract_linalg::pack::{PackedFormat, PackedI8K4};
 use tract_nnef::internal::*;
@@ -199,11 +200,7 @@ impl EvalInto for PackedProduct {
     fn eval_into(&self, inputs: &[TValue], output: &mut Tensor, scratch: &mut Scratch) -> TractResult<()> {
         let mm = &self.mm;
         let c_shape: TVec<usize> = output.shape().into();
-        ensure!(c_shape.len() <= MAX_RANK, "output {c_shape:?}");
-        let m = mm.c_m_axis.map_or(1, |ax| c_shape[ax]);
-        let n = mm.c_n_axis.map_or(1, |ax| c_shape[ax]);
-        let mode = mm.mode_picker.pick(n)?;
-        let mmm: &dyn MatMatMul = &*mm.mmm[mode];
+        let (m, n, mode, mmm) = kernel(mm, &c_shape)?;
         let x = &inputs[self.slot];
         let (k, mn) = (x.shape()[self.k_axis], x.shape()[self.mn_axis]);
         let Some(ProtoFusedSpec::AddMatMul { a, b, packings, geo }) =
@@ -240,23 +237,12 @@ impl EvalInto for PackedProduct {
                 (size, panel_bytes, format.alignment())
             }
         };
-        // SAFETY: the kernels' scratch is allocated by this kernel when it cannot use the
-        // one there; the packed buffer is sized and aligned for the format below.
-        unsafe {
-            if !scratch.mmm.as_ref().is_some_and(|s| mmm.can_use_scratch_space(&**s)) {
-                scratch.mmm = Some(mmm.allocate_scratch_space());
-            }
-            scratch.packed.ensure_size_and_align(size.max(1), alignment);
-        }
-        // Every coordinate of the output but along M and N: one product each.
-        let mut looping = c_shape.clone();
-        for ax in [mm.c_m_axis, mm.c_n_axis].into_iter().flatten() {
-            looping[ax] = 1;
-        }
+        // SAFETY: the packed buffer is sized and aligned for the format below.
+        unsafe { scratch.packed.ensure_size_and_align(size.max(1), alignment) };
+        let space = space_for(&mut scratch.mmm, mmm);
         let x_plain = x.try_as_plain_ram()?;
-        let mut coords = [0usize; MAX_RANK];
-        loop {
-            let coords_now = &coords[..c_shape.len()];
+        let output: &Tensor = output;
+        each_product(mm, &c_shape, |coords_now| {
             // Which matrix of the activations, as tract's pack would have indexed it.
             let mut flat = mapping.flat_index(coords_now, &batch_strides);
             let mut offset = 0isize;
@@ -316,23 +302,87 @@ impl EvalInto for PackedProduct {
                 });
             }
             // SAFETY: the operands as the kernel's packing expects (the format is its
-            // own), the scratch space checked for this kernel above.
-            unsafe {
-                mmm.run_with_scratch_space(m, n, scratch.mmm.as_deref_mut().context("scratch")?, &uops)?;
+            // own), the scratch space made for this kernel.
+            unsafe { mmm.run_with_scratch_space(m, n, space, &uops) }
+        })
+    }
+}
+
+/// tract's product of operands packed elsewhere (by tract's packing nodes, or constant),
+/// run as `OptMatMul` runs it, storing into the given tensor (tract's allocates it): the
+/// float model's products of `LazyIm2col` patches, and the int8 products on kernels
+/// other than the dot-product ones.
+impl EvalInto for OptMatMul {
+    fn eval_into(&self, inputs: &[TValue], output: &mut Tensor, scratch: &mut Scratch) -> TractResult<()> {
+        let c_shape: TVec<usize> = output.shape().into();
+        let (m, n, mode, mmm) = kernel(self, &c_shape)?;
+        let space = space_for(&mut scratch.mmm, mmm);
+        let output: &Tensor = output;
+        each_product(self, &c_shape, |coords| {
+            // SAFETY: as tract's OptMatMul resolves them (it checked the inputs against
+            // the op when the plan was made), for these output coordinates.
+            let uops: tract_smallvec::SmallVec<[FusedSpec; 8]> =
+                self.micro_ops.iter().map(|op| op.resolve(inputs, coords, output, mmm, mode)).collect();
+            // SAFETY: the scratch space made for this kernel.
+            unsafe { mmm.run_with_scratch_space(m, n, space, &uops) }
+        })
+    }
+}
+
+/// The kernel for `mm`'s output of shape `c_shape`: M, N, the mode and the mode's kernel.
+fn kernel<'m>(mm: &'m OptMatMul, c_shape: &[usize]) -> TractResult<(usize, usize, usize, &'m dyn MatMatMul)> {
+    ensure!(c_shape.len() <= MAX_RANK, "output {c_shape:?}");
+    let m = mm.c_m_axis.map_or(1, |ax| c_shape[ax]);
+    let n = mm.c_n_axis.map_or(1, |ax| c_shape[ax]);
+    let mode = mm.mode_picker.pick(n)?;
+    Ok((m, n, mode, &*mm.mmm[mode]))
+}
+
+/// The pool's scratch space that `mmm` can use, made the first time none can (then
+/// kept: one per kind of kernel).
+fn space_for<'s>(
+    spaces: &'s mut Vec<Box<dyn ScratchSpace>>,
+    mmm: &dyn MatMatMul,
+) -> &'s mut dyn ScratchSpace {
+    // SAFETY: tract's test of whether the kernel can work in a space, and a space the
+    // kernel makes for itself.
+    let ix = match spaces.iter().position(|s| unsafe { mmm.can_use_scratch_space(&**s) }) {
+        Some(ix) => ix,
+        None => {
+            spaces.push(unsafe { mmm.allocate_scratch_space() });
+            spaces.len() - 1
+        }
+    };
+    &mut *spaces[ix]
+}
+
+/// Calls `product` with every coordinate of the output (shape `c_shape`, at most
+/// [`MAX_RANK`] axes) but along M and N, last axis fastest: one product each.
+fn each_product(
+    mm: &OptMatMul,
+    c_shape: &[usize],
+    mut product: impl FnMut(&[usize]) -> TractResult<()>,
+) -> TractResult<()> {
+    let rank = c_shape.len();
+    let mut looping = [1usize; MAX_RANK];
+    looping[..rank].copy_from_slice(c_shape);
+    for ax in [mm.c_m_axis, mm.c_n_axis].into_iter().flatten() {
+        looping[ax] = 1;
+    }
+    let mut coords = [0usize; MAX_RANK];
+    loop {
+        product(&coords[..rank])?;
+        let mut ax = rank;
+        loop {
+            if ax == 0 {
+                return Ok(());
             }
-            // The next coordinates, last axis fastest.
-            let mut ax = c_shape.len();
-            loop {
-                if ax == 0 {
-                    return Ok(());
-                }
-                ax -= 1;
-                coords[ax] += 1;
-                if coords[ax] < looping[ax] {
-                    break;
-                }
-                coords[ax] = 0;
+            ax -= 1;
+            coords[ax] += 1;
+            if coords[ax] < looping[ax] {
+                break;
             }
+            coords[ax] = 0;
         }
     }
 }

@@ -4,12 +4,13 @@
 //! last reader: a few hundred allocations per inference, tens of megabytes. The detector
 //! runs its plan through [`Pool::eval`]: a node whose op writes into a tensor it is
 //! handed ([`EvalInto`]: ours, the products with their packing (packed_product.rs),
-//! tract's slices, concatenations, axis moves and constant pads, and reshapes of pooled
-//! values) gets one from the pool, a tensor of the same type and length that nothing
-//! outside the pool holds any more; other nodes run as tract runs them. The plan drops a
-//! value after its last reader (before that reader runs, so the reader's inputs are the
-//! only other holders), so a pooled tensor is free exactly when tract would have freed
-//! it. Only plain numbers are pooled (no shapes' symbols, no packed matrices).
+//! tract's products, slices, concatenations, axis moves, constant pads and lookup
+//! tables, and reshapes and in-place element-wise ops of pooled values) gets one from
+//! the pool, a tensor of the same type and length that nothing outside the pool holds
+//! any more; other nodes run as tract runs them. The plan drops a value after its last reader (before that reader
+//! runs, so the reader's inputs are the only other holders), so a pooled tensor is free
+//! exactly when tract would have freed it. Only plain numbers are pooled (no shapes'
+//! symbols, no packed matrices).
 //!
 //! A pooled tensor is kept between runs, where tract's freed memory serves the next
 //! allocation of any size: pooling every size costs the sum over sizes, not the plan's
@@ -28,6 +29,9 @@ use tract_linalg::mmm::ScratchSpace;
 use tract_nnef::internal::*;
 use tract_nnef::tract_core::ops::array::{Pad, PadMode, Slice, TypedConcat};
 use tract_nnef::tract_core::ops::change_axes::{AxisOp, IntoShape};
+use tract_nnef::tract_core::ops::element_wise::ElementWiseOp;
+use tract_nnef::tract_core::ops::matmul::optimized::OptMatMul;
+use tract_nnef::tract_core::ops::quant::LookupTable;
 
 /// An op that writes its one output into a tensor it is given.
 pub trait EvalInto {
@@ -42,9 +46,10 @@ pub trait EvalInto {
 pub struct Scratch {
     /// Floats for an op's own use: contents undefined on entry.
     pub floats: Vec<f32>,
-    /// The matrix-product kernels' scratch space (tract's `OptMatMul` keeps one per
-    /// session too).
-    pub mmm: Option<Box<dyn ScratchSpace>>,
+    /// The matrix-product kernels' scratch spaces, one per kind of kernel the plan runs
+    /// (float and integer ones cannot share one; tract's `OptMatMul` keeps one per
+    /// session and makes it anew when the next kernel cannot use it).
+    pub mmm: Vec<Box<dyn ScratchSpace>>,
     /// One matrix's packed activations (packed_product.rs).
     pub packed: Blob,
 }
@@ -102,6 +107,29 @@ impl EvalInto for IntoShape {
     }
 }
 
+/// tract's element-wise ops: its lookup tables (the int8 model's activations, which
+/// tract writes into a new tensor), and the ops that work in place, only where the pool
+/// holds the input (see [`moves_input`]; tract's would copy it into a new tensor). The
+/// input is copied into the given tensor, then the op runs on it in place.
+impl EvalInto for ElementWiseOp {
+    fn eval_into(&self, inputs: &[TValue], output: &mut Tensor, _: &mut Scratch) -> TractResult<()> {
+        let dt = inputs[0].datum_type();
+        ensure!(output.datum_type() == dt, "{} from {dt:?} into {:?}", self.0.name(), output.datum_type());
+        let input = inputs[0].try_as_plain_ram()?.as_bytes();
+        let out = output.as_bytes_mut();
+        ensure!(input.len() == out.len(), "{:?} into {:?}", inputs[0].shape(), output.shape());
+        out.copy_from_slice(input);
+        if let Some(lut) = self.0.downcast_ref::<LookupTable>() {
+            // A table of bytes: i8 values are looked up by their bits, as tract's does.
+            ensure!(dt.size_of() == 1 && self.0.output_type(dt) == Some(dt), "LookupTable on {dt:?}");
+            lut.table.run(out);
+            return Ok(());
+        }
+        ensure!(self.1.is_none() && self.0.output_type(dt).is_none(), "{} is not in place", self.0.name());
+        self.0.eval_in_place(output, None)
+    }
+}
+
 /// tract's axis move, the one [`AxisOp`] that copies (into a new tensor in tract's):
 /// the head's transposes.
 impl EvalInto for AxisOp {
@@ -139,18 +167,24 @@ impl EvalInto for Pad {
         let PadMode::Constant(value) = &self.mode else { bail!("{self:?} is not a constant pad") };
         let input = &inputs[0];
         let size = input.datum_type().size_of();
-        fn element<T: Datum + Copy>(value: &Tensor) -> TractResult<Vec<u8>> {
+        // The value's bytes (at most 16: the widest number), on the stack: no allocation.
+        fn element<T: Datum + Copy>(value: &Tensor) -> TractResult<([u8; 16], usize)> {
             let v = value.cast_to_scalar::<T>()?;
+            let n = std::mem::size_of::<T>();
+            ensure!(n <= 16, "{value:?} is wider than 16 bytes");
+            let mut bytes = [0u8; 16];
             // SAFETY: the bytes of a plain numeric value.
-            Ok(unsafe { std::slice::from_raw_parts((&v as *const T).cast::<u8>(), std::mem::size_of::<T>()) }
-                .to_vec())
+            bytes[..n]
+                .copy_from_slice(unsafe { std::slice::from_raw_parts((&v as *const T).cast::<u8>(), n) });
+            Ok((bytes, n))
         }
-        let element = dispatch_numbers!(element(input.datum_type())(value))?;
-        ensure!(element.len() == size, "{value:?} as {:?}", input.datum_type());
+        let (bytes, n) = dispatch_numbers!(element(input.datum_type())(value))?;
+        let element = &bytes[..n];
+        ensure!(n == size, "{value:?} as {:?}", input.datum_type());
         let out_strides: TVec<usize> = output.strides().iter().map(|&s| s as usize * size).collect();
         let out = output.as_bytes_mut();
         for chunk in out.chunks_exact_mut(size) {
-            chunk.copy_from_slice(&element);
+            chunk.copy_from_slice(element);
         }
         let shape = input.shape();
         let Some((&last, outer)) = shape.split_last() else {
@@ -177,9 +211,14 @@ impl EvalInto for Pad {
 }
 
 /// The ops that evaluate into a given tensor.
-fn as_eval_into(op: &dyn TypedOp) -> Option<&dyn EvalInto> {
+fn as_eval_into(node: &TypedNode) -> Option<&dyn EvalInto> {
     use crate::{direct_conv, fused, packed_product, winograd};
-    let op = op.as_op();
+    let op = node.op.as_op();
+    if let Some(op) = op.downcast_ref::<ElementWiseOp>() {
+        let dt = node.outputs.first()?.fact.datum_type;
+        let ours = op.0.is::<LookupTable>() || in_place(op, dt);
+        return ours.then_some(op as &dyn EvalInto);
+    }
     if let Some(op @ AxisOp::Move(..)) = op.downcast_ref::<AxisOp>() {
         return Some(op);
     }
@@ -203,9 +242,24 @@ fn as_eval_into(op: &dyn TypedOp) -> Option<&dyn EvalInto> {
         fused::PaddedConcat,
         winograd::WinogradInput,
         winograd::WinogradOutput,
-        packed_product::PackedProduct
+        packed_product::PackedProduct,
+        OptMatMul
     );
     None
+}
+
+/// Whether tract's op moves its input into its output when nothing else holds the input
+/// (a reshape; an element-wise op in place): such a node is ours only where the pool may
+/// hold its input (tract's would copy it then), else tract's moves it, no copy.
+fn moves_input(node: &TypedNode) -> bool {
+    let in_place_op =
+        |op: &ElementWiseOp| node.outputs.first().is_some_and(|o| in_place(op, o.fact.datum_type));
+    node.op_is::<IntoShape>() || node.op_as::<ElementWiseOp>().is_some_and(in_place_op)
+}
+
+/// Whether tract runs this element-wise op on its input's tensor (of type `dt`).
+fn in_place(op: &ElementWiseOp, dt: DatumType) -> bool {
+    op.1.is_none() && op.0.output_type(dt).is_none()
 }
 
 /// Evaluates an [`EvalInto`] op outside a pool (tests, constant folding): a fresh output,
@@ -302,10 +356,9 @@ fn keys(model: &TypedModel, order: &[usize]) -> Vec<Option<Key>> {
     let mut keys = vec![None; model.nodes().len()];
     for &n in order {
         let node = model.node(n);
-        let (Some(_), [output]) = (as_eval_into(node.op.as_ref()), &node.outputs[..]) else { continue };
+        let (Some(_), [output]) = (as_eval_into(node), &node.outputs[..]) else { continue };
         let Some(shape) = output.fact.shape.as_concrete() else { continue };
-        if !plain_numbers(&output.fact) || (node.op_is::<IntoShape>() && keys[node.inputs[0].node].is_none())
-        {
+        if !plain_numbers(&output.fact) || (moves_input(node) && keys[node.inputs[0].node].is_none()) {
             continue;
         }
         keys[n] = Some((output.fact.datum_type, shape.iter().product()));
@@ -367,9 +420,9 @@ impl Pool {
         node: &TypedNode,
         inputs: TVec<TValue>,
     ) -> TractResult<TVec<TValue>> {
-        if let (Some(op), [output]) = (as_eval_into(node.op.as_ref()), &node.outputs[..]) {
+        if let (Some(op), [output]) = (as_eval_into(node), &node.outputs[..]) {
             let pooled = self.pooled.get(node.id).copied().unwrap_or(false);
-            let ours = pooled || (plain_numbers(&output.fact) && !node.op_is::<IntoShape>());
+            let ours = pooled || (plain_numbers(&output.fact) && !moves_input(node));
             if let Some(shape) = output.fact.shape.as_concrete().filter(|_| ours) {
                 if pooled {
                     let ix = self.take(output.fact.datum_type, shape)?;
@@ -454,6 +507,31 @@ mod tests {
                 op.eval_into(std::slice::from_ref(&input), &mut output, &mut Scratch::default()).unwrap();
                 assert_eq!(output, *expected, "{shape:?} {pads:?}");
             }
+        }
+    }
+
+    /// A lookup table on int8 and one on bytes, and an element-wise op in place: the
+    /// same values as tract's, from a stale output.
+    #[test]
+    fn element_wise_as_tracts() {
+        use tract_nnef::tract_core::ops::{math, quant};
+        let table: Vec<u8> = (0..=255u8).map(|b| b.wrapping_mul(7).wrapping_add(3)).collect();
+        let lut = || quant::lookup_table(tract_linalg::routines::lut_u8(&table).unwrap());
+        let bytes: Vec<u8> = (0..300).map(|i| (i * 37 % 256) as u8).collect();
+        let signed: Vec<i8> = bytes.iter().map(|&b| b as i8).collect();
+        let floats: Vec<f32> = (0..300).map(|i| i as f32 * 0.25 - 30.0).collect();
+        let cases = [
+            (lut(), Tensor::from_shape(&[3, 100], &signed).unwrap()),
+            (lut(), Tensor::from_shape(&[1, 300], &bytes).unwrap()),
+            (math::abs(), Tensor::from_shape(&[2, 150], &floats).unwrap()),
+        ];
+        for (op, input) in cases {
+            let input = input.into_tvalue();
+            let expected = op.eval(&EvalContext::out_of_plan(), tvec!(input.clone())).unwrap().remove(0);
+            assert_ne!(*expected, *input, "{op:?} changes its input");
+            let mut output = Tensor::zero_dt(input.datum_type(), input.shape()).unwrap();
+            op.eval_into(std::slice::from_ref(&input), &mut output, &mut Scratch::default()).unwrap();
+            assert_eq!(output, *expected, "{op:?}");
         }
     }
 
