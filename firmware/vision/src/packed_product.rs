@@ -319,8 +319,8 @@ impl EvalInto for OptMatMul {
         let space = space_for(&mut scratch.mmm, mmm);
         let output: &Tensor = output;
         each_product(self, &c_shape, |coords| {
-            // SAFETY: as tract's OptMatMul resolves them (it checked the inputs against
-            // the op when the plan was made), for these output coordinates.
+            // As tract's OptMatMul resolves them (the plan checked the inputs against the
+            // op), for these output coordinates.
             let uops: tract_smallvec::SmallVec<[FusedSpec; 8]> =
                 self.micro_ops.iter().map(|op| op.resolve(inputs, coords, output, mmm, mode)).collect();
             // SAFETY: the scratch space made for this kernel.
@@ -368,6 +368,10 @@ fn each_product(
     looping[..rank].copy_from_slice(c_shape);
     for ax in [mm.c_m_axis, mm.c_n_axis].into_iter().flatten() {
         looping[ax] = 1;
+    }
+    // An empty output has no product (tract's loop over its coordinates runs none).
+    if looping.contains(&0) {
+        return Ok(());
     }
     let mut coords = [0usize; MAX_RANK];
     loop {

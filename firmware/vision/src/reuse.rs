@@ -210,13 +210,13 @@ impl EvalInto for Pad {
     }
 }
 
-/// The ops that evaluate into a given tensor.
-fn as_eval_into(node: &TypedNode) -> Option<&dyn EvalInto> {
+/// The ops that evaluate into a given tensor; `input` is the type of the node's first
+/// input (an element-wise op is ours only where it keeps that type).
+fn as_eval_into(node: &TypedNode, input: Option<DatumType>) -> Option<&dyn EvalInto> {
     use crate::{direct_conv, fused, packed_product, winograd};
     let op = node.op.as_op();
     if let Some(op) = op.downcast_ref::<ElementWiseOp>() {
-        let dt = node.outputs.first()?.fact.datum_type;
-        let ours = op.0.is::<LookupTable>() || in_place(op, dt);
+        let ours = op.0.is::<LookupTable>() || in_place(node, op, input?);
         return ours.then_some(op as &dyn EvalInto);
     }
     if let Some(op @ AxisOp::Move(..)) = op.downcast_ref::<AxisOp>() {
@@ -251,15 +251,18 @@ fn as_eval_into(node: &TypedNode) -> Option<&dyn EvalInto> {
 /// Whether tract's op moves its input into its output when nothing else holds the input
 /// (a reshape; an element-wise op in place): such a node is ours only where the pool may
 /// hold its input (tract's would copy it then), else tract's moves it, no copy.
-fn moves_input(node: &TypedNode) -> bool {
-    let in_place_op =
-        |op: &ElementWiseOp| node.outputs.first().is_some_and(|o| in_place(op, o.fact.datum_type));
+fn moves_input(node: &TypedNode, input: Option<DatumType>) -> bool {
+    let in_place_op = |op: &ElementWiseOp| input.is_some_and(|dt| in_place(node, op, dt));
     node.op_is::<IntoShape>() || node.op_as::<ElementWiseOp>().is_some_and(in_place_op)
 }
 
-/// Whether tract runs this element-wise op on its input's tensor (of type `dt`).
-fn in_place(op: &ElementWiseOp, dt: DatumType) -> bool {
-    op.1.is_none() && op.0.output_type(dt).is_none()
+/// Whether tract runs this element-wise op on its input's tensor (of type `input`): the
+/// output of the same type (a quantisation, say, changes it: tract computes it into a
+/// new tensor).
+fn in_place(node: &TypedNode, op: &ElementWiseOp, input: DatumType) -> bool {
+    op.1.is_none()
+        && op.0.output_type(input).is_none()
+        && node.outputs.first().is_some_and(|o| o.fact.datum_type == input)
 }
 
 /// Evaluates an [`EvalInto`] op outside a pool (tests, constant folding): a fresh output,
@@ -302,7 +305,7 @@ impl Class {
 pub(crate) fn classes(plan: &TypedSimplePlan) -> TractResult<(Vec<Class>, Vec<Option<Key>>)> {
     let model = plan.model();
     let order = plan.order_without_consts();
-    let keys = keys(model, order);
+    let keys = keys(model, order)?;
     let mut last = vec![None; model.nodes().len()];
     for (step, &n) in order.iter().enumerate() {
         for input in &model.node(n).inputs {
@@ -350,20 +353,21 @@ fn plain_numbers(fact: &TypedFact) -> bool {
 pub(crate) type Key = (DatumType, usize);
 
 /// Per node id, the class of its output if the pool may give it one: an [`EvalInto`] op
-/// with one output of a known shape; a reshape only of a value the pool may hold (else
-/// tract's moves it, no copy).
-fn keys(model: &TypedModel, order: &[usize]) -> Vec<Option<Key>> {
+/// with one output of a known shape; a reshape or an in-place element-wise op only of a
+/// value the pool may hold (else tract's moves it, no copy).
+fn keys(model: &TypedModel, order: &[usize]) -> TractResult<Vec<Option<Key>>> {
     let mut keys = vec![None; model.nodes().len()];
     for &n in order {
         let node = model.node(n);
-        let (Some(_), [output]) = (as_eval_into(node), &node.outputs[..]) else { continue };
+        let input = node.inputs.first().map(|&i| model.outlet_fact(i).map(|f| f.datum_type)).transpose()?;
+        let (Some(_), [output]) = (as_eval_into(node, input), &node.outputs[..]) else { continue };
         let Some(shape) = output.fact.shape.as_concrete() else { continue };
-        if !plain_numbers(&output.fact) || (moves_input(node) && keys[node.inputs[0].node].is_none()) {
+        if !plain_numbers(&output.fact) || (moves_input(node, input) && keys[node.inputs[0].node].is_none()) {
             continue;
         }
         keys[n] = Some((output.fact.datum_type, shape.iter().product()));
     }
-    keys
+    Ok(keys)
 }
 
 /// The tensors a plan's nodes write into, and their scratch.
@@ -420,9 +424,10 @@ impl Pool {
         node: &TypedNode,
         inputs: TVec<TValue>,
     ) -> TractResult<TVec<TValue>> {
-        if let (Some(op), [output]) = (as_eval_into(node), &node.outputs[..]) {
+        let input = inputs.first().map(|i| i.datum_type());
+        if let (Some(op), [output]) = (as_eval_into(node, input), &node.outputs[..]) {
             let pooled = self.pooled.get(node.id).copied().unwrap_or(false);
-            let ours = pooled || (plain_numbers(&output.fact) && !moves_input(node));
+            let ours = pooled || (plain_numbers(&output.fact) && !moves_input(node, input));
             if let Some(shape) = output.fact.shape.as_concrete().filter(|_| ours) {
                 if pooled {
                     let ix = self.take(output.fact.datum_type, shape)?;
@@ -532,6 +537,33 @@ mod tests {
             let mut output = Tensor::zero_dt(input.datum_type(), input.shape()).unwrap();
             op.eval_into(std::slice::from_ref(&input), &mut output, &mut Scratch::default()).unwrap();
             assert_eq!(output, *expected, "{op:?}");
+        }
+    }
+
+    /// A plan of element-wise ops, one of which changes the type (a quantisation: tract
+    /// writes a new tensor), runs through a pool as through tract's plan; the one that
+    /// keeps its type (abs, after a reshape the pool holds) is the pool's, the other not.
+    #[test]
+    fn element_wise_ops_that_change_the_type_stay_tracts() {
+        use tract_nnef::tract_core::ops::{math, quant};
+        let mut model = TypedModel::default();
+        let x = model.add_source("x", f32::fact([2, 6])).unwrap();
+        let t = model.wire_node("t", AxisOp::Move(0, 1), &[x]).unwrap();
+        let a = model.wire_node("abs", math::abs(), &t).unwrap();
+        let q = model.wire_node("q", quant::quantize_linear_u8(0.5, 10), &a).unwrap();
+        model.select_output_outlets(&q).unwrap();
+        let plan = TypedSimplePlan::new(model).unwrap();
+        let (_, keys) = classes(&plan).unwrap();
+        let id = |name: &str| plan.model().node_by_name(name).unwrap().id;
+        assert!(keys[id("abs")].is_some() && keys[id("q")].is_none(), "{keys:?}");
+        let values: Vec<f32> = (0..12).map(|i| i as f32 * 1.5 - 7.0).collect();
+        let input = Tensor::from_shape(&[2, 6], &values).unwrap().into_tvalue();
+        let expected = plan.run(tvec!(input.clone())).unwrap();
+        let mut pool = Pool::for_plan(&plan, 1 << 20).unwrap();
+        let mut state = plan.spawn().unwrap();
+        for _ in 0..2 {
+            let got = pool.run(&mut state, tvec!(input.clone())).unwrap();
+            assert_eq!(got[0], expected[0]);
         }
     }
 
