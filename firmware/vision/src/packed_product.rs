@@ -193,8 +193,9 @@ impl TypedOp for PackedProduct {
     as_op!();
 }
 
-/// At most this many axes in the output (tract's products here have 3 or 4).
-const MAX_RANK: usize = 6;
+/// At most this many axes in a product's output (tract's here have 3 or 4; the pool
+/// leaves others to tract).
+pub(crate) const MAX_RANK: usize = 6;
 
 impl EvalInto for PackedProduct {
     fn eval_into(&self, inputs: &[TValue], output: &mut Tensor, scratch: &mut Scratch) -> TractResult<()> {
@@ -314,11 +315,11 @@ impl EvalInto for PackedProduct {
 /// other than the dot-product ones.
 impl EvalInto for OptMatMul {
     fn eval_into(&self, inputs: &[TValue], output: &mut Tensor, scratch: &mut Scratch) -> TractResult<()> {
-        let c_shape: TVec<usize> = output.shape().into();
-        let (m, n, mode, mmm) = kernel(self, &c_shape)?;
-        let space = space_for(&mut scratch.mmm, mmm);
         let output: &Tensor = output;
-        each_product(self, &c_shape, |coords| {
+        let c_shape = output.shape();
+        let (m, n, mode, mmm) = kernel(self, c_shape)?;
+        let space = space_for(&mut scratch.mmm, mmm);
+        each_product(self, c_shape, |coords| {
             // As tract's OptMatMul resolves them (the plan checked the inputs against the
             // op), for these output coordinates.
             let uops: tract_smallvec::SmallVec<[FusedSpec; 8]> =
@@ -339,7 +340,7 @@ fn kernel<'m>(mm: &'m OptMatMul, c_shape: &[usize]) -> TractResult<(usize, usize
 }
 
 /// The pool's scratch space that `mmm` can use, made the first time none can (then
-/// kept: one per kind of kernel).
+/// kept: one per accumulator type).
 fn space_for<'s>(
     spaces: &'s mut Vec<Box<dyn ScratchSpace>>,
     mmm: &dyn MatMatMul,
@@ -369,7 +370,8 @@ fn each_product(
     for ax in [mm.c_m_axis, mm.c_n_axis].into_iter().flatten() {
         looping[ax] = 1;
     }
-    // An empty output has no product (tract's loop over its coordinates runs none).
+    // An empty axis other than M and N: no product (tract's loop over the coordinates
+    // runs none).
     if looping.contains(&0) {
         return Ok(());
     }

@@ -7,10 +7,10 @@
 //! tract's products, slices, concatenations, axis moves, constant pads and lookup
 //! tables, and reshapes and in-place element-wise ops of pooled values) gets one from
 //! the pool, a tensor of the same type and length that nothing outside the pool holds
-//! any more; other nodes run as tract runs them. The plan drops a value after its last reader (before that reader
-//! runs, so the reader's inputs are the only other holders), so a pooled tensor is free
-//! exactly when tract would have freed it. Only plain numbers are pooled (no shapes'
-//! symbols, no packed matrices).
+//! any more; other nodes run as tract runs them. The plan drops a value after its last
+//! reader (before that reader runs, so the reader's inputs are the only other holders),
+//! so a pooled tensor is free exactly when tract would have freed it. Only plain numbers
+//! are pooled (no shapes' symbols, no packed matrices).
 //!
 //! A pooled tensor is kept between runs, where tract's freed memory serves the next
 //! allocation of any size: pooling every size costs the sum over sizes, not the plan's
@@ -46,8 +46,8 @@ pub trait EvalInto {
 pub struct Scratch {
     /// Floats for an op's own use: contents undefined on entry.
     pub floats: Vec<f32>,
-    /// The matrix-product kernels' scratch spaces, one per kind of kernel the plan runs
-    /// (float and integer ones cannot share one; tract's `OptMatMul` keeps one per
+    /// The matrix-product kernels' scratch spaces, one per accumulator type of the plan's
+    /// kernels (float and integer ones cannot share one; tract's `OptMatMul` keeps one per
     /// session and makes it anew when the next kernel cannot use it).
     pub mmm: Vec<Box<dyn ScratchSpace>>,
     /// One matrix's packed activations (packed_product.rs).
@@ -118,13 +118,18 @@ impl EvalInto for ElementWiseOp {
         let input = inputs[0].try_as_plain_ram()?.as_bytes();
         let out = output.as_bytes_mut();
         ensure!(input.len() == out.len(), "{:?} into {:?}", inputs[0].shape(), output.shape());
-        out.copy_from_slice(input);
         if let Some(lut) = self.0.downcast_ref::<LookupTable>() {
-            // A table of bytes: i8 values are looked up by their bits, as tract's does.
+            // A table of bytes: i8 values are looked up by their bits, as tract's does;
+            // over the cores in chunks, as tract's (one chunk on one thread).
             ensure!(dt.size_of() == 1 && self.0.output_type(dt) == Some(dt), "LookupTable on {dt:?}");
-            lut.table.run(out);
-            return Ok(());
+            let len = out.len();
+            return tract_linalg::multithread::par_chunks_mut(out, 1, len, |first, chunk| {
+                chunk.copy_from_slice(&input[first..first + chunk.len()]);
+                lut.table.run(chunk);
+                Ok(())
+            });
         }
+        out.copy_from_slice(input);
         ensure!(self.1.is_none() && self.0.output_type(dt).is_none(), "{} is not in place", self.0.name());
         self.0.eval_in_place(output, None)
     }
@@ -167,18 +172,25 @@ impl EvalInto for Pad {
         let PadMode::Constant(value) = &self.mode else { bail!("{self:?} is not a constant pad") };
         let input = &inputs[0];
         let size = input.datum_type().size_of();
-        // The value's bytes (at most 16: the widest number), on the stack: no allocation.
-        fn element<T: Datum + Copy>(value: &Tensor) -> TractResult<([u8; 16], usize)> {
+        // The value's bytes (a number: 8 at most), on the stack: no allocation, but for
+        // a value of another type (the cast makes a tensor).
+        fn element<T: Datum + Copy>(value: &Tensor) -> TractResult<([u8; 8], usize)> {
             let v = value.cast_to_scalar::<T>()?;
             let n = std::mem::size_of::<T>();
-            ensure!(n <= 16, "{value:?} is wider than 16 bytes");
-            let mut bytes = [0u8; 16];
+            ensure!(n <= 8, "{value:?} is wider than 8 bytes");
+            let mut bytes = [0u8; 8];
             // SAFETY: the bytes of a plain numeric value.
             bytes[..n]
                 .copy_from_slice(unsafe { std::slice::from_raw_parts((&v as *const T).cast::<u8>(), n) });
             Ok((bytes, n))
         }
-        let (bytes, n) = dispatch_numbers!(element(input.datum_type())(value))?;
+        let (mut bytes, mut n) = ([0u8; 8], size);
+        if value.datum_type() == input.datum_type() && value.len() == 1 && size <= 8 {
+            // The same type (a quantised one's parameters too): its bytes as they are.
+            bytes[..size].copy_from_slice(value.try_as_plain_ram()?.as_bytes());
+        } else {
+            (bytes, n) = dispatch_numbers!(element(input.datum_type())(value))?;
+        }
         let element = &bytes[..n];
         ensure!(n == size, "{value:?} as {:?}", input.datum_type());
         let out_strides: TVec<usize> = output.strides().iter().map(|&s| s as usize * size).collect();
@@ -216,7 +228,7 @@ fn as_eval_into(node: &TypedNode, input: Option<DatumType>) -> Option<&dyn EvalI
     use crate::{direct_conv, fused, packed_product, winograd};
     let op = node.op.as_op();
     if let Some(op) = op.downcast_ref::<ElementWiseOp>() {
-        let ours = op.0.is::<LookupTable>() || in_place(node, op, input?);
+        let ours = (op.1.is_none() && op.0.is::<LookupTable>()) || in_place(node, op, input?);
         return ours.then_some(op as &dyn EvalInto);
     }
     if let Some(op @ AxisOp::Move(..)) = op.downcast_ref::<AxisOp>() {
@@ -242,9 +254,12 @@ fn as_eval_into(node: &TypedNode, input: Option<DatumType>) -> Option<&dyn EvalI
         fused::PaddedConcat,
         winograd::WinogradInput,
         winograd::WinogradOutput,
-        packed_product::PackedProduct,
-        OptMatMul
+        packed_product::PackedProduct
     );
+    // A product of up to packed_product's rank (tract's here have 3 or 4 axes).
+    if let Some(op) = op.downcast_ref::<OptMatMul>() {
+        return (op.c_fact.rank() <= packed_product::MAX_RANK).then_some(op as &dyn EvalInto);
+    }
     None
 }
 
