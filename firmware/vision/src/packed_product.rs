@@ -200,8 +200,10 @@ pub(crate) const MAX_RANK: usize = 6;
 impl EvalInto for PackedProduct {
     fn eval_into(&self, inputs: &[TValue], output: &mut Tensor, scratch: &mut Scratch) -> TractResult<()> {
         let mm = &self.mm;
-        let c_shape: TVec<usize> = output.shape().into();
-        let (m, n, mode, mmm) = kernel(mm, &c_shape)?;
+        // Written only through the kernel's store (as tract's OptMatMul does).
+        let output: &Tensor = output;
+        let c_shape = output.shape();
+        let (m, n, mode, mmm) = kernel(mm, c_shape)?;
         let x = &inputs[self.slot];
         let (k, mn) = (x.shape()[self.k_axis], x.shape()[self.mn_axis]);
         let Some(ProtoFusedSpec::AddMatMul { a, b, packings, geo }) =
@@ -242,8 +244,7 @@ impl EvalInto for PackedProduct {
         unsafe { scratch.packed.ensure_size_and_align(size.max(1), alignment) };
         let space = space_for(&mut scratch.mmm, mmm);
         let x_plain = x.try_as_plain_ram()?;
-        let output: &Tensor = output;
-        each_product(mm, &c_shape, |coords_now| {
+        each_product(mm, c_shape, |coords_now| {
             // Which matrix of the activations, as tract's pack would have indexed it.
             let mut flat = mapping.flat_index(coords_now, &batch_strides);
             let mut offset = 0isize;

@@ -129,8 +129,8 @@ impl EvalInto for ElementWiseOp {
                 Ok(())
             });
         }
+        ensure!(works_in_place(self, dt), "{} is not in place on {dt:?}", self.0.name());
         out.copy_from_slice(input);
-        ensure!(self.1.is_none() && self.0.output_type(dt).is_none(), "{} is not in place", self.0.name());
         self.0.eval_in_place(output, None)
     }
 }
@@ -275,9 +275,13 @@ fn moves_input(node: &TypedNode, input: Option<DatumType>) -> bool {
 /// output of the same type (a quantisation, say, changes it: tract computes it into a
 /// new tensor).
 fn in_place(node: &TypedNode, op: &ElementWiseOp, input: DatumType) -> bool {
-    op.1.is_none()
-        && op.0.output_type(input).is_none()
-        && node.outputs.first().is_some_and(|o| o.fact.datum_type == input)
+    works_in_place(op, input) && node.outputs.first().is_some_and(|o| o.fact.datum_type == input)
+}
+
+/// Whether tract's element-wise op computes on a tensor of type `dt` in place: no output
+/// type of its own, for the op or for that input.
+fn works_in_place(op: &ElementWiseOp, dt: DatumType) -> bool {
+    op.1.is_none() && op.0.output_type(dt).is_none()
 }
 
 /// Evaluates an [`EvalInto`] op outside a pool (tests, constant folding): a fresh output,
