@@ -229,6 +229,12 @@ impl Detector {
         // packing nodes, to measure.
         if std::env::var_os("DESKCAM_TRACT_PACKING").is_none() {
             crate::packed_product::packed_products(&mut optimized).map_err(load_err)?;
+            // The int8 products over explicit patches read the patches' rows where they
+            // lie (no slices, no concatenation). DESKCAM_NO_TAPS=1 keeps those, to
+            // measure.
+            if std::env::var_os("DESKCAM_NO_TAPS").is_none() {
+                crate::packed_product::tapped_products(&mut optimized).map_err(load_err)?;
+            }
         }
         // The int8 model's activations packed by our packer (int8_pack.rs: the same bytes,
         // a fraction of the instructions). DESKCAM_TRACT_PACKER=1 keeps tract's own, to

@@ -144,11 +144,24 @@ pub(crate) fn packed_size(k: usize, mn: usize, r: usize) -> (usize, usize) {
 /// panels of `r` columns: `out[p * panel + (kk / 4) * 4r + (m % r) * 4 + kk % 4]`, the K
 /// and MN padding zero. `out` is exactly `ceil(mn / r)` panels of `ceil(k / 4) * 4r`.
 pub(crate) fn pack_rows(src: &[i8], k: usize, mn: usize, row_stride: usize, r: usize, out: &mut [i8]) {
+    pack_rows_with(k, mn, r, out, |kk| &src[kk * row_stride..kk * row_stride + mn]);
+}
+
+/// [`pack_rows`] for a matrix whose row `kk` is `row(kk)` (`mn` values each), wherever
+/// each lies: the rows of a convolution's patches read from its padded input, at each
+/// kernel tap's offset, without gathering them into a matrix first.
+pub(crate) fn pack_rows_with<'s>(
+    k: usize,
+    mn: usize,
+    r: usize,
+    out: &mut [i8],
+    row: impl Fn(usize) -> &'s [i8],
+) {
     let kb_bytes = 4 * r;
     let panel = k.div_ceil(4) * kb_bytes;
     let full_panels = mn / r;
     for kb in 0..k.div_ceil(4) {
-        let rows = (kb * 4..(kb * 4 + 4).min(k)).map(|kk| &src[kk * row_stride..kk * row_stride + mn]);
+        let rows = (kb * 4..(kb * 4 + 4).min(k)).map(&row);
         let mut block: [&[i8]; 4] = [&[]; 4];
         for (slot, row) in block.iter_mut().zip(rows) {
             *slot = row;
@@ -273,6 +286,31 @@ pub(crate) mod tests {
         let want = tract_packed(&dense, k, mn, 8);
         let mut got = vec![0x55i8; want.len()];
         pack_rows(&src, k, mn, stride, 8, &mut got);
+        assert_eq!(got, want);
+    }
+
+    /// Rows at a convolution's tap offsets in two sources (as the patches of a padded
+    /// input's flattened rows, and of a second phase): the same bytes as tract's packing
+    /// of the gathered matrix, K not a multiple of 4 and the last panel part-filled.
+    #[test]
+    fn rows_read_where_they_lie() {
+        let (channels, width, mn) = (3, 23, 37);
+        let sources: [Vec<i8>; 2] = [
+            (0..channels * 100).map(|i| (i * 7) as i8).collect(),
+            (0..channels * 100).map(|i| (i * 3 + 1) as i8).collect(),
+        ];
+        // (source, start) per tap, each giving `channels` rows.
+        let taps = [(0, 0), (0, 1), (1, width), (0, width + 2), (1, 2 * width)];
+        let row = |kk: usize| {
+            let (source, start) = taps[kk / channels];
+            let at = (kk % channels) * 100 + start;
+            &sources[source][at..at + mn]
+        };
+        let k = taps.len() * channels;
+        let dense: Vec<i8> = (0..k).flat_map(|kk| row(kk).to_vec()).collect();
+        let want = tract_packed(&dense, k, mn, 8);
+        let mut got = vec![0x55i8; want.len()];
+        pack_rows_with(k, mn, 8, &mut got, row);
         assert_eq!(got, want);
     }
 

@@ -18,6 +18,7 @@ use tract_linalg::mmm::{
 };
 use tract_linalg::pack::{PackedFormat, PackedI8K4};
 use tract_nnef::internal::*;
+use tract_nnef::tract_core::ops::array::{Slice, TypedConcat};
 use tract_nnef::tract_core::ops::matmul::optimized::{
     MapOutputAxisToInput, MatMulOperand, OptMatMul, ProtoFusedSpec,
 };
@@ -119,7 +120,7 @@ fn packed_product(model: &TypedModel, id: usize) -> TractResult<Option<PackedPro
             }
             facts.push(PackedExoticFact { format: format.clone(), mn: mn.to_dim(), k });
         }
-        return Ok(Some(PackedProduct { mm: mm.clone(), slot, side, k_axis, mn_axis, facts }));
+        return Ok(Some(PackedProduct { mm: mm.clone(), slot, side, k_axis, mn_axis, facts, taps: tvec![] }));
     }
     Ok(None)
 }
@@ -151,6 +152,21 @@ pub struct PackedProduct {
     mn_axis: usize,
     /// The packed activations' format and size, per mode of the product.
     facts: Vec<PackedExoticFact>,
+    /// None: the activations are input `slot`. Else the activation matrix's rows are
+    /// read where they lie, these taps' rows one after the other (see
+    /// [`tapped_products`]).
+    taps: TVec<Tap>,
+}
+
+/// `rows` rows of the activations in input `input`, the first at element `start`, each
+/// `stride` elements after the one before (a kernel tap's rows of a convolution's
+/// patches: the channels of its padded, flattened input, from the tap's offset).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Tap {
+    input: usize,
+    start: usize,
+    rows: usize,
+    stride: usize,
 }
 
 impl PartialEq for PackedProduct {
@@ -159,6 +175,7 @@ impl PartialEq for PackedProduct {
             && (self.slot, self.side, self.k_axis, self.mn_axis)
                 == (other.slot, other.side, other.k_axis, other.mn_axis)
             && self.facts == other.facts
+            && self.taps == other.taps
     }
 }
 impl Eq for PackedProduct {}
@@ -171,6 +188,9 @@ impl Op for PackedProduct {
     fn info(&self) -> TractResult<Vec<String>> {
         let mut info = self.mm.info()?;
         info.push(format!("activations packed here ({:?} side)", self.side));
+        if !self.taps.is_empty() {
+            info.push(format!("read as {} taps of the patches' sources", self.taps.len()));
+        }
         Ok(info)
     }
 
@@ -205,7 +225,11 @@ impl EvalInto for PackedProduct {
         let c_shape = output.shape();
         let (m, n, mode, mmm) = kernel(mm, c_shape)?;
         let x = &inputs[self.slot];
-        let (k, mn) = (x.shape()[self.k_axis], x.shape()[self.mn_axis]);
+        let (k, mn) = if self.taps.is_empty() {
+            (x.shape()[self.k_axis], x.shape()[self.mn_axis])
+        } else {
+            (self.facts[0].k, self.facts[0].mn.to_usize()?)
+        };
         let Some(ProtoFusedSpec::AddMatMul { a, b, packings, geo }) =
             mm.micro_ops.iter().find(|op| matches!(op, ProtoFusedSpec::AddMatMul { .. }))
         else {
@@ -276,6 +300,9 @@ impl EvalInto for PackedProduct {
                         );
                     }
                 }
+                Panels::I8K4(format) if !self.taps.is_empty() => {
+                    self.pack_taps(inputs, mn, format.r, packed)?
+                }
                 Panels::I8K4(format) => {
                     // Rows of M contiguous (checked when the op was made), K of them.
                     let src = &x_plain.as_slice::<i8>()?[offset as usize..];
@@ -308,6 +335,124 @@ impl EvalInto for PackedProduct {
             unsafe { mmm.run_with_scratch_space(m, n, space, &uops) }
         })
     }
+}
+
+impl PackedProduct {
+    /// Packs the activation rows the taps name (one matrix: the op was made so).
+    fn pack_taps(&self, inputs: &[TValue], mn: usize, r: usize, packed: &mut [u8]) -> TractResult<()> {
+        // Every row within its input, checked before packing: the rows are then
+        // looked up without a way to fail (an empty row would be packed as zeros).
+        for t in &self.taps {
+            let len = inputs[t.input].try_as_plain_ram()?.as_slice::<i8>()?.len();
+            ensure!(
+                t.rows == 0 || t.start + (t.rows - 1) * t.stride + mn <= len,
+                "{t:?} of {mn} beyond {:?}",
+                inputs[t.input].shape()
+            );
+        }
+        let row = |mut kk: usize| -> &[i8] {
+            for t in &self.taps {
+                if kk < t.rows {
+                    let at = t.start + kk * t.stride;
+                    let src = inputs[t.input].try_as_plain_ram().and_then(|v| v.as_slice::<i8>());
+                    return src.map_or(&[][..], |s| &s[at..at + mn]);
+                }
+                kk -= t.rows;
+            }
+            &[]
+        };
+        let k = self.taps.iter().map(|t| t.rows).sum();
+        crate::int8_pack::pack_rows_with(k, mn, r, bytemuck_i8(packed), row);
+        Ok(())
+    }
+}
+
+/// The int8 products whose activations are a concatenation, along K, of slices along M of
+/// other tensors (the int8 model's convolutions over explicit patches, `quantize.py
+/// --qlinearconv`: each kernel tap a slice of the padded input's flattened rows, the
+/// taps concatenated on the channel axis) read those rows where they lie, in place of
+/// the slices and the concatenation: the same matrix, packed the same way, without
+/// copying it twice first. These are the largest tensors of the int8 plan (the patches
+/// are 9 times the input). Returns how many products take their rows so.
+pub fn tapped_products(model: &mut TypedModel) -> TractResult<usize> {
+    let mut replaced = 0;
+    for id in 0..model.nodes().len() {
+        let Some((op, inputs)) = tapped_product(model, id)? else { continue };
+        crate::fused::replace_node(model, id, "tapped", op, &inputs)?;
+        replaced += 1;
+    }
+    if replaced > 0 {
+        model.compact()?;
+    }
+    Ok(replaced)
+}
+
+/// The op for node `id` and its inputs, if it is an int8 product over slices this covers.
+fn tapped_product(model: &TypedModel, id: usize) -> TractResult<Option<(PackedProduct, Vec<OutletId>)>> {
+    let node = model.node(id);
+    let Some(op) = node.op_as::<PackedProduct>() else { return Ok(None) };
+    let int8 = op.facts.iter().all(|f| f.format.downcast_ref::<PackedI8K4>().is_some());
+    if !int8 || !op.taps.is_empty() {
+        return Ok(None);
+    }
+    // One product of one matrix: every axis but M and N (K and M of the activations) 1.
+    let single = |shape: &[usize], keep: [Option<usize>; 2]| {
+        shape.iter().enumerate().all(|(ax, &d)| d == 1 || keep.contains(&Some(ax)))
+    };
+    let Some(c_shape) = op.mm.c_fact.shape.as_concrete() else { return Ok(None) };
+    if !single(c_shape, [op.mm.c_m_axis, op.mm.c_n_axis]) {
+        return Ok(None);
+    }
+    let x = node.inputs[op.slot];
+    let concat_node = model.node(x.node);
+    let Some(concat) = concat_node.op_as::<TypedConcat>() else { return Ok(None) };
+    let Some(x_shape) = model.outlet_fact(x)?.shape.as_concrete() else { return Ok(None) };
+    let (k_axis, mn_axis) = (op.k_axis, op.mn_axis);
+    if concat.axis != k_axis
+        || model.outlet_successors(x).len() != 1
+        || !single(x_shape, [Some(k_axis), Some(mn_axis)])
+    {
+        return Ok(None);
+    }
+    let mn = x_shape[mn_axis];
+    let mut inputs = node.inputs.clone();
+    let mut taps = tvec![];
+    for (j, &part) in concat_node.inputs.iter().enumerate() {
+        let slice_node = model.node(part.node);
+        let Some(slice) = slice_node.op_as::<Slice>() else { return Ok(None) };
+        let (Ok(start), Ok(end)) = (slice.start.to_usize(), slice.end.to_usize()) else { return Ok(None) };
+        let source = slice_node.inputs[0];
+        let fact = model.outlet_fact(source)?;
+        let Some(shape) = fact.shape.as_concrete() else { return Ok(None) };
+        // Rows of M contiguous in a source of one matrix, read by the concatenation alone.
+        let strides = Tensor::natural_strides(shape);
+        if slice.axis != mn_axis
+            || end < start
+            || end - start != mn
+            || fact.datum_type != i8::datum_type()
+            || shape.len() != x_shape.len()
+            || !single(shape, [Some(k_axis), Some(mn_axis)])
+            || (shape[k_axis] > 1 && strides[mn_axis] != 1)
+            || model.outlet_successors(part).len() != 1
+        {
+            return Ok(None);
+        }
+        // The first source takes the concatenation's place; the others are added.
+        let input = if j == 0 {
+            inputs[op.slot] = source;
+            op.slot
+        } else if let Some(i) = inputs.iter().position(|&i| i == source) {
+            i
+        } else {
+            inputs.push(source);
+            inputs.len() - 1
+        };
+        taps.push(Tap { input, start, rows: shape[k_axis], stride: strides[k_axis] as usize });
+    }
+    if taps.iter().map(|t| t.rows).sum::<usize>() != x_shape[k_axis] {
+        return Ok(None);
+    }
+    Ok(Some((PackedProduct { taps, ..op.clone() }, inputs)))
 }
 
 /// tract's product of operands packed elsewhere (by tract's packing nodes, or constant),
@@ -562,14 +707,17 @@ mod tests {
     }
 
     /// The int8 model's products whose activations tract packs for its dot-product
-    /// kernels (x86 VNNI, aarch64 SDOT), packed here by int8_pack.rs's packer: the same
-    /// bits as tract's plan.
+    /// kernels (x86 VNNI, aarch64 SDOT), packed here by int8_pack.rs's packer, those over
+    /// explicit patches from the patches' sources: the same bits as tract's plan (run on
+    /// the Pi 5's kernels by scripts/vm-vision-test).
     #[test]
     fn the_int8_model_computes_the_same_bits_with_it() {
         let bytes = std::fs::read(deskcam_testkit::repo().join("models/nanodet-int8-qlinear.onnx")).unwrap();
         let tracts = crate::detector::onnx_typed(&bytes).unwrap().into_optimized().unwrap();
         let mut ours = tracts.clone();
         packed_products(&mut ours).unwrap();
+        let tapped = tapped_products(&mut ours).unwrap();
+        eprintln!("{tapped} int8 products read their patches' rows where they lie");
         let int8 = ours
             .nodes()
             .iter()
@@ -580,7 +728,7 @@ mod tests {
             })
             .count();
         eprintln!("{int8} int8 products packed here");
-        assert!(!crate::int8_pack::tests::has_dot_product_kernel() || int8 > 0);
+        assert!(!crate::int8_pack::tests::has_dot_product_kernel() || (int8 > 0 && tapped > 0));
         let n = 416;
         let input = Tensor::from_shape(&[1, 3, n, n], &values(3 * n * n, 5)).unwrap();
         let expected = tracts.into_runnable().unwrap().run(tvec!(input.clone().into_tvalue())).unwrap();
